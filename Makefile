@@ -1,0 +1,45 @@
+# Quickstart: `make demo` and `make test`. Both create .venv once and never reinstall unless pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Extra pip arguments for torch (e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu").
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/demo
+DEMO_ROOT := runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Three steps keep a CPU install CPU-only (README "Install"): torch first, then the package with fbgemm-gpu-cpu, then
+# torchrec without its metadata's dependencies (they name the CUDA fbgemm-gpu and pin an old torchmetrics).
+$(STAMP): pyproject.toml requirements/torchrec.txt | $(PY)
+	$(PIP) install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(PIP) install --quiet -e '.[cpu,dev]'
+	$(PIP) install --quiet --no-deps -r requirements/torchrec.txt
+	$(PY) -c "import torchrec, fbgemm_gpu, lightning; print('installed: torch', __import__('torch').__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"
+	touch $(STAMP)
+
+$(DEMO_DATA)/truth.json: | $(STAMP)
+	$(VENV)/bin/dqrm data synth --preset demo --rows 200000 --seed 1 --out $(DEMO_DATA)
+
+demo: $(STAMP) $(DEMO_DATA)/truth.json
+	$(VENV)/bin/dqrm fit -c configs/demo.yaml --trainer.default_root_dir $(DEMO_ROOT)
+	$(VENV)/bin/dqrm test -c configs/demo.yaml --trainer.default_root_dir $(DEMO_ROOT) --ckpt_path best
+	$(PY) -m dqrm_lightning.report $(DEMO_ROOT)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(DEMO_ROOT) $(DEMO_DATA) .pytest_cache

@@ -1,0 +1,57 @@
+"""``StepTimer``: wall time per training step and samples per second, shown in the progress bar."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+
+class StepTimer(pl.Callback):
+    """Measures each training step (batch start to batch end) after ``warmup_steps`` steps.
+
+    Args:
+        warmup_steps: steps left out of the averages (first steps pay for allocation and thread start-up).
+    """
+
+    def __init__(self, warmup_steps: int = 5) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self.timed_steps = 0
+        self.timed_seconds = 0.0
+        self.timed_samples = 0
+        self._start = 0.0
+        self._epoch_start = 0.0
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        seconds = time.perf_counter() - self._start
+        samples = int(batch.labels.numel()) * trainer.world_size
+        self.steps += 1
+        if self.steps > self.warmup_steps:
+            self.timed_steps += 1
+            self.timed_seconds += seconds
+            self.timed_samples += samples
+        if seconds > 0:
+            pl_module.log("train/samples_per_s", samples / seconds, prog_bar=True, on_step=True, on_epoch=False)
+            pl_module.log("train/step_ms", seconds * 1000.0, on_step=True, on_epoch=False)
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Mean step time (ms) and samples per second over the timed steps (all ranks' samples)."""
+        if not self.timed_steps:
+            return {"timed_steps": 0, "mean_step_ms": None, "samples_per_s": None}
+        return {
+            "timed_steps": self.timed_steps,
+            "mean_step_ms": 1000.0 * self.timed_seconds / self.timed_steps,
+            "samples_per_s": self.timed_samples / self.timed_seconds,
+        }

@@ -1,0 +1,100 @@
+"""``RunSummary``: one ``summary.json`` per run in the log directory.
+
+It holds the resolved config, the final and best validation metrics (best = the best value of each metric over all
+evaluations, as the DQRM paper reports; final = the last evaluation), test metrics, the Bayes-optimal metrics when the
+data is synthetic, training speed, the model size and the checkpoint paths.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+from dqrm_lightning.callbacks.step_timer import StepTimer
+
+
+class RunSummary(pl.Callback):
+    """Writes ``<log_dir>/summary.json`` at the end of fit, validate, test and predict (rank 0 only).
+
+    Args:
+        filename: name of the file in the trainer's log directory.
+    """
+
+    def __init__(self, filename: str = "summary.json") -> None:
+        self.filename = filename
+        self.config: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}
+        self.path: Path | None = None
+        self._metrics: dict[str, float] = {}
+        self._started = time.time()
+
+    def _log_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Any]:
+        """Everything the summary holds, as a JSON-friendly dict."""
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        self._metrics.update(metrics)
+        summary: dict[str, Any] = {
+            "stage": stage,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "wall_seconds": time.time() - self._started,
+            "epochs_completed": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+        }
+        best = getattr(pl_module, "val_best", None)
+        if best is not None and best.final:
+            summary["val"] = {"final": best.final, "best": best.best, "evaluations_protocol": "final = last evaluation; "
+                              "best = best value of each metric over all evaluations (the DQRM paper's protocol)"}
+        test = {k: v for k, v in self._metrics.items() if k.startswith("test/")}
+        if test:
+            summary["test"] = test
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "truth_metrics"):
+            truth = datamodule.truth_metrics()
+            if truth:
+                summary["bayes_optimal"] = truth
+            summary["data"] = datamodule.describe()
+        for callback in trainer.callbacks:
+            if isinstance(callback, StepTimer):
+                summary["speed"] = callback.summary()
+            if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
+                summary["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path or None}
+        if hasattr(pl_module, "model_bytes"):
+            summary["model_bytes"] = {"fp32": pl_module.model_bytes()}
+        if self.config is not None:
+            summary["config"] = self.config
+        summary.update(self.extra)
+        return summary
+
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        summary = self.collect(trainer, pl_module, stage)
+        if trainer.is_global_zero:
+            path = self._log_dir(trainer) / self.filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary, indent=2, default=str))
+            self.path = path
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer, pl_module, "fit")
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer, pl_module, "test")
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self.write(trainer, pl_module, "validate")
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer, pl_module, "predict")

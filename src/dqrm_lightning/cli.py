@@ -1,0 +1,214 @@
+"""The ``dqrm`` command: LightningCLI (fit/validate/test/predict) plus ``dqrm data synth|prepare``.
+
+Every run writes ``summary.json`` in its log directory and prints ``summary: <path>`` as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from dqrm_lightning.callbacks import RunSummary, StepTimer
+from dqrm_lightning.callbacks.predictions import PredictionWriter
+from dqrm_lightning.data.datamodule import CriteoDataModule
+from dqrm_lightning.model import DLRMModule
+
+_WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_mode(requested: str) -> str:
+    """``auto``: online when credentials exist (WANDB_API_KEY or a netrc entry), else offline (no network)."""
+    if requested not in _WANDB_MODES:
+        raise ValueError(f"`wandb` must be one of {_WANDB_MODES}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    has_netrc = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return "online" if os.environ.get("WANDB_API_KEY") or has_netrc else "offline"
+
+
+class DQRMCLI(LightningCLI):
+    """LightningCLI for DLRM/DQRM with table sizes linked from the data and a run summary."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        super().__init__(DLRMModule, CriteoDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data", "model.num_embeddings_per_feature", compute_fn=_table_sizes, apply_on="instantiate")
+        parser.add_argument("--wandb", default="auto", choices=_WANDB_MODES, help="wandb logging mode")
+        parser.add_argument("--wandb_project", default="dqrm-lightning", help="wandb project")
+        parser.add_argument(
+            "--predictions", default="predictions.tsv", help="predict: file (in the log dir) for probabilities"
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        root = config.get("default_root_dir") or "runs"
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = self._default_loggers(root)
+        callbacks: list[Any] = [StepTimer(), RunSummary()]
+        if self.subcommand == "fit":
+            callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
+        if self.subcommand == "predict":
+            callbacks.append(PredictionWriter(self._get(self.config, "predictions")))
+        trainer_config = {**config, "default_root_dir": root, **kwargs}
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        return self._instantiate_trainer(trainer_config, extra + callbacks)
+
+    def _default_loggers(self, root: str) -> list[Logger]:
+        loggers: list[Logger] = [CSVLogger(save_dir=root, name="lightning_logs")]
+        mode = wandb_mode(self._get(self.config, "wandb"))
+        if mode != "disabled":
+            version = loggers[0].version
+            loggers.append(
+                WandbLogger(
+                    project=self._get(self.config, "wandb_project"),
+                    save_dir=os.path.join(root, "lightning_logs", f"version_{version}"),
+                    offline=mode == "offline",
+                    name=f"{self.subcommand}-v{version}",
+                )
+            )
+            os.environ.setdefault("WANDB_SILENT", "true")
+        return loggers
+
+    def _summary_callback(self) -> RunSummary:
+        return next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
+
+    def _before(self) -> None:
+        summary = self._summary_callback()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        summary.config = json.loads(self._parser(self.subcommand).dump(config, format="json", skip_check=True))
+
+    before_fit = before_validate = before_test = before_predict = _before
+
+    def _after(self) -> None:
+        summary = self._summary_callback()
+        if self.trainer.is_global_zero and summary.path is not None:
+            print(f"summary: {summary.path}", flush=True)
+
+    after_fit = after_validate = after_test = after_predict = _after
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand != "fit" and kwargs.get("ckpt_path") in ("best", "last"):
+            kwargs["ckpt_path"] = find_checkpoint(self.trainer.default_root_dir, kwargs["ckpt_path"])
+        return kwargs
+
+
+def _table_sizes(datamodule: CriteoDataModule) -> list[int]:
+    return datamodule.table_sizes
+
+
+def find_checkpoint(root: str | os.PathLike, which: str) -> str:
+    """The newest ``<root>/lightning_logs/version_*/checkpoints/<which>.ckpt``."""
+    candidates = glob.glob(os.path.join(root, "lightning_logs", "version_*", "checkpoints", f"{which}.ckpt"))
+    if not candidates:
+        raise FileNotFoundError(f"no {which}.ckpt under {root}/lightning_logs/*/checkpoints; pass --ckpt_path PATH")
+    return max(candidates, key=os.path.getmtime)
+
+
+# ------------------------------------------------------------------------------------------------ dqrm data ...
+def _data_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dqrm data", description="Synthetic Criteo data and raw-file preparation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    synth = sub.add_parser("synth", help="write synthetic data in the raw Criteo format, with its true click model")
+    synth.add_argument("--preset", default="demo", help="demo or kaggle")
+    synth.add_argument("--rows", type=int, required=True, help="rows over all splits")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    synth.add_argument("--rows-per-file", type=int, default=None)
+    prep = sub.add_parser("prepare", help="parse raw Criteo files into memory-mappable shards (resumable)")
+    prep.add_argument("--train-files", nargs="*", default=None)
+    prep.add_argument("--val-files", nargs="*", default=None)
+    prep.add_argument("--test-files", nargs="*", default=None)
+    prep.add_argument("--kaggle-train-txt", default=None, help="Kaggle train.txt (DLRM 7-day split)")
+    prep.add_argument("--terabyte-dir", default=None, help="directory with Terabyte day_0 .. day_23")
+    prep.add_argument("--out", required=True, help="prepared directory")
+    prep.add_argument("--on-bad-line", choices=("error", "skip"), default="error")
+    prep.add_argument("--negative-subsample", type=float, default=0.0)
+    prep.add_argument("--rows-per-shard", type=int, default=1 << 21)
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def data_main(argv: list[str]) -> str:
+    """Run ``dqrm data ...``; returns the path of the summary it wrote."""
+    args = _data_parser().parse_args(argv)
+    out = Path(args.out)
+    start = time.perf_counter()
+    if args.command == "synth":
+        from dqrm_lightning.data.synthetic import synthesize
+
+        result = synthesize(args.preset, args.rows, args.seed, out, split_fractions=tuple(args.split),
+                            rows_per_file=args.rows_per_file, progress=True)
+        seconds = time.perf_counter() - start
+        result = {"command": "data synth", **result, "seconds": seconds, "rows_per_s": args.rows / seconds}
+        for split, values in result.get("splits", {}).items():
+            if isinstance(values, dict) and "bayes_auc" in values:
+                print(f"{split}: rows={values.get('rows')} bayes_auc={values['bayes_auc']:.4f} "
+                      f"bayes_log_loss={values.get('bayes_log_loss', float('nan')):.4f}")
+    else:
+        from dqrm_lightning.data.prepare import PrepareOptions, explicit_jobs, kaggle_jobs, prepare, resolve_files, terabyte_jobs
+
+        if args.kaggle_train_txt:
+            jobs = kaggle_jobs(args.kaggle_train_txt)
+        elif args.terabyte_dir:
+            jobs = terabyte_jobs(args.terabyte_dir)
+        else:
+            files = {s: resolve_files(getattr(args, f"{s}_files")) for s in ("train", "val", "test")}
+            jobs = explicit_jobs(files)
+        if not jobs:
+            raise SystemExit("dqrm data prepare: no input files (use --train-files, --kaggle-train-txt or --terabyte-dir)")
+        options = PrepareOptions(rows_per_shard=args.rows_per_shard, on_bad_line=args.on_bad_line,
+                                 negative_subsample=args.negative_subsample, seed=args.seed)
+        meta = prepare(jobs, out, options, progress=not args.no_progress)
+        seconds = time.perf_counter() - start
+        rows = {s: v["rows"] for s, v in meta["splits"].items()}
+        result = {"command": "data prepare", "out": str(out), "rows": rows, "skipped_lines": meta["skipped_lines"],
+                  "skip_examples": meta["skip_examples"], "seconds": seconds,
+                  "rows_per_s": meta["rows"] / max(meta["seconds"], 1e-9)}
+        print(f"prepared {sum(rows.values())} rows {rows} in {seconds:.1f}s "
+              f"({result['rows_per_s']:,.0f} rows/s); skipped lines: {meta['skipped_lines']}")
+        for example in meta["skip_examples"]:
+            print(f"  skipped: {example}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``dqrm`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "data":
+        from dqrm_lightning.data.criteo import CriteoFormatError
+
+        try:
+            path = data_main(argv[1:])
+        except (CriteoFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
+            raise SystemExit(f"dqrm data: error: {err}") from None
+        print(f"summary: {path}", flush=True)
+        return
+    DQRMCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

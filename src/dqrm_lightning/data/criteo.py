@@ -1,0 +1,374 @@
+"""The raw Criteo Display Advertising format: constants and a strict, fast parser.
+
+A raw Criteo row is one line of 40 tab-separated fields::
+
+    label \t I1 ... I13 \t C1 ... C26 \n
+
+``label`` is 0 or 1, ``I1..I13`` are integer counts (empty = missing, may be negative), ``C1..C26`` are hashed
+categoricals written as hexadecimal strings of at most 8 digits (empty = missing). Both the Kaggle ``train.txt`` and
+the Terabyte ``day_N`` files use this format, plain or gzip-compressed.
+
+Parsing follows the DLRM reference preprocessing: missing -> 0, negative dense -> 0, dense -> ``log(x + 1)``,
+categorical hex -> unsigned 32-bit integer. Mapping categorical values to embedding ids happens later
+(:mod:`dqrm_lightning.data.encoding`) so one parsed copy serves any table size.
+
+The fast path hands blocks of lines to pyarrow's multi-threaded CSV reader and decodes the hex columns with numpy.
+When pyarrow rejects a block, the block is re-read line by line in Python to name the exact line and column of the
+first problem, so a malformed file is never silently mis-parsed and never surfaces as a deep pyarrow traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+INT_FEATURE_COUNT = 13
+CAT_FEATURE_COUNT = 26
+FIELD_COUNT = 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT
+DEFAULT_INT_NAMES = tuple(f"I{i}" for i in range(1, INT_FEATURE_COUNT + 1))
+DEFAULT_CAT_NAMES = tuple(f"C{i}" for i in range(1, CAT_FEATURE_COUNT + 1))
+COLUMN_NAMES = ("label", *DEFAULT_INT_NAMES, *DEFAULT_CAT_NAMES)
+MAX_HEX_DIGITS = 8
+
+OnBadLine = Literal["error", "skip"]
+
+_INT64_MAX = 2**63 - 1
+_INT_RE = re.compile(rb"[+-]?[0-9]+")
+_HEX_RE = re.compile(rb"[0-9a-fA-F]{1,8}")
+# ASCII byte -> nibble value; 255 marks a byte that is not a hex digit.
+_HEX_LUT = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX_LUT[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX_LUT[_c] = 10 + _i
+
+_READ_OPTIONS = pacsv.ReadOptions(column_names=list(COLUMN_NAMES), use_threads=True, block_size=1 << 22)
+_PARSE_OPTIONS = pacsv.ParseOptions(
+    delimiter="\t", quote_char=False, double_quote=False, escape_char=False, ignore_empty_lines=False
+)
+_CONVERT_OPTIONS = pacsv.ConvertOptions(
+    column_types={"label": pa.int64(), **dict.fromkeys(DEFAULT_INT_NAMES, pa.int64())}
+    | dict.fromkeys(DEFAULT_CAT_NAMES, pa.string()),
+    null_values=[""],
+    strings_can_be_null=True,
+    quoted_strings_can_be_null=False,
+)
+
+
+class CriteoFormatError(ValueError):
+    """A raw Criteo file does not follow the format; names the file, 1-based line and field."""
+
+    def __init__(self, path: str | Path, line: int | None, message: str, column: str | None = None) -> None:
+        self.path = str(path)
+        self.line = line
+        self.column = column
+        self.reason = message
+        where = self.path if line is None else f"{self.path}:{line}"
+        field = f" (field {column})" if column else ""
+        super().__init__(f"{where}{field}: {message}")
+
+
+@dataclass
+class ParsedRows:
+    """A block of parsed rows. N: rows in the block.
+
+    Attributes:
+        labels: ``(N,)`` uint8 click labels.
+        dense: ``(N, 13)`` float32, ``log(max(x, 0) + 1)`` with missing -> 0.
+        cat: ``(N, 26)`` uint32 raw categorical values (missing -> 0).
+        first_line: 1-based line number of the first row in its file.
+        line_numbers: ``(N,)`` int64 1-based line numbers, set only when bad lines were skipped.
+    """
+
+    labels: np.ndarray
+    dense: np.ndarray
+    cat: np.ndarray
+    first_line: int
+    line_numbers: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class ParseStats:
+    """Counters of a parse: rows kept, bad lines skipped, and the first few skip reasons."""
+
+    rows: int = 0
+    skipped: int = 0
+    examples: list[str] | None = None
+
+    def record_skip(self, error: CriteoFormatError) -> None:
+        self.skipped += 1
+        if self.examples is None:
+            self.examples = []
+        if len(self.examples) < 5:
+            self.examples.append(str(error))
+
+
+def open_raw(path: str | Path) -> BinaryIO:
+    """Open a raw Criteo file for binary reading, transparently decompressing ``.gz``."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115
+
+
+def iter_line_blocks(
+    stream: BinaryIO, path: str | Path, block_bytes: int = 16 << 20, first_line: int = 1
+) -> Iterator[tuple[bytes, int, int]]:
+    """Yield ``(block, first_line, end_offset)``: whole lines of a stream, about ``block_bytes`` at a time.
+
+    ``end_offset`` is the offset (in the decompressed stream, relative to where reading started) just past the block,
+    so a reader can resume there. A truncated gzip stream raises :class:`CriteoFormatError`.
+    """
+    carry = b""
+    offset = 0
+    line = first_line
+    while True:
+        try:
+            chunk = stream.read(block_bytes)
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
+            raise CriteoFormatError(path, line + carry.count(b"\n"), f"corrupt or truncated compressed stream ({err})")
+        if not chunk:
+            break
+        data = carry + chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            carry = data
+            continue
+        block, carry = data[:cut], data[cut:]
+        offset += len(block)
+        yield block, line, offset
+        line += block.count(b"\n")
+    if carry:
+        offset += len(carry)
+        yield carry, line, offset
+
+
+def _check_field(path: str | Path, line: int, index: int, field: bytes) -> None:
+    """Validate one field of a line against the format (the slow path used to locate errors)."""
+    name = COLUMN_NAMES[index]
+    if index == 0:
+        if field not in (b"0", b"1"):
+            raise CriteoFormatError(path, line, f"label must be 0 or 1, got {field[:40]!r}", name)
+    elif index <= INT_FEATURE_COUNT:
+        if field and not _INT_RE.fullmatch(field):
+            raise CriteoFormatError(path, line, f"expected an integer or empty, got {field[:40]!r}", name)
+        if field and abs(int(field)) > _INT64_MAX:
+            raise CriteoFormatError(path, line, f"integer out of the 64-bit range: {field[:40]!r}", name)
+    elif field and not _HEX_RE.fullmatch(field):
+        raise CriteoFormatError(
+            path, line, f"expected at most {MAX_HEX_DIGITS} hex digits or empty, got {field[:40]!r}", name
+        )
+
+
+def check_line(path: str | Path, line_number: int, line: bytes) -> None:
+    """Raise :class:`CriteoFormatError` if one raw line (without its newline) is not a valid Criteo row."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    fields = line.split(b"\t")
+    if len(fields) != FIELD_COUNT:
+        raise CriteoFormatError(path, line_number, f"expected {FIELD_COUNT} tab-separated fields, found {len(fields)}")
+    for index, field in enumerate(fields):
+        _check_field(path, line_number, index, field)
+
+
+def _split_lines(block: bytes) -> list[bytes]:
+    lines = block.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def _decode_hex(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a string column of hex values into uint32; returns ``(values, bad_mask)``."""
+    column = column.cast(pa.string()) if column.type != pa.string() else column
+    n = len(column)
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + n + 1]
+    data_buffer = column.buffers()[2]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(1, np.uint8)
+    lengths = np.diff(offsets)
+    ends = offsets[1:]
+    values = np.zeros(n, dtype=np.uint32)
+    bad = lengths > MAX_HEX_DIGITS
+    for k in range(MAX_HEX_DIGITS):
+        has = lengths > k
+        if not has.any():
+            break
+        nibbles = _HEX_LUT[data[ends[has] - 1 - k]]
+        bad[has] |= nibbles == 255
+        values[has] |= nibbles.astype(np.uint32) << np.uint32(4 * k)
+    return values, bad
+
+
+def _table_to_rows(
+    table: pa.Table, path: str | Path, first_line: int, on_bad_line: OnBadLine, stats: ParseStats, lines: np.ndarray
+) -> ParsedRows:
+    """Convert a parsed arrow table to arrays, validating label values and hex digits."""
+    n = table.num_rows
+    label_col = table.column("label").combine_chunks()
+    labels = label_col.to_numpy(zero_copy_only=False) if label_col.null_count == 0 else None
+    bad = np.zeros(n, dtype=bool)
+    reasons: dict[int, CriteoFormatError] = {}
+    if labels is None or ((labels != 0) & (labels != 1)).any():
+        raw = np.asarray(label_col.fill_null(-1).to_numpy(zero_copy_only=False))
+        for i in np.flatnonzero((raw != 0) & (raw != 1))[: None if on_bad_line == "skip" else 1]:
+            value = "empty" if raw[i] == -1 and not label_col[i].is_valid else str(raw[i])
+            reasons.setdefault(int(i), CriteoFormatError(path, int(lines[i]), f"label must be 0 or 1, got {value}", "label"))
+            bad[i] = True
+        labels = raw
+    cat = np.empty((n, CAT_FEATURE_COUNT), dtype=np.uint32)
+    for j, name in enumerate(DEFAULT_CAT_NAMES):
+        values, bad_hex = _decode_hex(table.column(name).combine_chunks())
+        cat[:, j] = values
+        if bad_hex.any():
+            for i in np.flatnonzero(bad_hex)[: None if on_bad_line == "skip" else 1]:
+                raw_value = table.column(name)[int(i)].as_py()
+                reasons.setdefault(
+                    int(i),
+                    CriteoFormatError(
+                        path,
+                        int(lines[i]),
+                        f"expected at most {MAX_HEX_DIGITS} hex digits or empty, got {raw_value[:40]!r}",
+                        name,
+                    ),
+                )
+            bad |= bad_hex
+    if bad.any():
+        if on_bad_line == "error":
+            raise reasons[min(reasons)]
+        for i in sorted(reasons):
+            stats.record_skip(reasons[i])
+    dense = np.empty((n, INT_FEATURE_COUNT), dtype=np.float32)
+    for j, name in enumerate(DEFAULT_INT_NAMES):
+        col = table.column(name).combine_chunks().fill_null(0).to_numpy(zero_copy_only=False)
+        dense[:, j] = np.log1p(np.maximum(col, 0).astype(np.float64))
+    if bad.any():
+        keep = ~bad
+        labels, dense, cat, lines = labels[keep], dense[keep], cat[keep], lines[keep]
+    contiguous = len(lines) == 0 or int(lines[-1] - lines[0]) + 1 == len(lines)
+    return ParsedRows(labels.astype(np.uint8), dense, cat, first_line, None if contiguous else lines)
+
+
+def _read_table(block: bytes) -> pa.Table:
+    return pacsv.read_csv(
+        io.BytesIO(block), read_options=_READ_OPTIONS, parse_options=_PARSE_OPTIONS, convert_options=_CONVERT_OPTIONS
+    )
+
+
+def parse_block(
+    block: bytes, path: str | Path, first_line: int, on_bad_line: OnBadLine = "error", stats: ParseStats | None = None
+) -> ParsedRows:
+    """Parse a block of whole raw lines.
+
+    Args:
+        block: bytes holding whole lines (the last line may lack its newline).
+        path: file the block came from, for error messages.
+        first_line: 1-based line number of the block's first line.
+        on_bad_line: ``"error"`` raises :class:`CriteoFormatError` at the first bad line; ``"skip"`` drops bad lines
+            and counts them in ``stats``.
+        stats: counters updated in place.
+
+    Raises:
+        CriteoFormatError: with file, line and field of the first problem (``on_bad_line="error"``).
+    """
+    stats = stats if stats is not None else ParseStats()
+    try:
+        if block.startswith((b"\n", b"\r\n")) or b"\n\n" in block or b"\n\r\n" in block:
+            raise pa.ArrowInvalid("empty line")  # pyarrow reads an empty line as a row of nulls
+        table = _read_table(block)
+        lines = np.arange(first_line, first_line + table.num_rows, dtype=np.int64)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        table, lines = _slow_path(block, path, first_line, on_bad_line, stats, err)
+    rows = _table_to_rows(table, path, first_line, on_bad_line, stats, lines)
+    stats.rows += len(rows)
+    return rows
+
+
+def _slow_path(
+    block: bytes, path: str | Path, first_line: int, on_bad_line: OnBadLine, stats: ParseStats, err: Exception
+) -> tuple[pa.Table, np.ndarray]:
+    """Locate bad lines of a block pyarrow rejected; raise, or re-parse the good lines (skip mode)."""
+    good: list[bytes] = []
+    good_lines: list[int] = []
+    for offset, line in enumerate(_split_lines(block)):
+        number = first_line + offset
+        try:
+            check_line(path, number, line)
+        except CriteoFormatError as bad:
+            if on_bad_line == "error":
+                raise bad from None
+            stats.record_skip(bad)
+            continue
+        good.append(line)
+        good_lines.append(number)
+    if on_bad_line == "error":
+        # pyarrow rejected the block but every line passes our check: never guess, report the block.
+        last = first_line + block.count(b"\n")
+        raise CriteoFormatError(path, first_line, f"unparseable block (lines {first_line}-{last}): {err}")
+    if not good:
+        return _empty_table(), np.zeros(0, dtype=np.int64)
+    return _read_table(b"\n".join(good) + b"\n"), np.asarray(good_lines, dtype=np.int64)
+
+
+def _empty_table() -> pa.Table:
+    types = _CONVERT_OPTIONS.column_types
+    return pa.table({name: pa.array([], type=types[name]) for name in COLUMN_NAMES})
+
+
+def iter_parsed(
+    path: str | Path,
+    on_bad_line: OnBadLine = "error",
+    stats: ParseStats | None = None,
+    block_bytes: int = 16 << 20,
+    start_offset: int = 0,
+    first_line: int = 1,
+) -> Iterator[tuple[ParsedRows, int, int]]:
+    """Parse a whole raw file block by block; yields ``(rows, end_offset, next_line)``.
+
+    ``start_offset``/``first_line`` resume a previous parse at a block boundary (offsets count decompressed bytes).
+
+    Raises:
+        CriteoFormatError: empty file, truncated gzip, or the first malformed line (``on_bad_line="error"``).
+    """
+    stats = stats if stats is not None else ParseStats()
+    with open_raw(path) as stream:
+        _skip_bytes(stream, start_offset, path)
+        empty = True
+        for block, line, end in iter_line_blocks(stream, path, block_bytes, first_line):
+            empty = False
+            next_line = line + block.count(b"\n") + (not block.endswith(b"\n"))
+            yield parse_block(block, path, line, on_bad_line, stats), start_offset + end, next_line
+    if empty and start_offset == 0:
+        raise CriteoFormatError(path, None, "file is empty")
+
+
+def _skip_bytes(stream: BinaryIO, count: int, path: str | Path) -> None:
+    remaining = count
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 64 << 20))
+        if not chunk:
+            raise CriteoFormatError(path, None, f"file is shorter than the resume offset {count}")
+        remaining -= len(chunk)
+
+
+def parse_file(path: str | Path, on_bad_line: OnBadLine = "error") -> ParsedRows:
+    """Parse a whole (small) raw file into one :class:`ParsedRows`; convenient for tests and notebooks."""
+    blocks = [rows for rows, _, _ in iter_parsed(path, on_bad_line)]
+    return ParsedRows(
+        labels=np.concatenate([b.labels for b in blocks]),
+        dense=np.concatenate([b.dense for b in blocks]),
+        cat=np.concatenate([b.cat for b in blocks]),
+        first_line=1,
+    )

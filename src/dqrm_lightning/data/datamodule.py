@@ -1,0 +1,299 @@
+"""``CriteoDataModule``: raw Criteo files (or synthetic ones) -> prepared shards -> torchrec batches per rank."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from dqrm_lightning.data.criteo import CAT_FEATURE_COUNT, OnBadLine
+from dqrm_lightning.data.dataset import CriteoIterableDataset
+from dqrm_lightning.data.encoding import CategoricalEncoder, EncodingMode, build_vocab, vocab_dir_for
+from dqrm_lightning.data.prepare import (
+    FileJob,
+    PrepareOptions,
+    cache_key,
+    explicit_jobs,
+    kaggle_jobs,
+    load_meta,
+    prepare,
+    resolve_files,
+    shard_paths,
+    terabyte_jobs,
+)
+from dqrm_lightning.metrics import binary_auroc, binary_log_loss
+
+
+class _PositionedLoader(DataLoader):
+    """A DataLoader that asks its owner where the epoch starts before every new iteration."""
+
+    def __init__(self, dataset: CriteoIterableDataset, position: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._position = position
+
+    @override
+    def __iter__(self) -> Iterator:
+        if self._position is not None:
+            self.dataset.set_position(*self._position())  # type: ignore[attr-defined]
+        return super().__iter__()
+
+
+class CriteoDataModule(pl.LightningDataModule):
+    """Criteo Kaggle/Terabyte (or synthetic Criteo-format) data for DLRM.
+
+    Give the raw files one way: ``train_files``/``val_files``/``test_files`` (glob patterns, plain or ``.gz``),
+    ``kaggle_train_txt`` (DLRM's 7-day split of ``train.txt``), ``terabyte_dir`` (``day_0`` .. ``day_23``), or an
+    already prepared directory (``prepared_dir`` alone, see ``dqrm data prepare``).
+
+    Args:
+        train_files: glob pattern(s) of training files.
+        val_files: glob pattern(s) of validation files.
+        test_files: glob pattern(s) of test files.
+        kaggle_train_txt: path of Kaggle's ``train.txt``.
+        terabyte_dir: directory holding Terabyte ``day_N`` files.
+        prepared_dir: where prepared shards live (default: ``cache_dir/<key>``).
+        cache_dir: parent of prepared directories (default: ``.dqrm_prepared`` beside the first raw file).
+        batch_size: training rows per batch per rank.
+        eval_batch_size: rows per batch for validation, test and predict.
+        num_workers: dataloader worker processes per rank.
+        shuffle: block-shuffle training rows each epoch (seeded).
+        seed: seed of the shuffle and of negative sub-sampling.
+        categorical_encoding: ``"hash"`` (modulo table size) or ``"vocab"`` (first-seen ids from a data pass).
+        num_embeddings_per_feature: 26 table sizes; required for ``hash``; for ``vocab`` an optional upper bound.
+        max_ind_range: modulus applied to raw categorical values first (Terabyte: 10,000,000).
+        min_frequency: ``vocab`` only: values seen fewer times share id 0.
+        negative_subsample: drop this fraction of negatives from the training split (Terabyte: 0.875).
+        on_bad_line: ``"error"`` stops at the first malformed line, ``"skip"`` drops and counts bad lines.
+        rows_per_shard: rows per prepared shard.
+    """
+
+    def __init__(
+        self,
+        train_files: list[str] | str | None = None,
+        val_files: list[str] | str | None = None,
+        test_files: list[str] | str | None = None,
+        kaggle_train_txt: str | None = None,
+        terabyte_dir: str | None = None,
+        prepared_dir: str | None = None,
+        cache_dir: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        num_workers: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        categorical_encoding: EncodingMode = "hash",
+        num_embeddings_per_feature: list[int] | None = None,
+        max_ind_range: int | None = None,
+        min_frequency: int = 1,
+        negative_subsample: float = 0.0,
+        on_bad_line: OnBadLine = "error",
+        rows_per_shard: int = 1 << 21,
+    ) -> None:
+        super().__init__()
+        # Table sizes are the model's hyper-parameter (linked from `table_sizes`); keeping them out of the data
+        # module's hparams avoids a clash when Lightning merges both for the loggers.
+        self.save_hyperparameters(ignore=["num_embeddings_per_feature"])
+        self.num_embeddings_per_feature = num_embeddings_per_feature
+        layouts = [bool(train_files or val_files or test_files), bool(kaggle_train_txt), bool(terabyte_dir)]
+        if sum(layouts) > 1:
+            raise ValueError("give raw data one way: `train_files`/`val_files`/`test_files`, `kaggle_train_txt` or `terabyte_dir`")
+        if sum(layouts) == 0 and prepared_dir is None:
+            raise ValueError("no data: set `train_files` (and `val_files`, `test_files`), `kaggle_train_txt`, "
+                             "`terabyte_dir` or `prepared_dir`")
+        if categorical_encoding not in ("hash", "vocab"):
+            raise ValueError(f"`categorical_encoding` must be 'hash' or 'vocab', got {categorical_encoding!r}")
+        if categorical_encoding == "hash" and num_embeddings_per_feature is None:
+            raise ValueError("`categorical_encoding: hash` needs `num_embeddings_per_feature` (26 table sizes)")
+        if num_embeddings_per_feature is not None and len(num_embeddings_per_feature) != CAT_FEATURE_COUNT:
+            raise ValueError(
+                f"`num_embeddings_per_feature` needs {CAT_FEATURE_COUNT} sizes, got {len(num_embeddings_per_feature)}"
+            )
+        if batch_size <= 0 or eval_batch_size <= 0:
+            raise ValueError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+        if max_ind_range is not None and max_ind_range <= 0:
+            raise ValueError(f"`max_ind_range` must be positive or null, got {max_ind_range}")
+        self.options = PrepareOptions(
+            rows_per_shard=rows_per_shard, on_bad_line=on_bad_line, negative_subsample=negative_subsample, seed=seed
+        )
+        self._jobs: list[FileJob] | None = None
+        self._prepared: Path | None = Path(prepared_dir) if prepared_dir else None
+        self._table_sizes: list[int] | None = None
+        self._resume: tuple[int, int] | None = None
+        self._datasets: dict[str, CriteoIterableDataset] = {}
+
+    # ----------------------------------------------------------------------------------------------- preparation
+    def _raw_jobs(self) -> list[FileJob]:
+        if self._jobs is None:
+            hp = self.hparams
+            if hp.kaggle_train_txt:
+                self._jobs = kaggle_jobs(hp.kaggle_train_txt)
+            elif hp.terabyte_dir:
+                self._jobs = terabyte_jobs(hp.terabyte_dir)
+            else:
+                files = {s: resolve_files(getattr(hp, f"{s}_files")) for s in ("train", "val", "test")}
+                self._jobs = explicit_jobs(files)
+        return self._jobs
+
+    @property
+    def prepared_dir(self) -> Path:
+        """The directory of prepared shards (chosen from the inputs when not given)."""
+        if self._prepared is None:
+            jobs = self._raw_jobs()
+            parent = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir(jobs[0].path)
+            self._prepared = parent / cache_key(jobs, self.options)
+        return self._prepared
+
+    def _has_raw(self) -> bool:
+        hp = self.hparams
+        return bool(hp.train_files or hp.val_files or hp.test_files or hp.kaggle_train_txt or hp.terabyte_dir)
+
+    def ensure_prepared(self) -> dict:
+        """Prepare the raw files once (resuming if interrupted; safe when several processes ask at once)."""
+        target = self.prepared_dir
+        if not self._has_raw():
+            return load_meta(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(target.parent / f".{target.name}.lock"):
+            return prepare(self._raw_jobs(), target, self.options, progress=True)
+
+    @override
+    def prepare_data(self) -> None:
+        self.ensure_prepared()
+        if self.hparams.categorical_encoding == "vocab":
+            self.table_sizes  # noqa: B018 - builds the vocabulary once, on one process per node
+
+    @property
+    def table_sizes(self) -> list[int]:
+        """Embedding table size per feature; linked into the model's ``num_embeddings_per_feature``."""
+        if self._table_sizes is None:
+            hp = self.hparams
+            if hp.categorical_encoding == "hash":
+                self._table_sizes = list(self.num_embeddings_per_feature)
+            else:
+                self.ensure_prepared()
+                with _file_lock(self.prepared_dir / ".vocab.lock"):
+                    sizes = build_vocab(self.prepared_dir, hp.max_ind_range, hp.min_frequency)
+                bound = self.num_embeddings_per_feature
+                if bound is not None:
+                    over = [f"C{i + 1}: {s} > {b}" for i, (s, b) in enumerate(zip(sizes, bound, strict=True)) if s > b]
+                    if over:
+                        raise ValueError(f"vocabulary exceeds `num_embeddings_per_feature` ({', '.join(over)})")
+                    sizes = list(bound)
+                self._table_sizes = sizes
+        return self._table_sizes
+
+    def encoder(self) -> CategoricalEncoder:
+        hp = self.hparams
+        vocab = vocab_dir_for(self.prepared_dir, hp.max_ind_range, hp.min_frequency)
+        return CategoricalEncoder(hp.categorical_encoding, self.table_sizes, hp.max_ind_range, str(vocab))
+
+    # ------------------------------------------------------------------------------------------------- datasets
+    @override
+    def setup(self, stage: str) -> None:
+        meta = self.ensure_prepared()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        encoder = self.encoder()
+        hp = self.hparams
+        for split in ("train", "val", "test"):
+            shards = shard_paths(self.prepared_dir, split, meta)
+            batch = hp.batch_size if split == "train" else hp.eval_batch_size
+            shuffle = hp.shuffle and split == "train"
+            self._datasets[split] = CriteoIterableDataset(shards, encoder, batch, shuffle, hp.seed, rank, world)
+
+    def _loader(self, split: str, position: Any = None) -> DataLoader:
+        dataset = self._datasets[split]
+        if dataset.total_rows == 0:
+            raise ValueError(f"the {split} split is empty: give `{split}_files` (prepared dir: {self.prepared_dir})")
+        workers = self.hparams.num_workers
+        return _PositionedLoader(dataset, position, num_workers=workers, persistent_workers=False)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self._train_position)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # --------------------------------------------------------------------------------------- resume and truth
+    def _train_position(self) -> tuple[int, int]:
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        start = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            start = self._resume[1]
+        self._resume = None
+        return epoch, start
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "train_batches": progress.processed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["train_batches"]))
+
+    def truth_metrics(self) -> dict[str, dict[str, float]]:
+        """Bayes-optimal AUC and log loss per split when the data carries true probabilities (synthetic data)."""
+        meta = self.ensure_prepared()
+        if not meta.get("has_prob"):
+            return {}
+        result = {}
+        for split in ("val", "test"):
+            shards = shard_paths(self.prepared_dir, split, meta)
+            if not shards:
+                continue
+            prob = torch.from_numpy(np.concatenate([np.load(f"{p}.prob.npy") for p, _ in shards]).astype(np.float64))
+            labels = torch.from_numpy(np.concatenate([np.load(f"{p}.labels.npy") for p, _ in shards]).astype(np.float64))
+            result[split] = {"auc": binary_auroc(prob, labels), "log_loss": binary_log_loss(prob, labels)}
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly description for run summaries."""
+        meta = self.ensure_prepared()
+        return {
+            "prepared_dir": str(self.prepared_dir),
+            "rows": {s: meta["splits"][s]["rows"] for s in ("train", "val", "test")},
+            "skipped_lines": meta.get("skipped_lines", 0),
+            "table_sizes": self.table_sizes,
+        }
+
+
+def default_cache_dir(first_file: str) -> Path:
+    """``.dqrm_prepared`` beside the data when that folder is writable, else ``~/.cache/dqrm_lightning/prepared``."""
+    beside = Path(first_file).resolve().parent
+    if os.access(beside, os.W_OK):
+        return beside / ".dqrm_prepared"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dqrm_lightning" / "prepared"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+

@@ -1,0 +1,388 @@
+"""Turn raw Criteo files into binary, memory-mappable shards, once.
+
+Layout of a prepared directory::
+
+    meta.json                        splits, shards, row counts, sources, skipped lines
+    train/part-00000.labels.npy      (N,) uint8
+    train/part-00000.dense.npy       (N, 13) float32, log(x + 1)
+    train/part-00000.cat.npy         (N, 26) uint32 raw categorical values
+    train/part-00000.prob.npy        (N,) float32 true click probability (synthetic data only)
+    val/...  test/...
+
+The input is read in segments of at least ``rows_per_shard`` lines (cut at 16 MB block boundaries); after each segment every split's shard is written to a
+temporary name, renamed, and the position is recorded in ``_progress.json``. An interrupted ``prepare`` started again
+with the same arguments resumes after the last recorded segment.
+
+Split layouts (DLRM's, see the DQRM spec §4.2):
+
+* explicit: each file belongs wholly to one split (``train_files``, ``val_files``, ``test_files``);
+* Kaggle ``train.txt``: cut into 7 near-equal "days"; days 1-6 train; day 7's first half test, second half val;
+* Terabyte ``day_0`` .. ``day_23``: days 0-22 train; day 23's first half test, second half val.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dqrm_lightning.data.criteo import CriteoFormatError, OnBadLine, ParsedRows, ParseStats, iter_parsed, open_raw
+
+SPLITS = ("train", "val", "test")
+ARRAYS = ("labels", "dense", "cat")
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+_PROGRESS_FILE = "_progress.json"
+
+
+@dataclass
+class FileJob:
+    """One raw input file and which of its lines go to which split.
+
+    ``ranges`` holds ``(split, first_line, end_line)`` with 1-based, end-exclusive line numbers; ``end_line=None``
+    means "to the end of the file".
+    """
+
+    path: str
+    ranges: list[tuple[str, int, int | None]]
+
+    def split_of(self, lines: np.ndarray) -> dict[str, np.ndarray]:
+        """Boolean masks per split for an array of line numbers."""
+        masks = {}
+        for split, start, end in self.ranges:
+            mask = lines >= start
+            if end is not None:
+                mask &= lines < end
+            masks[split] = masks[split] | mask if split in masks else mask
+        return masks
+
+
+def count_lines(path: str | Path) -> int:
+    """Count the lines of a raw file (a last line without newline counts)."""
+    count = 0
+    last = b"\n"
+    with open_raw(path) as stream:
+        while chunk := stream.read(64 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
+
+
+def _day_bounds(total: int, days: int) -> list[int]:
+    """DLRM's split of ``total`` lines into ``days`` near-equal parts (the first ``total % days`` get one more)."""
+    size, extra = divmod(total, days)
+    bounds = [0]
+    for day in range(days):
+        bounds.append(bounds[-1] + size + (1 if day < extra else 0))
+    return bounds
+
+
+def kaggle_jobs(train_txt: str | Path) -> list[FileJob]:
+    """DLRM's Kaggle split of ``train.txt``: days 1-6 train, day 7 first half test, second half val."""
+    total = count_lines(train_txt)
+    if total < 7:
+        raise CriteoFormatError(train_txt, None, f"needs at least 7 lines for the 7-day split, has {total}")
+    bounds = _day_bounds(total, 7)
+    day7 = bounds[7] - bounds[6]
+    test_end = bounds[6] + (day7 + 1) // 2  # np.array_split: the first half gets the extra line
+    return [
+        FileJob(
+            str(train_txt),
+            [("train", 1, bounds[6] + 1), ("test", bounds[6] + 1, test_end + 1), ("val", test_end + 1, None)],
+        )
+    ]
+
+
+def terabyte_jobs(directory: str | Path) -> list[FileJob]:
+    """DLRM's Terabyte split: ``day_0`` .. ``day_22`` train, ``day_23`` first half test, second half val."""
+    directory = Path(directory)
+    days = []
+    for day in range(24):
+        found = [p for p in (directory / f"day_{day}", directory / f"day_{day}.gz") if p.exists()]
+        if not found:
+            raise FileNotFoundError(f"Terabyte layout: {directory}/day_{day} (or day_{day}.gz) is missing")
+        days.append(found[0])
+    total = count_lines(days[23])
+    test_end = (total + 1) // 2
+    jobs = [FileJob(str(p), [("train", 1, None)]) for p in days[:23]]
+    jobs.append(FileJob(str(days[23]), [("test", 1, test_end + 1), ("val", test_end + 1, None)]))
+    return jobs
+
+
+def explicit_jobs(files: dict[str, Sequence[str | Path]]) -> list[FileJob]:
+    """Each listed file belongs wholly to its split."""
+    return [FileJob(str(path), [(split, 1, None)]) for split in SPLITS for path in files.get(split, ())]
+
+
+@dataclass
+class PrepareOptions:
+    """What shapes the prepared data (part of the cache key)."""
+
+    rows_per_shard: int = 1 << 21
+    on_bad_line: OnBadLine = "error"
+    negative_subsample: float = 0.0
+    subsample_splits: tuple[str, ...] = ("train",)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rows_per_shard <= 0:
+            raise ValueError(f"`rows_per_shard` must be positive, got {self.rows_per_shard}")
+        if self.on_bad_line not in ("error", "skip"):
+            raise ValueError(f"`on_bad_line` must be 'error' or 'skip', got {self.on_bad_line!r}")
+        if not 0.0 <= self.negative_subsample < 1.0:
+            raise ValueError(f"`negative_subsample` must be in [0, 1), got {self.negative_subsample}")
+        unknown = set(self.subsample_splits) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"`subsample_splits` must be among {SPLITS}, got {sorted(unknown)}")
+
+
+def cache_key(jobs: Sequence[FileJob], options: PrepareOptions) -> str:
+    """A short hash of the inputs (paths, sizes, modification times, split ranges) and the options."""
+    parts = []
+    for job in jobs:
+        stat = os.stat(job.path)
+        parts.append([os.path.abspath(job.path), stat.st_size, stat.st_mtime_ns, job.ranges])
+    options_dict = asdict(options)
+    options_dict["subsample_splits"] = list(options.subsample_splits)
+    blob = json.dumps([FORMAT_VERSION, parts, options_dict], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class _SplitWriter:
+    """Buffers parsed rows of one split and writes them as numbered shards."""
+
+    directory: Path
+    shards: list[dict] = field(default_factory=list)
+    buffers: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def add(self, arrays: dict[str, np.ndarray]) -> None:
+        if len(arrays["labels"]):
+            self.buffers.append(arrays)
+
+    def flush(self) -> None:
+        if not self.buffers:
+            return
+        name = f"part-{len(self.shards):05d}"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        keys = self.buffers[0].keys()
+        rows = 0
+        for key in keys:
+            array = np.concatenate([b[key] for b in self.buffers])
+            rows = len(array)
+            tmp = self.directory / f".{name}.{key}.tmp.npy"
+            np.save(tmp, array)
+            os.replace(tmp, self.directory / f"{name}.{key}.npy")
+        self.shards.append({"name": name, "rows": rows})
+        self.buffers = []
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def _truth_for(path: str) -> np.ndarray | None:
+    truth = Path(path + ".truth.npy")
+    return np.load(truth, mmap_mode="r") if truth.exists() else None
+
+
+def _block_arrays(rows: ParsedRows, truth: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    lines = rows.line_numbers
+    if lines is None:
+        lines = np.arange(rows.first_line, rows.first_line + len(rows), dtype=np.int64)
+    arrays = {"labels": rows.labels, "dense": rows.dense, "cat": rows.cat}
+    if truth is not None:
+        if len(lines) and lines[-1] > len(truth):
+            raise CriteoFormatError(f"{truth}", None, f"truth file has {len(truth)} rows, data has more")
+        arrays["prob"] = np.asarray(truth[lines - 1], dtype=np.float32)
+    return lines, arrays
+
+
+def prepare(
+    jobs: Sequence[FileJob], out_dir: str | Path, options: PrepareOptions | None = None, progress: bool = False
+) -> dict:
+    """Parse raw Criteo files into shards under ``out_dir`` (resuming an interrupted run); returns ``meta.json``.
+
+    Raises:
+        CriteoFormatError: malformed input with ``on_bad_line="error"`` (names file, line and field).
+    """
+    options = options or PrepareOptions()
+    out = Path(out_dir)
+    meta_path = out / META_FILE
+    key = cache_key(jobs, options)
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return meta
+        raise FileExistsError(f"{out} holds data prepared from other inputs or options; choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    progress_path = out / _PROGRESS_FILE
+    state = json.loads(progress_path.read_text()) if progress_path.exists() else None
+    if state is None or state.get("key") != key:
+        state = {"key": key, "files": {}, "shards": {s: [] for s in SPLITS}, "skipped": 0, "rows": 0, "seconds": 0.0}
+    writers = {s: _SplitWriter(out / s, shards=list(state["shards"][s])) for s in SPLITS}
+    total_bytes = sum(os.path.getsize(job.path) for job in jobs)
+    bar = _progress_bar(total_bytes, progress)
+    start = time.perf_counter()
+    for index, job in enumerate(jobs):
+        done = state["files"].get(f"{index}:{job.path}", {"offset": 0, "line": 1, "done": False})
+        if done["done"]:
+            bar.update(os.path.getsize(job.path))
+            continue
+        _prepare_file(index, job, options, writers, state, progress_path, done, bar)
+    bar.close()
+    state["seconds"] += time.perf_counter() - start
+    meta = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "sources": [asdict(job) for job in jobs],
+        "options": asdict(options),
+        "splits": {s: {"rows": sum(x["rows"] for x in w.shards), "shards": w.shards} for s, w in writers.items()},
+        "has_prob": any((out / s / f"{w.shards[0]['name']}.prob.npy").exists() for s, w in writers.items() if w.shards),
+        "skipped_lines": state["skipped"],
+        "skip_examples": state.get("skip_examples", []),
+        "rows": state["rows"],
+        "seconds": state["seconds"],
+    }
+    _atomic_json(meta_path, meta)
+    progress_path.unlink(missing_ok=True)
+    return meta
+
+
+def _prepare_file(
+    index: int,
+    job: FileJob,
+    options: PrepareOptions,
+    writers: dict[str, _SplitWriter],
+    state: dict,
+    progress_path: Path,
+    done: dict,
+    bar: _Bar,
+) -> None:
+    stats = ParseStats()
+    truth = _truth_for(job.path)
+    pending = 0
+    compressed = job.path.endswith(".gz")
+    file_size = os.path.getsize(job.path)
+    reported = 0 if compressed else done["offset"]
+
+    def checkpoint(offset: int, line: int, finished: bool) -> None:
+        for writer in writers.values():
+            writer.flush()
+        state["files"][f"{index}:{job.path}"] = {"offset": offset, "line": line, "done": finished}
+        state["shards"] = {s: w.shards for s, w in writers.items()}
+        state["skipped"] += stats.skipped
+        state["rows"] += stats.rows
+        state.setdefault("skip_examples", []).extend((stats.examples or [])[: 5 - len(state["skip_examples"])])
+        stats.skipped, stats.rows, stats.examples = 0, 0, None
+        _atomic_json(progress_path, state)
+
+    next_line, end = done["line"], done["offset"]
+    for rows, end, next_line in iter_parsed(
+        job.path, options.on_bad_line, stats, start_offset=done["offset"], first_line=done["line"]
+    ):
+        lines, arrays = _block_arrays(rows, truth)
+        keep = _subsample_mask(rows, lines, job, options, index)
+        for split, mask in job.split_of(lines).items():
+            mask = mask & keep if keep is not None else mask
+            writers[split].add({k: v[mask] for k, v in arrays.items()})
+        pending += len(rows)
+        if not compressed:
+            bar.update(end - reported)
+            reported = end
+        if pending >= options.rows_per_shard:
+            checkpoint(end, next_line, False)
+            pending = 0
+    checkpoint(end, next_line, True)
+    bar.update(file_size - reported)
+
+
+def _subsample_mask(
+    rows: ParsedRows, lines: np.ndarray, job: FileJob, options: PrepareOptions, index: int
+) -> np.ndarray | None:
+    """Drop negatives with probability ``negative_subsample`` in the chosen splits (DLRM's Terabyte setting).
+
+    The decision for a line depends only on (seed, file index, line number), so resumed runs decide alike.
+    """
+    if options.negative_subsample <= 0:
+        return None
+    in_scope = np.zeros(len(lines), dtype=bool)
+    for split, mask in job.split_of(lines).items():
+        if split in options.subsample_splits:
+            in_scope |= mask
+    uniform = _hash_uniform(lines.astype(np.uint64) + (np.uint64(index) << np.uint64(40)), options.seed)
+    return ~(in_scope & (rows.labels == 0) & (uniform < options.negative_subsample))
+
+
+def _hash_uniform(keys: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of ``keys`` xor ``seed`` mapped to [0, 1)."""
+    with np.errstate(over="ignore"):
+        z = keys ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+        z = (z + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(2**64 - 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class _Bar:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._tqdm = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self._tqdm is not None and n > 0:
+            self._tqdm.update(n)
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+
+
+def _progress_bar(total: int, enabled: bool) -> _Bar:
+    return _Bar(total, enabled)
+
+
+def load_meta(prepared_dir: str | Path) -> dict:
+    """Read ``meta.json`` of a prepared directory, with a clear error when it is missing or incomplete."""
+    path = Path(prepared_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{prepared_dir} is not a prepared Criteo directory (no {META_FILE}); run `dqrm data prepare`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: prepared format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
+    return meta
+
+
+def shard_paths(prepared_dir: str | Path, split: str, meta: dict | None = None) -> list[tuple[Path, int]]:
+    """``(shard prefix, rows)`` of a split, in order."""
+    meta = meta or load_meta(prepared_dir)
+    return [(Path(prepared_dir) / split / s["name"], int(s["rows"])) for s in meta["splits"][split]["shards"]]
+
+
+def resolve_files(patterns: Iterable[str] | str | None) -> list[str]:
+    """Expand glob patterns (sorted, de-duplicated); a pattern that matches nothing is an error."""
+    import glob
+
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if not p.endswith(".truth.npy"))
+        if not matches:
+            raise FileNotFoundError(f"no file matches {pattern!r}")
+        files.extend(m for m in matches if m not in files)
+    return files

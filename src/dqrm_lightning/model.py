@@ -1,0 +1,241 @@
+"""``DLRMModule``: TorchRec's DLRM as a LightningModule with sparse, fused embedding updates.
+
+Notation: B batch size, F = 26 sparse features, D embedding dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from typing_extensions import override
+
+from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
+from dqrm_lightning.metrics import BestTracker, ClickMetrics
+from dqrm_lightning.sharding import copy_into, shard_model, to_plain
+
+_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+
+
+class DLRMModule(pl.LightningModule):
+    """DLRM (bottom MLP, 26 embedding tables, dot interaction, top MLP) trained with BCE-with-logits.
+
+    Embedding tables are built on the meta device and materialised by TorchRec's DistributedModelParallel in
+    ``configure_model``; their optimizer runs fused in the backward pass and touches only the looked-up rows. Dense
+    layers use a regular optimizer. Defaults are the DQRM paper's: plain SGD, learning rate 0.1 for both, no schedule.
+
+    Args:
+        num_embeddings_per_feature: rows of each of the 26 tables (linked from the data module by the CLI).
+        embedding_dim: D.
+        dense_arch_layer_sizes: bottom MLP widths after the 13 dense inputs; the last must equal D.
+        over_arch_layer_sizes: top MLP widths; the last must be 1.
+        optimizer: ``"sgd"`` or ``"adagrad"`` (both parts).
+        learning_rate: dense learning rate.
+        sparse_learning_rate: embedding learning rate (default: ``learning_rate``).
+
+    Example::
+
+        module = DLRMModule([100] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
+    """
+
+    def __init__(
+        self,
+        num_embeddings_per_feature: list[int] | None = None,
+        embedding_dim: int = 16,
+        dense_arch_layer_sizes: list[int] | None = None,
+        over_arch_layer_sizes: list[int] | None = None,
+        optimizer: Literal["sgd", "adagrad"] = "sgd",
+        learning_rate: float = 0.1,
+        sparse_learning_rate: float | None = None,
+    ) -> None:
+        super().__init__()
+        dense_arch_layer_sizes = dense_arch_layer_sizes or [512, 256, 64, embedding_dim]
+        over_arch_layer_sizes = over_arch_layer_sizes or [512, 256, 1]
+        self.save_hyperparameters()
+        if num_embeddings_per_feature is None:
+            raise ValueError("`num_embeddings_per_feature` is required (the CLI links it from the data module)")
+        if len(num_embeddings_per_feature) != len(DEFAULT_CAT_NAMES):
+            raise ValueError(
+                f"`num_embeddings_per_feature` needs {len(DEFAULT_CAT_NAMES)} sizes, got {len(num_embeddings_per_feature)}"
+            )
+        if dense_arch_layer_sizes[-1] != embedding_dim:
+            raise ValueError(
+                f"the last `dense_arch_layer_sizes` entry must equal `embedding_dim` ({embedding_dim}), "
+                f"got {dense_arch_layer_sizes}"
+            )
+        if over_arch_layer_sizes[-1] != 1:
+            raise ValueError(f"the last `over_arch_layer_sizes` entry must be 1, got {over_arch_layer_sizes}")
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
+        if learning_rate <= 0 or (sparse_learning_rate is not None and sparse_learning_rate <= 0):
+            raise ValueError("learning rates must be positive")
+        self.model: nn.Module | None = None
+        self.val_metrics = ClickMetrics("val/")
+        self.test_metrics = ClickMetrics("test/")
+        self.val_best = BestTracker()
+
+    # --------------------------------------------------------------------------------------------------- building
+    def table_configs(self) -> list[EmbeddingBagConfig]:
+        hp = self.hparams
+        return [
+            EmbeddingBagConfig(
+                name=f"t_{feature}",
+                embedding_dim=hp.embedding_dim,
+                num_embeddings=rows,
+                feature_names=[feature],
+            )  # default init: U(-1/sqrt(rows), 1/sqrt(rows)), as DLRM
+            for feature, rows in zip(DEFAULT_CAT_NAMES, hp.num_embeddings_per_feature, strict=True)
+        ]
+
+    def build_dlrm(self) -> DLRM:
+        """The unsharded DLRM: EBC on the meta device, MLPs on the CPU with DLRM's initialisation."""
+        hp = self.hparams
+        ebc = EmbeddingBagCollection(tables=self.table_configs(), device=torch.device("meta"))
+        dlrm = DLRM(
+            embedding_bag_collection=ebc,
+            dense_in_features=INT_FEATURE_COUNT,
+            dense_arch_layer_sizes=list(hp.dense_arch_layer_sizes),
+            over_arch_layer_sizes=list(hp.over_arch_layer_sizes),
+            dense_device=torch.device("cpu"),
+        )
+        for module in (dlrm.dense_arch, dlrm.over_arch):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    _dlrm_init_(layer)
+        return dlrm
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        dlrm = self.build_dlrm()
+        sparse_lr = self.hparams.sparse_learning_rate or self.hparams.learning_rate
+        apply_optimizer_in_backward(_OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": sparse_lr})
+        self.model = shard_model(dlrm, self.device if self.device.type != "meta" else torch.device("cpu"))
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        assert self.model is not None
+        dense = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
+        return _OPTIMIZERS[self.hparams.optimizer](dense, lr=self.hparams.learning_rate)
+
+    # ---------------------------------------------------------------------------------------------------- forward
+    @override
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits of shape (B,)."""
+        assert self.model is not None, "call configure_model() first"
+        return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)  # (B, 1) -> (B,)
+
+    def _loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.float())
+
+    @override
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(self(batch), batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.labels.numel())
+        return loss
+
+    @override
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self.val_metrics.update_logits(self(batch), batch.labels)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        values = {k: float(v) for k, v in self.val_metrics.compute().items()}
+        self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self.val_best.update(values)
+            self.log_dict(values, prog_bar=True)
+            self.log_dict({k.replace("val/", "val_best/"): v for k, v in self.val_best.best.items()})
+
+    @override
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.test_metrics.update_logits(self(batch), batch.labels)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({k: float(v) for k, v in self.test_metrics.compute().items()})
+        self.test_metrics.reset()
+
+    @override
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"prob": torch.sigmoid(self(batch)), "label": batch.labels}
+
+    # --------------------------------------------------------------------------------------------- checkpointing
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = to_plain(checkpoint["state_dict"])
+        assert self.model is not None
+        checkpoint["sparse_optimizer"] = to_plain(self.model.fused_optimizer.state_dict())
+        checkpoint["val_best"] = self.val_best.state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_best.load_state_dict(checkpoint.get("val_best", {}))
+        self._pending_sparse_optimizer = checkpoint.get("sparse_optimizer")
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        self.configure_model()
+        current = self.state_dict()
+        missing = [k for k in current if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in current]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, value in state_dict.items():
+            if key in current:
+                copy_into(current[key], value, key)
+        pending = getattr(self, "_pending_sparse_optimizer", None)
+        if pending:
+            assert self.model is not None
+            optimizer_state = self.model.fused_optimizer.state_dict()
+            _copy_nested(optimizer_state, pending, "sparse_optimizer")
+            self._pending_sparse_optimizer = None
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    # ----------------------------------------------------------------------------------------------------- sizes
+    def model_bytes(self, embedding_bits: int = 32, dense_bits: int = 32) -> int:
+        """Analytic model size: sum over tables of rows x D x bits / 8, plus MLP parameters x bits / 8."""
+        hp = self.hparams
+        table_bytes = sum(hp.num_embeddings_per_feature) * hp.embedding_dim * embedding_bits // 8
+        dense_params = _mlp_params(INT_FEATURE_COUNT, hp.dense_arch_layer_sizes)
+        features = len(DEFAULT_CAT_NAMES) + 1
+        over_in = hp.embedding_dim + features * (features - 1) // 2
+        dense_params += _mlp_params(over_in, hp.over_arch_layer_sizes)
+        return table_bytes + dense_params * dense_bits // 8
+
+
+def _mlp_params(width: int, sizes: list[int]) -> int:
+    total = 0
+    for out in sizes:
+        total += width * out + out
+        width = out
+    return total
+
+
+def _dlrm_init_(layer: nn.Linear) -> None:
+    """DLRM's MLP init: W ~ N(0, sqrt(2 / (in + out))), b ~ N(0, sqrt(1 / out))."""
+    out_features, in_features = layer.weight.shape
+    with torch.no_grad():
+        layer.weight.normal_(0.0, math.sqrt(2.0 / (in_features + out_features)))
+        if layer.bias is not None:
+            layer.bias.normal_(0.0, math.sqrt(1.0 / out_features))
+
+
+def _copy_nested(target: Any, source: Any, name: str) -> None:
+    if isinstance(target, Mapping):
+        for key, value in target.items():
+            if key in source:
+                _copy_nested(value, source[key], f"{name}.{key}")
+    elif isinstance(target, torch.Tensor) or hasattr(target, "local_shards"):
+        copy_into(target, source, name)

@@ -1,0 +1,100 @@
+"""Wrap a DLRM in TorchRec's DistributedModelParallel so that embedding updates are sparse and fused.
+
+Every table is placed table-wise with FBGEMM's fused kernel: the optimizer registered with
+``apply_optimizer_in_backward`` runs inside the backward pass on the rows the batch touched, so no dense gradient of a
+whole table ever exists. (TorchRec's planner would put small tables in ``data_parallel`` with dense gradients.)
+
+Checkpoints hold plain tensors: a ShardedTensor whose shards are all local is written as one full tensor and copied
+back into the local shards on load. This keeps checkpoints loadable with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
+
+
+def ensure_process_group() -> None:
+    """Start a one-process gloo group (in-memory store, no network) when none exists."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def find_ebc(model: nn.Module) -> tuple[str, EmbeddingBagCollection]:
+    for name, module in model.named_modules():
+        if isinstance(module, EmbeddingBagCollection):
+            return name, module
+    raise ValueError(f"{type(model).__name__} has no EmbeddingBagCollection to shard")
+
+
+def fused_table_wise_plan(model: nn.Module, world_size: int, device_type: str = "cpu") -> ShardingPlan:
+    """Place each table whole (round-robin over ranks) with the fused FBGEMM kernel."""
+    path, ebc = find_ebc(model)
+    per_param = {
+        cfg.name: table_wise(rank=i % world_size, compute_kernel="fused")
+        for i, cfg in enumerate(ebc.embedding_bag_configs())
+    }
+    module_plan = construct_module_sharding_plan(ebc, per_param, world_size=world_size, device_type=device_type)
+    return ShardingPlan({path: module_plan})
+
+
+def shard_model(model: nn.Module, device: torch.device) -> DistributedModelParallel:
+    """Wrap ``model`` (EBC on the meta device, sparse optimizer already registered) in DMP."""
+    ensure_process_group()
+    plan = fused_table_wise_plan(model, dist.get_world_size(), device.type)
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=[EmbeddingBagCollectionSharder()])
+
+
+def gather_full(tensor: ShardedTensor) -> torch.Tensor:
+    """The full tensor of a ShardedTensor whose shards are all on this process."""
+    shards = tensor.local_shards()
+    full = torch.empty(tensor.size(), dtype=shards[0].tensor.dtype)
+    covered = 0
+    for shard in shards:
+        index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True))
+        full[index] = shard.tensor
+        covered += shard.tensor.numel()
+    if covered != full.numel():
+        raise NotImplementedError(
+            "this checkpoint path needs every shard on one process; multi-process checkpoints use the TorchRec strategy"
+        )
+    return full
+
+
+def to_plain(state: Any) -> Any:
+    """Replace every ShardedTensor in a (nested) state with its full plain tensor."""
+    if isinstance(state, ShardedTensor):
+        return gather_full(state)
+    if isinstance(state, Mapping):
+        return {k: to_plain(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(to_plain(v) for v in state)
+    return state
+
+
+def copy_into(target: Any, source: torch.Tensor, name: str) -> None:
+    """Copy a full tensor into a (possibly sharded) destination, checking shapes."""
+    if tuple(target.size()) != tuple(source.shape):
+        raise ValueError(f"checkpoint entry `{name}` has shape {tuple(source.shape)}, the model expects {tuple(target.size())}")
+    with torch.no_grad():
+        if isinstance(target, ShardedTensor):
+            for shard in target.local_shards():
+                index = tuple(
+                    slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True)
+                )
+                shard.tensor.copy_(source[index])
+        else:
+            target.copy_(source)
