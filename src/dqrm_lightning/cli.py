@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ class DQRMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data", "model.num_embeddings_per_feature", compute_fn=_table_sizes, apply_on="instantiate")
+        parser.add_lightning_class_args(StepTimer, "step_timer")
         parser.add_argument("--wandb", default="auto", choices=_WANDB_MODES, help="wandb logging mode")
         parser.add_argument("--wandb_project", default="dqrm-lightning", help="wandb project")
         parser.add_argument(
@@ -62,7 +65,7 @@ class DQRMCLI(LightningCLI):
         root = config.get("default_root_dir") or "runs"
         if config.get("logger") in (None, True):
             kwargs["logger"] = self._default_loggers(root)
-        callbacks: list[Any] = [StepTimer(), RunSummary()]
+        callbacks: list[Any] = [RunSummary()]
         if self.subcommand == "fit":
             callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
         if self.subcommand == "predict":
@@ -162,9 +165,9 @@ def data_main(argv: list[str]) -> str:
         seconds = time.perf_counter() - start
         result = {"command": "data synth", **result, "seconds": seconds, "rows_per_s": args.rows / seconds}
         for split, values in result.get("splits", {}).items():
-            if isinstance(values, dict) and "bayes_auc" in values:
-                print(f"{split}: rows={values.get('rows')} bayes_auc={values['bayes_auc']:.4f} "
-                      f"bayes_log_loss={values.get('bayes_log_loss', float('nan')):.4f}")
+            if isinstance(values, dict) and values.get("bayes_auc") is not None:
+                print(f"{split}: rows={values['rows']} positive rate {values['positive_rate']:.4f} "
+                      f"Bayes-optimal AUC {values['bayes_auc']:.4f} log loss {values['bayes_log_loss']:.4f}")
     else:
         from dqrm_lightning.data.prepare import PrepareOptions, explicit_jobs, kaggle_jobs, prepare, resolve_files, terabyte_jobs
 
@@ -195,9 +198,25 @@ def data_main(argv: list[str]) -> str:
     return str(path)
 
 
+def _quiet_known_warnings() -> None:
+    """Silence third-party warnings that say nothing actionable to a dqrm user."""
+    for message in (
+        ".*IterableDataset.*has `__len__` defined.*",  # our IterableDataset partitions per worker itself
+        ".*It is recommended to use `self.log.*sync_dist=True.*",  # metrics are synced by torchmetrics
+        ".*Please use DTensor instead and we are deprecating ShardedTensor.*",
+        ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ".*`broadcast_buffers` is deprecated.*",
+        ".*an autograd kernel was not registered to the Autograd key.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("torch.fx._symbolic_trace", "torchrec.distributed.utils", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dqrm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_warnings()
     if argv and argv[0] == "data":
         from dqrm_lightning.data.criteo import CriteoFormatError
 

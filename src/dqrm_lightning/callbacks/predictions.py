@@ -52,7 +52,7 @@ class PredictionWriter(BasePredictionWriter):
         self.rows += len(table)
 
     @override
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for callback in trainer.callbacks:
             if isinstance(callback, RunSummary):
                 callback.extra["predictions"] = {"path": str(self.path), "rows": self.rows}

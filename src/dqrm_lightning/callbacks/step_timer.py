@@ -10,7 +10,11 @@ from typing_extensions import override
 
 
 class StepTimer(pl.Callback):
-    """Measures each training step (batch start to batch end) after ``warmup_steps`` steps.
+    """Measures training speed after ``warmup_steps`` steps, two ways.
+
+    * step: batch start to batch end (forward, backward, optimizer) -> ``mean_step_ms``, ``samples_per_s``;
+    * loop: batch end to the next batch end, data loading and logging included (intervals that contain a validation
+      run are left out) -> ``loop_samples_per_s``, the end-to-end training throughput.
 
     Args:
         warmup_steps: steps left out of the averages (first steps pay for allocation and thread start-up).
@@ -25,7 +29,9 @@ class StepTimer(pl.Callback):
         self.timed_seconds = 0.0
         self.timed_samples = 0
         self._start = 0.0
-        self._epoch_start = 0.0
+        self._last_end: float | None = None
+        self.loop_seconds = 0.0
+        self.loop_samples = 0
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -35,16 +41,29 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        seconds = time.perf_counter() - self._start
+        now = time.perf_counter()
+        seconds = now - self._start
         samples = int(batch.labels.numel()) * trainer.world_size
         self.steps += 1
         if self.steps > self.warmup_steps:
             self.timed_steps += 1
             self.timed_seconds += seconds
             self.timed_samples += samples
+            if self._last_end is not None:
+                self.loop_seconds += now - self._last_end
+                self.loop_samples += samples
+        self._last_end = now
         if seconds > 0:
             pl_module.log("train/samples_per_s", samples / seconds, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("train/step_ms", seconds * 1000.0, on_step=True, on_epoch=False)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_end = None
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_end = None
 
     def summary(self) -> dict[str, float | int | None]:
         """Mean step time (ms) and samples per second over the timed steps (all ranks' samples)."""
@@ -54,4 +73,5 @@ class StepTimer(pl.Callback):
             "timed_steps": self.timed_steps,
             "mean_step_ms": 1000.0 * self.timed_seconds / self.timed_steps,
             "samples_per_s": self.timed_samples / self.timed_seconds,
+            "loop_samples_per_s": self.loop_samples / self.loop_seconds if self.loop_seconds else None,
         }

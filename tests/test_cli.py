@@ -1,0 +1,82 @@
+"""The `dqrm` command end to end, as a user runs it (subprocesses)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dqrm(*args: str, cwd: Path = REPO) -> tuple[str, dict]:
+    """Run `dqrm ARGS`; return its output and the summary.json named on its last line."""
+    result = subprocess.run([sys.executable, "-m", "dqrm_lightning.cli", *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("summary: "), last
+    path = Path(last.removeprefix("summary: "))
+    return result.stdout, json.loads(path.read_text()) | {"_path": str(path)}
+
+
+FAST = ["--wandb", "disabled", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_synth_fit_test_predict(tmp_path):
+    data = tmp_path / "d"
+    _, synth = dqrm("data", "synth", "--preset", "demo", "--rows", "6000", "--seed", "1", "--out", str(data))
+    assert (data / "train.tsv").exists() and (data / "train.tsv.truth.npy").exists()
+    root = tmp_path / "runs"
+    common = ["-c", "configs/demo.yaml", "--data.train_files", f"{data}/train*", "--data.val_files", f"{data}/val*",
+              "--data.test_files", f"{data}/test*", "--trainer.default_root_dir", str(root), *FAST]
+    _, fit = dqrm("fit", *common, "--trainer.max_epochs", "2")
+    assert fit["stage"] == "fit" and fit["epochs_completed"] == 2
+    assert set(fit["val"]["final"]) == {"val/auc", "val/accuracy", "val/log_loss"}
+    assert fit["val"]["best"]["val/auc"] >= fit["val"]["final"]["val/auc"]
+    assert 0.5 < fit["bayes_optimal"]["val"]["auc"] <= 1.0
+    assert fit["speed"]["samples_per_s"] > 0
+    assert fit["data"]["rows"]["train"] + fit["data"]["rows"]["val"] + fit["data"]["rows"]["test"] == 6000
+    best = fit["checkpoints"]["best"]
+    assert Path(best).name == "best.ckpt"
+    _, test = dqrm("test", *common, "--ckpt_path", best)
+    assert 0.0 < test["test"]["test/auc"] <= 1.0
+    assert test["bayes_optimal"]["test"]["auc"] > test["test"]["test/auc"] - 0.05
+    _, again = dqrm("test", *common, "--ckpt_path", "best")  # resolved under default_root_dir
+    assert again["test"]["test/auc"] == pytest.approx(test["test"]["test/auc"], abs=1e-6)
+    _, predict = dqrm("predict", *common, "--ckpt_path", best)
+    predictions = Path(predict["predictions"]["path"]).read_text().splitlines()
+    assert predictions[0] == "probability\tlabel" and len(predictions) - 1 == fit["data"]["rows"]["test"]
+
+
+def test_fit_on_real_criteo_rows(tmp_path, criteo_sample):
+    sample = tmp_path / "criteo_sample.tsv"
+    sample.write_bytes(Path(criteo_sample).read_bytes())
+    _, fit = dqrm("fit", "-c", "configs/demo.yaml", "--data.train_files", str(sample), "--data.val_files", str(sample),
+                  "--data.test_files", str(sample), "--data.batch_size", "32", "--trainer.max_epochs", "1",
+                  "--trainer.default_root_dir", str(tmp_path / "r"), *FAST)
+    assert fit["data"]["rows"]["train"] == 200
+    assert "bayes_optimal" not in fit  # real data: the true click model is unknown
+    assert len(fit["data"]["table_sizes"]) == 26
+
+
+def test_bad_data_reports_file_and_line(tmp_path, criteo_sample):
+    bad = tmp_path / "bad.tsv"
+    lines = Path(criteo_sample).read_text().splitlines()
+    lines[41] = lines[41].replace("68fd1e64", "68fd1ezz")  # C1 of line 42
+    bad.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, "-m", "dqrm_lightning.cli", "data", "prepare", "--train-files", str(bad),
+                             "--out", str(tmp_path / "p")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode != 0
+    assert f"{bad}:42 (field C1)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_print_config_stacks_yaml(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dqrm_lightning.cli", "fit", "-c", "configs/kaggle.yaml", "-c",
+                             "configs/data/synthetic_kaggle.yaml", "--print_config"], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "categorical_encoding: hash" in result.stdout
+    assert "embedding_dim: 16" in result.stdout

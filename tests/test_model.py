@@ -1,0 +1,141 @@
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dqrm_lightning.data.dataset import make_batch
+from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.sharding import gather_full
+
+KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306, 10,
+          5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+
+
+def tiny_module(rows=50, **kwargs):
+    module = DLRMModule([rows] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
+                        **kwargs)
+    module.configure_model()
+    return module
+
+
+def random_batch(batch_size=32, rows=50, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, rows, size=(batch_size, 26))
+    return make_batch(rng.random((batch_size, 13), dtype=np.float32), ids, rng.integers(0, 2, batch_size))
+
+
+def _tables(module):
+    return {k: (gather_full(v) if hasattr(v, "local_shards") else v).clone()
+            for k, v in module.state_dict().items() if "embedding_bags" in k}
+
+
+def test_only_looked_up_rows_change_and_no_dense_table_gradient():
+    torch.manual_seed(0)
+    module = tiny_module()
+    optimizer = module.configure_optimizers()
+    batch = random_batch(batch_size=4)
+    before = _tables(module)
+    loss = module._loss(module(batch), batch)
+    loss.backward()
+    optimizer.step()
+    after = _tables(module)
+    kjt = batch.sparse_features
+    for feature in ("C1", "C7", "C26"):
+        key = f"model.sparse_arch.embedding_bag_collection.embedding_bags.t_{feature}.weight"
+        changed = set(torch.nonzero((before[key] != after[key]).any(dim=1)).flatten().tolist())
+        looked_up = set(kjt[feature].values().tolist())
+        assert changed and changed <= looked_up
+    for name, param in module.model.named_parameters():
+        if "embedding_bags" in name:
+            assert param.grad is None, f"{name} got a dense gradient"
+
+
+def test_loss_decreases_on_a_tiny_model():
+    torch.manual_seed(0)
+    module = tiny_module()
+    optimizer = module.configure_optimizers()
+    batch = random_batch(batch_size=64)
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = module._loss(module(batch), batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_table_init_is_dlrms_uniform():
+    torch.manual_seed(0)
+    module = tiny_module(rows=4000)
+    table = _tables(module)["model.sparse_arch.embedding_bag_collection.embedding_bags.t_C1.weight"]
+    bound = 1 / math.sqrt(4000)
+    assert float(table.abs().max()) <= bound
+    assert float(table.std()) == pytest.approx(2 * bound / math.sqrt(12), rel=0.05)
+
+
+def test_model_bytes_of_kaggle_config():
+    module = DLRMModule(KAGGLE, embedding_dim=16, dense_arch_layer_sizes=[512, 256, 64, 16],
+                        over_arch_layer_sizes=[512, 256, 1])
+    tables = 33_762_577 * 16 * 4
+    assert sum(KAGGLE) == 33_762_577
+    mlp = (13 * 512 + 512 + 512 * 256 + 256 + 256 * 64 + 64 + 64 * 16 + 16) + (367 * 512 + 512 + 512 * 256 + 256 + 257)
+    assert module.model_bytes() == tables + 4 * mlp
+    assert module.model_bytes(embedding_bits=4) == tables // 8 + 4 * mlp
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_embeddings_per_feature": [10] * 25}, "26 sizes"),
+        ({"dense_arch_layer_sizes": [16, 4]}, "embedding_dim"),
+        ({"over_arch_layer_sizes": [16, 2]}, "must be 1"),
+        ({"optimizer": "adam"}, "optimizer"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    args = {"num_embeddings_per_feature": [10] * 26, "embedding_dim": 8, "dense_arch_layer_sizes": [16, 8]} | kwargs
+    with pytest.raises(ValueError, match=message):
+        DLRMModule(**args)
+
+
+class _Batches(pl.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader([random_batch(seed=i) for i in range(6)], batch_size=None)
+
+    def val_dataloader(self):
+        return DataLoader([random_batch(seed=100 + i) for i in range(2)], batch_size=None)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_checkpoint_round_trip_restores_tables_and_sparse_optimizer(tmp_path, optimizer):
+    torch.manual_seed(0)
+    module = DLRMModule([50] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
+                        optimizer=optimizer)
+    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=_Batches())
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)  # plain tensors only: loadable without pickle code
+    torch.manual_seed(1)
+    fresh = DLRMModule([50] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
+                       optimizer=optimizer)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    batch = random_batch(seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batch), module(batch), rtol=0, atol=0)
+    if optimizer == "adagrad":
+        saved = checkpoint["sparse_optimizer"]["state"]
+        restored = fresh.model.fused_optimizer.state_dict()["state"]
+        key = next(iter(saved))
+        inner = next(iter(saved[key]))
+        value = restored[key][inner]
+        value = gather_full(value) if hasattr(value, "local_shards") else value
+        assert float(saved[key][inner].abs().sum()) > 0
+        torch.testing.assert_close(value, saved[key][inner])
