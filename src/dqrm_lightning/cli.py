@@ -207,6 +207,8 @@ def _quiet_known_warnings() -> None:
         ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
         ".*`broadcast_buffers` is deprecated.*",
         ".*an autograd kernel was not registered to the Autograd key.*",
+        # the data module stores and restores the loader position itself (CriteoDataModule.state_dict)
+        ".*resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.*",
     ):
         warnings.filterwarnings("ignore", message=message)
     for name in ("torch.fx._symbolic_trace", "torchrec.distributed.utils", "root"):
