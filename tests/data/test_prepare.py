@@ -40,21 +40,21 @@ def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch)
     reference = prepare(jobs, tmp_path / "ref", options)
 
     calls = {"n": 0}
-    original = prepare_mod._SplitWriter.flush
+    original = prepare_mod._write_shard
 
-    def flaky_flush(self):
+    def crashing_write(*args):
         calls["n"] += 1
         if calls["n"] == 4:
-            raise KeyboardInterrupt  # interrupted mid-way
-        original(self)
+            raise RuntimeError("simulated crash")  # interrupted mid-way
+        original(*args)
 
-    monkeypatch.setattr(prepare_mod._SplitWriter, "flush", flaky_flush)
+    monkeypatch.setattr(prepare_mod, "_write_shard", crashing_write)
     monkeypatch.setattr(prepare_mod, "iter_parsed", _small_blocks(prepare_mod.iter_parsed))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         prepare(jobs, tmp_path / "resumed", options)
     progress = json.loads((tmp_path / "resumed" / "_progress.json").read_text())
-    assert progress["shards"]["train"]  # some shards were recorded before the interruption
-    monkeypatch.setattr(prepare_mod._SplitWriter, "flush", original)
+    assert len(progress["shards"]["train"]) == 3  # three shards were recorded before the interruption
+    monkeypatch.setattr(prepare_mod, "_write_shard", original)
     resumed = prepare(jobs, tmp_path / "resumed", options)
     assert resumed["splits"]["train"]["rows"] == reference["splits"]["train"]["rows"] == 5000
     for split in ("train", "val"):

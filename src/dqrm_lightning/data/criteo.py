@@ -24,6 +24,7 @@ import io
 import re
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -126,8 +127,8 @@ def open_raw(path: str | Path) -> BinaryIO:
 
 def iter_line_blocks(
     stream: BinaryIO, path: str | Path, block_bytes: int = 16 << 20, first_line: int = 1
-) -> Iterator[tuple[bytes, int, int]]:
-    """Yield ``(block, first_line, end_offset)``: whole lines of a stream, about ``block_bytes`` at a time.
+) -> Iterator[tuple[bytes, int, int, int]]:
+    """Yield ``(block, first_line, end_offset, lines)``: whole lines of a stream, about ``block_bytes`` at a time.
 
     ``end_offset`` is the offset (in the decompressed stream, relative to where reading started) just past the block,
     so a reader can resume there. A truncated gzip stream raises :class:`CriteoFormatError`.
@@ -149,11 +150,12 @@ def iter_line_blocks(
             continue
         block, carry = data[:cut], data[cut:]
         offset += len(block)
-        yield block, line, offset
-        line += block.count(b"\n")
+        lines = block.count(b"\n")
+        yield block, line, offset, lines
+        line += lines
     if carry:
         offset += len(carry)
-        yield carry, line, offset
+        yield carry, line, offset, 1
 
 
 def _check_field(path: str | Path, line: int, index: int, field: bytes) -> None:
@@ -193,15 +195,18 @@ def _split_lines(block: bytes) -> list[bytes]:
 
 def _decode_hex(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Decode a string column of hex values into uint32; returns ``(values, bad_mask)``."""
-    column = column.cast(pa.string()) if column.type != pa.string() else column
     n = len(column)
     offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + n + 1]
     data_buffer = column.buffers()[2]
-    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(1, np.uint8)
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    data = data[offsets[0] : offsets[-1]]
     lengths = np.diff(offsets)
-    ends = offsets[1:]
+    full = lengths == MAX_HEX_DIGITS
+    if np.count_nonzero(full) * MAX_HEX_DIGITS == len(data):
+        return _decode_packed_hex(data, full)  # Criteo: every value has exactly 8 digits or is empty
     values = np.zeros(n, dtype=np.uint32)
     bad = lengths > MAX_HEX_DIGITS
+    ends = offsets[1:] - offsets[0]
     for k in range(MAX_HEX_DIGITS):
         has = lengths > k
         if not has.any():
@@ -209,6 +214,19 @@ def _decode_hex(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         nibbles = _HEX_LUT[data[ends[has] - 1 - k]]
         bad[has] |= nibbles == 255
         values[has] |= nibbles.astype(np.uint32) << np.uint32(4 * k)
+    return values, bad
+
+
+def _decode_packed_hex(data: np.ndarray, full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fast path: the non-empty values are 8 hex digits each, packed back to back in ``data``."""
+    nibbles = _HEX_LUT[data].reshape(-1, MAX_HEX_DIGITS // 2, 2)  # (K, 4, 2): two digits per byte
+    packed = np.ascontiguousarray((nibbles[:, :, 0] << 4) | (nibbles[:, :, 1] & 0x0F))  # (K, 4) uint8
+    values = np.zeros(len(full), dtype=np.uint32)
+    values[full] = packed.view(">u4").ravel()
+    bad = np.zeros(len(full), dtype=bool)
+    invalid = nibbles == 255
+    if invalid.any():
+        bad[full] = invalid.reshape(len(packed), -1).any(axis=1)
     return values, bad
 
 
@@ -267,8 +285,25 @@ def _read_table(block: bytes) -> pa.Table:
     )
 
 
+def _read_checked(block: bytes) -> pa.Table | Exception:
+    """pyarrow's parse of a block, or the exception that sends the block to the line-by-line check."""
+    try:
+        table = _read_table(block)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        return err
+    if table.column("label").null_count:
+        # pyarrow reads an empty line as a row of nulls: let the line-by-line check name the problem
+        return pa.ArrowInvalid("empty label or empty line")
+    return table
+
+
 def parse_block(
-    block: bytes, path: str | Path, first_line: int, on_bad_line: OnBadLine = "error", stats: ParseStats | None = None
+    block: bytes,
+    path: str | Path,
+    first_line: int,
+    on_bad_line: OnBadLine = "error",
+    stats: ParseStats | None = None,
+    parsed: pa.Table | Exception | None = None,
 ) -> ParsedRows:
     """Parse a block of whole raw lines.
 
@@ -279,18 +314,18 @@ def parse_block(
         on_bad_line: ``"error"`` raises :class:`CriteoFormatError` at the first bad line; ``"skip"`` drops bad lines
             and counts them in ``stats``.
         stats: counters updated in place.
+        parsed: the result of ``_read_checked(block)`` when already computed (e.g. in a prefetch thread).
 
     Raises:
         CriteoFormatError: with file, line and field of the first problem (``on_bad_line="error"``).
     """
     stats = stats if stats is not None else ParseStats()
-    try:
-        if block.startswith((b"\n", b"\r\n")) or b"\n\n" in block or b"\n\r\n" in block:
-            raise pa.ArrowInvalid("empty line")  # pyarrow reads an empty line as a row of nulls
-        table = _read_table(block)
+    parsed = _read_checked(block) if parsed is None else parsed
+    if isinstance(parsed, Exception):
+        table, lines = _slow_path(block, path, first_line, on_bad_line, stats, parsed)
+    else:
+        table = parsed
         lines = np.arange(first_line, first_line + table.num_rows, dtype=np.int64)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        table, lines = _slow_path(block, path, first_line, on_bad_line, stats, err)
     rows = _table_to_rows(table, path, first_line, on_bad_line, stats, lines)
     stats.rows += len(rows)
     return rows
@@ -343,15 +378,28 @@ def iter_parsed(
         CriteoFormatError: empty file, truncated gzip, or the first malformed line (``on_bad_line="error"``).
     """
     stats = stats if stats is not None else ParseStats()
-    with open_raw(path) as stream:
+    empty = True
+    # pyarrow parses block i+1 in a second thread (it releases the GIL) while block i is decoded here.
+    with open_raw(path) as stream, ThreadPoolExecutor(max_workers=1) as pool:
         _skip_bytes(stream, start_offset, path)
-        empty = True
-        for block, line, end in iter_line_blocks(stream, path, block_bytes, first_line):
+        pending: tuple[Future, bytes, int, int, int] | None = None
+        for block, line, end, lines in iter_line_blocks(stream, path, block_bytes, first_line):
             empty = False
-            next_line = line + block.count(b"\n") + (not block.endswith(b"\n"))
-            yield parse_block(block, path, line, on_bad_line, stats), start_offset + end, next_line
+            future = pool.submit(_read_checked, block)
+            if pending is not None:
+                yield _finish(pending, path, on_bad_line, stats, start_offset)
+            pending = (future, block, line, end, lines)
+        if pending is not None:
+            yield _finish(pending, path, on_bad_line, stats, start_offset)
     if empty and start_offset == 0:
         raise CriteoFormatError(path, None, "file is empty")
+
+
+def _finish(
+    pending: tuple[Future, bytes, int, int, int], path: str | Path, on_bad_line: OnBadLine, stats: ParseStats, base: int
+) -> tuple[ParsedRows, int, int]:
+    future, block, line, end, lines = pending
+    return parse_block(block, path, line, on_bad_line, stats, future.result()), base + end, line + lines
 
 
 def _skip_bytes(stream: BinaryIO, count: int, path: str | Path) -> None:

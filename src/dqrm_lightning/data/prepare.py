@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ def cache_key(jobs: Sequence[FileJob], options: PrepareOptions) -> str:
 
 @dataclass
 class _SplitWriter:
-    """Buffers parsed rows of one split and writes them as numbered shards."""
+    """Buffers parsed rows of one split; ``take`` cuts them into the next numbered shard."""
 
     directory: Path
     shards: list[dict] = field(default_factory=list)
@@ -166,21 +167,53 @@ class _SplitWriter:
         if len(arrays["labels"]):
             self.buffers.append(arrays)
 
-    def flush(self) -> None:
+    def take(self) -> tuple[Path, str, list[dict[str, np.ndarray]]] | None:
+        """Name the next shard, record it, and hand over its buffers for writing."""
         if not self.buffers:
-            return
+            return None
         name = f"part-{len(self.shards):05d}"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        keys = self.buffers[0].keys()
-        rows = 0
-        for key in keys:
-            array = np.concatenate([b[key] for b in self.buffers])
-            rows = len(array)
-            tmp = self.directory / f".{name}.{key}.tmp.npy"
-            np.save(tmp, array)
-            os.replace(tmp, self.directory / f"{name}.{key}.npy")
-        self.shards.append({"name": name, "rows": rows})
-        self.buffers = []
+        self.shards.append({"name": name, "rows": sum(len(b["labels"]) for b in self.buffers)})
+        buffers, self.buffers = self.buffers, []
+        return self.directory, name, buffers
+
+
+def _write_shard(directory: Path, name: str, buffers: list[dict[str, np.ndarray]]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for key in buffers[0]:
+        tmp = directory / f".{name}.{key}.tmp.npy"
+        np.save(tmp, np.concatenate([b[key] for b in buffers]))
+        os.replace(tmp, directory / f"{name}.{key}.npy")
+
+
+class _BackgroundWriter:
+    """Writes shards, then the progress file that records them, in a second thread (one batch in flight)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._last: Future | None = None
+
+    def submit(self, shards: list[tuple[Path, str, list[dict[str, np.ndarray]]]], progress: Path, state: str) -> None:
+        self.wait()
+        self._last = self._pool.submit(self._write, shards, progress, state)
+
+    @staticmethod
+    def _write(shards: list[tuple[Path, str, list[dict[str, np.ndarray]]]], progress: Path, state: str) -> None:
+        for shard in shards:
+            _write_shard(*shard)
+        tmp = progress.with_suffix(".tmp")
+        tmp.write_text(state)
+        os.replace(tmp, progress)
+
+    def wait(self) -> None:
+        if self._last is not None:
+            last, self._last = self._last, None
+            last.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
@@ -232,13 +265,17 @@ def prepare(
     total_bytes = sum(os.path.getsize(job.path) for job in jobs)
     bar = _progress_bar(total_bytes, progress)
     start = time.perf_counter()
-    for index, job in enumerate(jobs):
-        done = state["files"].get(f"{index}:{job.path}", {"offset": 0, "line": 1, "done": False})
-        if done["done"]:
-            bar.update(os.path.getsize(job.path))
-            continue
-        _prepare_file(index, job, options, writers, state, progress_path, done, bar)
-    bar.close()
+    writer_thread = _BackgroundWriter()
+    try:
+        for index, job in enumerate(jobs):
+            done = state["files"].get(f"{index}:{job.path}", {"offset": 0, "line": 1, "done": False})
+            if done["done"]:
+                bar.update(os.path.getsize(job.path))
+                continue
+            _prepare_file(index, job, options, writers, state, progress_path, done, bar, writer_thread)
+    finally:
+        writer_thread.close()
+        bar.close()
     state["seconds"] += time.perf_counter() - start
     meta = {
         "format": FORMAT_VERSION,
@@ -266,6 +303,7 @@ def _prepare_file(
     progress_path: Path,
     done: dict,
     bar: _Bar,
+    writer_thread: _BackgroundWriter,
 ) -> None:
     stats = ParseStats()
     truth = _truth_for(job.path)
@@ -275,15 +313,14 @@ def _prepare_file(
     reported = 0 if compressed else done["offset"]
 
     def checkpoint(offset: int, line: int, finished: bool) -> None:
-        for writer in writers.values():
-            writer.flush()
+        shards = [shard for writer in writers.values() if (shard := writer.take()) is not None]
         state["files"][f"{index}:{job.path}"] = {"offset": offset, "line": line, "done": finished}
         state["shards"] = {s: w.shards for s, w in writers.items()}
         state["skipped"] += stats.skipped
         state["rows"] += stats.rows
         state.setdefault("skip_examples", []).extend((stats.examples or [])[: 5 - len(state["skip_examples"])])
         stats.skipped, stats.rows, stats.examples = 0, 0, None
-        _atomic_json(progress_path, state)
+        writer_thread.submit(shards, progress_path, json.dumps(state, indent=1))
 
     next_line, end = done["line"], done["offset"]
     for rows, end, next_line in iter_parsed(
@@ -293,7 +330,8 @@ def _prepare_file(
         keep = _subsample_mask(rows, lines, job, options, index)
         for split, mask in job.split_of(lines).items():
             mask = mask & keep if keep is not None else mask
-            writers[split].add({k: v[mask] for k, v in arrays.items()})
+            whole = bool(mask.all())
+            writers[split].add(arrays if whole else {k: v[mask] for k, v in arrays.items()})
         pending += len(rows)
         if not compressed:
             bar.update(end - reported)
