@@ -66,7 +66,7 @@ class DQRMCLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs["logger"] = self._default_loggers(root)
         callbacks: list[Any] = [RunSummary()]
-        if self.subcommand == "fit":
+        if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
             callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(self._get(self.config, "predictions")))

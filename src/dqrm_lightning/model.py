@@ -21,6 +21,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from typing_extensions import override
 
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
+from dqrm_lightning._logging import logging_step
 from dqrm_lightning.metrics import BestTracker, ClickMetrics
 from dqrm_lightning.sharding import copy_into, shard_model, to_plain
 
@@ -136,13 +137,21 @@ class DLRMModule(pl.LightningModule):
         assert self.model is not None, "call configure_model() first"
         return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)  # (B, 1) -> (B,)
 
+    @override
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # A torchrec Batch moves itself (Pipelineable.to); Lightning's generic traversal of it costs ~0.1 ms a step.
+        if isinstance(batch, Batch):
+            return batch if device.type == "cpu" else batch.to(device=device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def _loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.float())
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(self(batch), batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.labels.numel())
+        if logging_step(self.trainer):
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch.labels.numel())
         return loss
 
     @override

@@ -61,6 +61,8 @@ def shard_model(model: nn.Module, device: torch.device) -> DistributedModelParal
 def gather_full(tensor: ShardedTensor) -> torch.Tensor:
     """The full tensor of a ShardedTensor whose shards are all on this process."""
     shards = tensor.local_shards()
+    if len(shards) == 1 and tuple(shards[0].tensor.shape) == tuple(tensor.size()):
+        return shards[0].tensor  # one shard holds the whole table: no copy
     full = torch.empty(tensor.size(), dtype=shards[0].tensor.dtype)
     covered = 0
     for shard in shards:

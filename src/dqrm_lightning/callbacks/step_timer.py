@@ -8,6 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from dqrm_lightning._logging import logging_step
+
 
 class StepTimer(pl.Callback):
     """Measures training speed after ``warmup_steps`` steps, two ways.
@@ -53,7 +55,7 @@ class StepTimer(pl.Callback):
                 self.loop_seconds += now - self._last_end
                 self.loop_samples += samples
         self._last_end = now
-        if seconds > 0:
+        if seconds > 0 and logging_step(trainer):
             pl_module.log("train/samples_per_s", samples / seconds, prog_bar=True, on_step=True, on_epoch=False)
             pl_module.log("train/step_ms", seconds * 1000.0, on_step=True, on_epoch=False)
 
