@@ -80,3 +80,17 @@ def test_print_config_stacks_yaml(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "categorical_encoding: hash" in result.stdout
     assert "embedding_dim: 16" in result.stdout
+
+
+def test_wandb_offline_without_credentials_writes_a_syncable_run(tmp_path, criteo_sample, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
+    sample = tmp_path / "s.tsv"
+    sample.write_bytes(Path(criteo_sample).read_bytes())
+    args = ["fit", "-c", "configs/demo.yaml", "--data.train_files", str(sample), "--data.val_files", str(sample),
+            "--data.test_files", str(sample), "--trainer.max_epochs", "1", "--trainer.default_root_dir",
+            str(tmp_path / "r"), "--trainer.enable_progress_bar", "false"]
+    _, fit = dqrm(*args)
+    runs = list(Path(fit["_path"]).parent.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

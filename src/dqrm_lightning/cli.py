@@ -209,6 +209,7 @@ def _quiet_known_warnings() -> None:
         ".*an autograd kernel was not registered to the Autograd key.*",
         # the data module stores and restores the loader position itself (CriteoDataModule.state_dict)
         ".*resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.*",
+        ".*You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a.*",
     ):
         warnings.filterwarnings("ignore", message=message)
     for name in ("torch.fx._symbolic_trace", "torchrec.distributed.utils", "root"):

@@ -1,0 +1,58 @@
+"""FP32 training speed of the Kaggle-config DLRM on its full-size tables (33,762,577 rows x 16), synthetic data.
+
+    python benchmarks/kaggle_fp32_train.py --data /tmp/dqrm_bench_kaggle --steps 1000
+
+Runs `dqrm fit -c configs/kaggle.yaml -c configs/data/synthetic_kaggle.yaml` for a fixed number of steps at batch 128
+and 2048, and prints from each run's summary.json: step time, samples/s of the step alone and of the whole loop
+(data loading and logging included), and the process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run(data: Path, batch: int, steps: int, warmup: int) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cmd = [sys.executable, "-m", "dqrm_lightning.cli", "fit", "-c", "configs/kaggle.yaml", "-c",
+           "configs/data/synthetic_kaggle.yaml", "--data.train_files", f"{data}/train*", "--data.val_files",
+           f"{data}/val*", "--data.test_files", f"{data}/test*", "--data.batch_size", str(batch),
+           "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing",
+           "false", "--trainer.default_root_dir", str(data / "runs"), "--wandb", "disabled",
+           "--step_timer.warmup_steps", str(warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    summary = json.loads(Path(out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return summary["speed"] | {"peak_rss_gb": max(peak, before) / 1e6, "model_bytes": summary["model_bytes"]["fp32"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default="/tmp/dqrm_bench_kaggle")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=100)
+    args = parser.parse_args()
+    data = Path(args.data)
+    if not (data / "truth.json").exists():
+        from dqrm_lightning.data.synthetic import synthesize
+
+        synthesize("kaggle", args.rows, 0, data, split_fractions=(0.98, 0.01, 0.01))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; Kaggle config, FP32, SGD lr 0.1, fused sparse SGD")
+    for batch in (128, 2048):
+        steps = args.steps if batch == 128 else max(args.steps // 8, args.warmup + 20)
+        r = run(data, batch, steps, args.warmup if batch == 128 else args.warmup // 5)
+        print(f"batch {batch:5d}: {r['mean_step_ms']:.2f} ms/step, {r['samples_per_s']:,.0f} samples/s (step), "
+              f"{r['loop_samples_per_s']:,.0f} samples/s (loop), peak RSS {r['peak_rss_gb']:.2f} GB "
+              f"(model {r['model_bytes'] / 1e9:.3f} GB), {r['timed_steps']} timed steps")
+
+
+if __name__ == "__main__":
+    main()
