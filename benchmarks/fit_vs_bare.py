@@ -34,9 +34,17 @@ from dqrm_lightning.model import DLRMModule
 
 def lightning_segment(module: DLRMModule, datamodule: CriteoDataModule, steps: int, warmup: int, root: str) -> float:
     timer = StepTimer(warmup_steps=warmup)
-    trainer = pl.Trainer(max_steps=steps, limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, logger=CSVLogger(root), log_every_n_steps=1024,
-                         callbacks=[timer, RunSummary()], default_root_dir=root)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=CSVLogger(root),
+        log_every_n_steps=1024,
+        callbacks=[timer, RunSummary()],
+        default_root_dir=root,
+    )
     trainer.fit(module, datamodule=datamodule)
     return float(timer.summary()["loop_samples_per_s"])
 
@@ -78,8 +86,14 @@ def main() -> None:
         synthesize("kaggle", args.rows, 0, data, split_fractions=(0.98, 0.01, 0.01))
     config = yaml.safe_load(Path("configs/kaggle.yaml").read_text())
     sizes = config["data"]["num_embeddings_per_feature"]
-    datamodule = CriteoDataModule(train_files=f"{data}/train*", val_files=f"{data}/val*", test_files=f"{data}/test*",
-                                  categorical_encoding="hash", num_embeddings_per_feature=sizes, batch_size=128)
+    datamodule = CriteoDataModule(
+        train_files=f"{data}/train*",
+        val_files=f"{data}/val*",
+        test_files=f"{data}/test*",
+        categorical_encoding="hash",
+        num_embeddings_per_feature=sizes,
+        batch_size=128,
+    )
     datamodule.setup("fit")
     torch.manual_seed(0)
     module = DLRMModule(sizes, **{k: v for k, v in config["model"].items() if k != "num_embeddings_per_feature"})
@@ -90,12 +104,18 @@ def main() -> None:
             a = lightning_segment(module, datamodule, args.steps, args.warmup, root)
             b = bare_segment(module, datamodule, args.steps, args.warmup)
             ratios.append(a / b)
-            print(f"pair {i}: Lightning fit {a:,.0f} samples/s, bare TorchRec loop {b:,.0f} samples/s, "
-                  f"ratio {ratios[-1]:.3f}", flush=True)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.steps} steps per segment "
-          f"(warm-up {args.warmup}), batch 128, Kaggle-config DLRM FP32")
-    print(f"median ratio fit / bare loop: {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+            print(
+                f"pair {i}: Lightning fit {a:,.0f} samples/s, bare TorchRec loop {b:,.0f} samples/s, "
+                f"ratio {ratios[-1]:.3f}",
+                flush=True,
+            )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.steps} steps per segment "
+        f"(warm-up {args.warmup}), batch 128, Kaggle-config DLRM FP32"
+    )
+    print(
+        f"median ratio fit / bare loop: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
 
 
 if __name__ == "__main__":

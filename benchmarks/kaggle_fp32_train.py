@@ -21,12 +21,36 @@ from pathlib import Path
 
 def run(data: Path, batch: int, steps: int, warmup: int) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    cmd = [sys.executable, "-m", "dqrm_lightning.cli", "fit", "-c", "configs/kaggle.yaml", "-c",
-           "configs/data/synthetic_kaggle.yaml", "--data.train_files", f"{data}/train*", "--data.val_files",
-           f"{data}/val*", "--data.test_files", f"{data}/test*", "--data.batch_size", str(batch),
-           "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing",
-           "false", "--trainer.default_root_dir", str(data / "runs"), "--wandb", "disabled",
-           "--step_timer.warmup_steps", str(warmup)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dqrm_lightning.cli",
+        "fit",
+        "-c",
+        "configs/kaggle.yaml",
+        "-c",
+        "configs/data/synthetic_kaggle.yaml",
+        "--data.train_files",
+        f"{data}/train*",
+        "--data.val_files",
+        f"{data}/val*",
+        "--data.test_files",
+        f"{data}/test*",
+        "--data.batch_size",
+        str(batch),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.default_root_dir",
+        str(data / "runs"),
+        "--wandb",
+        "disabled",
+        "--step_timer.warmup_steps",
+        str(warmup),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     summary = json.loads(Path(out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -49,9 +73,11 @@ def main() -> None:
     for batch in (128, 2048):
         steps = args.steps if batch == 128 else max(args.steps // 8, args.warmup + 20)
         r = run(data, batch, steps, args.warmup if batch == 128 else args.warmup // 5)
-        print(f"batch {batch:5d}: {r['mean_step_ms']:.2f} ms/step, {r['samples_per_s']:,.0f} samples/s (step), "
-              f"{r['loop_samples_per_s']:,.0f} samples/s (loop), peak RSS {r['peak_rss_gb']:.2f} GB "
-              f"(model {r['model_bytes'] / 1e9:.3f} GB), {r['timed_steps']} timed steps")
+        print(
+            f"batch {batch:5d}: {r['mean_step_ms']:.2f} ms/step, {r['samples_per_s']:,.0f} samples/s (step), "
+            f"{r['loop_samples_per_s']:,.0f} samples/s (loop), peak RSS {r['peak_rss_gb']:.2f} GB "
+            f"(model {r['model_bytes'] / 1e9:.3f} GB), {r['timed_steps']} timed steps"
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ def main() -> None:
         meta = prepare(explicit_jobs({"train": [str(raw)]}), out, PrepareOptions())
         seconds = time.perf_counter() - start
         rates.append(meta["rows"] / seconds)
-        print(f"run {i}: {meta['rows']:,} rows in {seconds:.2f} s = {rates[-1]:,.0f} rows/s ({size / seconds / 1e6:.0f} MB/s)")
+        print(
+            f"run {i}: {meta['rows']:,} rows in {seconds:.2f} s = {rates[-1]:,.0f} rows/s "
+            f"({size / seconds / 1e6:.0f} MB/s)"
+        )
         shutil.rmtree(out, ignore_errors=True)
     gz = work / "train.tsv.gz"
     if not gz.exists():
@@ -55,8 +58,10 @@ def main() -> None:
     gz_rate = meta["rows"] / (time.perf_counter() - start)
     shutil.rmtree(out, ignore_errors=True)
     print(f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}")
-    print(f"plain TSV: median {statistics.median(rates):,.0f} rows/s over {args.repeats} runs "
-          f"(min {min(rates):,.0f}, max {max(rates):,.0f}); gzip TSV: {gz_rate:,.0f} rows/s")
+    print(
+        f"plain TSV: median {statistics.median(rates):,.0f} rows/s over {args.repeats} runs "
+        f"(min {min(rates):,.0f}, max {max(rates):,.0f}); gzip TSV: {gz_rate:,.0f} rows/s"
+    )
 
 
 if __name__ == "__main__":

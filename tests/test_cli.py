@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def dqrm(*args: str, cwd: Path = REPO) -> tuple[str, dict]:
     """Run `dqrm ARGS`; return its output and the summary.json named on its last line."""
-    result = subprocess.run([sys.executable, "-m", "dqrm_lightning.cli", *args], cwd=cwd, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "dqrm_lightning.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("summary: "), last
@@ -26,13 +27,26 @@ FAST = ["--wandb", "disabled", "--trainer.enable_progress_bar", "false", "--trai
 
 def test_synth_fit_test_predict(tmp_path):
     data = tmp_path / "d"
-    _, synth = dqrm("data", "synth", "--preset", "demo", "--rows", "6000", "--seed", "1", "--out", str(data))
-    assert (data / "train.tsv").exists() and (data / "train.tsv.truth.npy").exists()
+    _, _synth = dqrm("data", "synth", "--preset", "demo", "--rows", "6000", "--seed", "1", "--out", str(data))
+    assert (data / "train.tsv").exists()
+    assert (data / "train.tsv.truth.npy").exists()
     root = tmp_path / "runs"
-    common = ["-c", "configs/demo.yaml", "--data.train_files", f"{data}/train*", "--data.val_files", f"{data}/val*",
-              "--data.test_files", f"{data}/test*", "--trainer.default_root_dir", str(root), *FAST]
+    common = [
+        "-c",
+        "configs/demo.yaml",
+        "--data.train_files",
+        f"{data}/train*",
+        "--data.val_files",
+        f"{data}/val*",
+        "--data.test_files",
+        f"{data}/test*",
+        "--trainer.default_root_dir",
+        str(root),
+        *FAST,
+    ]
     _, fit = dqrm("fit", *common, "--trainer.max_epochs", "2")
-    assert fit["stage"] == "fit" and fit["epochs_completed"] == 2
+    assert fit["stage"] == "fit"
+    assert fit["epochs_completed"] == 2
     assert set(fit["val"]["final"]) == {"val/auc", "val/accuracy", "val/log_loss"}
     assert fit["val"]["best"]["val/auc"] >= fit["val"]["final"]["val/auc"]
     assert 0.5 < fit["bayes_optimal"]["val"]["auc"] <= 1.0
@@ -47,15 +61,31 @@ def test_synth_fit_test_predict(tmp_path):
     assert again["test"]["test/auc"] == pytest.approx(test["test"]["test/auc"], abs=1e-6)
     _, predict = dqrm("predict", *common, "--ckpt_path", best)
     predictions = Path(predict["predictions"]["path"]).read_text().splitlines()
-    assert predictions[0] == "probability\tlabel" and len(predictions) - 1 == fit["data"]["rows"]["test"]
+    assert predictions[0] == "probability\tlabel"
+    assert len(predictions) - 1 == fit["data"]["rows"]["test"]
 
 
 def test_fit_on_real_criteo_rows(tmp_path, criteo_sample):
     sample = tmp_path / "criteo_sample.tsv"
     sample.write_bytes(Path(criteo_sample).read_bytes())
-    _, fit = dqrm("fit", "-c", "configs/demo.yaml", "--data.train_files", str(sample), "--data.val_files", str(sample),
-                  "--data.test_files", str(sample), "--data.batch_size", "32", "--trainer.max_epochs", "1",
-                  "--trainer.default_root_dir", str(tmp_path / "r"), *FAST)
+    _, fit = dqrm(
+        "fit",
+        "-c",
+        "configs/demo.yaml",
+        "--data.train_files",
+        str(sample),
+        "--data.val_files",
+        str(sample),
+        "--data.test_files",
+        str(sample),
+        "--data.batch_size",
+        "32",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path / "r"),
+        *FAST,
+    )
     assert fit["data"]["rows"]["train"] == 200
     assert "bayes_optimal" not in fit  # real data: the true click model is unknown
     assert len(fit["data"]["table_sizes"]) == 26
@@ -66,17 +96,46 @@ def test_bad_data_reports_file_and_line(tmp_path, criteo_sample):
     lines = Path(criteo_sample).read_text().splitlines()
     lines[41] = lines[41].replace("68fd1e64", "68fd1ezz")  # C1 of line 42
     bad.write_text("\n".join(lines) + "\n")
-    result = subprocess.run([sys.executable, "-m", "dqrm_lightning.cli", "data", "prepare", "--train-files", str(bad),
-                             "--out", str(tmp_path / "p")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dqrm_lightning.cli",
+            "data",
+            "prepare",
+            "--train-files",
+            str(bad),
+            "--out",
+            str(tmp_path / "p"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert f"{bad}:42 (field C1)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_print_config_stacks_yaml(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dqrm_lightning.cli", "fit", "-c", "configs/kaggle.yaml", "-c",
-                             "configs/data/synthetic_kaggle.yaml", "--print_config"], capture_output=True, text=True,
-                            cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dqrm_lightning.cli",
+            "fit",
+            "-c",
+            "configs/kaggle.yaml",
+            "-c",
+            "configs/data/synthetic_kaggle.yaml",
+            "--print_config",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "categorical_encoding: hash" in result.stdout
     assert "embedding_dim: 16" in result.stdout
@@ -88,9 +147,24 @@ def test_wandb_offline_without_credentials_writes_a_syncable_run(tmp_path, crite
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
     sample = tmp_path / "s.tsv"
     sample.write_bytes(Path(criteo_sample).read_bytes())
-    args = ["fit", "-c", "configs/demo.yaml", "--data.train_files", str(sample), "--data.val_files", str(sample),
-            "--data.test_files", str(sample), "--trainer.max_epochs", "1", "--trainer.default_root_dir",
-            str(tmp_path / "r"), "--trainer.enable_progress_bar", "false"]
+    args = [
+        "fit",
+        "-c",
+        "configs/demo.yaml",
+        "--data.train_files",
+        str(sample),
+        "--data.val_files",
+        str(sample),
+        "--data.test_files",
+        str(sample),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path / "r"),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     _, fit = dqrm(*args)
     runs = list(Path(fit["_path"]).parent.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert len(runs) == 1
+    assert runs[0].stat().st_size > 0

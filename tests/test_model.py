@@ -10,13 +10,40 @@ from dqrm_lightning.data.dataset import make_batch
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.sharding import gather_full
 
-KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306, 10,
-          5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+KAGGLE = [
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
+]
 
 
 def tiny_module(rows=50, **kwargs):
-    module = DLRMModule([rows] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
-                        **kwargs)
+    module = DLRMModule(
+        [rows] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], **kwargs
+    )
     module.configure_model()
     return module
 
@@ -28,8 +55,11 @@ def random_batch(batch_size=32, rows=50, seed=0):
 
 
 def _tables(module):
-    return {k: (gather_full(v) if hasattr(v, "local_shards") else v).clone()
-            for k, v in module.state_dict().items() if "embedding_bags" in k}
+    return {
+        k: (gather_full(v) if hasattr(v, "local_shards") else v).clone()
+        for k, v in module.state_dict().items()
+        if "embedding_bags" in k
+    }
 
 
 def test_only_looked_up_rows_change_and_no_dense_table_gradient():
@@ -47,7 +77,8 @@ def test_only_looked_up_rows_change_and_no_dense_table_gradient():
         key = f"model.sparse_arch.embedding_bag_collection.embedding_bags.t_{feature}.weight"
         changed = set(torch.nonzero((before[key] != after[key]).any(dim=1)).flatten().tolist())
         looked_up = set(kjt[feature].values().tolist())
-        assert changed and changed <= looked_up
+        assert changed
+        assert changed <= looked_up
     for name, param in module.model.named_parameters():
         if "embedding_bags" in name:
             assert param.grad is None, f"{name} got a dense gradient"
@@ -79,8 +110,9 @@ def test_table_init_is_dlrms_uniform():
 
 
 def test_model_bytes_of_kaggle_config():
-    module = DLRMModule(KAGGLE, embedding_dim=16, dense_arch_layer_sizes=[512, 256, 64, 16],
-                        over_arch_layer_sizes=[512, 256, 1])
+    module = DLRMModule(
+        KAGGLE, embedding_dim=16, dense_arch_layer_sizes=[512, 256, 64, 16], over_arch_layer_sizes=[512, 256, 1]
+    )
     tables = 33_762_577 * 16 * 4
     assert sum(KAGGLE) == 33_762_577
     mlp = (13 * 512 + 512 + 512 * 256 + 256 + 256 * 64 + 64 + 64 * 16 + 16) + (367 * 512 + 512 + 512 * 256 + 256 + 257)
@@ -114,17 +146,25 @@ class _Batches(pl.LightningDataModule):
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
 def test_checkpoint_round_trip_restores_tables_and_sparse_optimizer(tmp_path, optimizer):
     torch.manual_seed(0)
-    module = DLRMModule([50] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
-                        optimizer=optimizer)
-    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
+    module = DLRMModule(
+        [50] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], optimizer=optimizer
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=_Batches())
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)  # plain tensors only: loadable without pickle code
     torch.manual_seed(1)
-    fresh = DLRMModule([50] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
-                       optimizer=optimizer)
+    fresh = DLRMModule(
+        [50] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], optimizer=optimizer
+    )
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])
     batch = random_batch(seed=7)

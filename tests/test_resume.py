@@ -22,11 +22,21 @@ class RecordRows(pl.Callback):
 
 
 def _datamodule(tmp_path):
-    files = {s: str(write_rows(tmp_path / f"{s}.tsv", n, seed=i)) for i, (s, n) in
-             enumerate([("train", 1000), ("val", 100), ("test", 100)])}
-    return CriteoDataModule(train_files=files["train"], val_files=files["val"], test_files=files["test"],
-                            batch_size=BATCH, num_workers=1, shuffle=True, seed=3, categorical_encoding="hash",
-                            num_embeddings_per_feature=[101] * 26)
+    files = {
+        s: str(write_rows(tmp_path / f"{s}.tsv", n, seed=i))
+        for i, (s, n) in enumerate([("train", 1000), ("val", 100), ("test", 100)])
+    }
+    return CriteoDataModule(
+        train_files=files["train"],
+        val_files=files["val"],
+        test_files=files["test"],
+        batch_size=BATCH,
+        num_workers=1,
+        shuffle=True,
+        seed=3,
+        categorical_encoding="hash",
+        num_embeddings_per_feature=[101] * 26,
+    )
 
 
 def _module():
@@ -35,8 +45,16 @@ def _module():
 
 
 def _trainer(tmp_path, callbacks, **kwargs):
-    return pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks, **kwargs)
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
 
 
 def test_resume_mid_epoch_sees_exactly_the_remaining_rows(tmp_path):

@@ -52,7 +52,9 @@ class DQRMCLI(LightningCLI):
         super().__init__(DLRMModule, CriteoDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data", "model.num_embeddings_per_feature", compute_fn=_table_sizes, apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.num_embeddings_per_feature", compute_fn=_table_sizes, apply_on="instantiate"
+        )
         parser.add_lightning_class_args(StepTimer, "step_timer")
         parser.add_argument("--wandb", default="auto", choices=_WANDB_MODES, help="wandb logging mode")
         parser.add_argument("--wandb_project", default="dqrm-lightning", help="wandb project")
@@ -160,16 +162,32 @@ def data_main(argv: list[str]) -> str:
     if args.command == "synth":
         from dqrm_lightning.data.synthetic import synthesize
 
-        result = synthesize(args.preset, args.rows, args.seed, out, split_fractions=tuple(args.split),
-                            rows_per_file=args.rows_per_file, progress=True)
+        result = synthesize(
+            args.preset,
+            args.rows,
+            args.seed,
+            out,
+            split_fractions=tuple(args.split),
+            rows_per_file=args.rows_per_file,
+            progress=True,
+        )
         seconds = time.perf_counter() - start
         result = {"command": "data synth", **result, "seconds": seconds, "rows_per_s": args.rows / seconds}
         for split, values in result.get("splits", {}).items():
             if isinstance(values, dict) and values.get("bayes_auc") is not None:
-                print(f"{split}: rows={values['rows']} positive rate {values['positive_rate']:.4f} "
-                      f"Bayes-optimal AUC {values['bayes_auc']:.4f} log loss {values['bayes_log_loss']:.4f}")
+                print(
+                    f"{split}: rows={values['rows']} positive rate {values['positive_rate']:.4f} "
+                    f"Bayes-optimal AUC {values['bayes_auc']:.4f} log loss {values['bayes_log_loss']:.4f}"
+                )
     else:
-        from dqrm_lightning.data.prepare import PrepareOptions, explicit_jobs, kaggle_jobs, prepare, resolve_files, terabyte_jobs
+        from dqrm_lightning.data.prepare import (
+            PrepareOptions,
+            explicit_jobs,
+            kaggle_jobs,
+            prepare,
+            resolve_files,
+            terabyte_jobs,
+        )
 
         if args.kaggle_train_txt:
             jobs = kaggle_jobs(args.kaggle_train_txt)
@@ -179,17 +197,31 @@ def data_main(argv: list[str]) -> str:
             files = {s: resolve_files(getattr(args, f"{s}_files")) for s in ("train", "val", "test")}
             jobs = explicit_jobs(files)
         if not jobs:
-            raise SystemExit("dqrm data prepare: no input files (use --train-files, --kaggle-train-txt or --terabyte-dir)")
-        options = PrepareOptions(rows_per_shard=args.rows_per_shard, on_bad_line=args.on_bad_line,
-                                 negative_subsample=args.negative_subsample, seed=args.seed)
+            raise SystemExit(
+                "dqrm data prepare: no input files (use --train-files, --kaggle-train-txt or --terabyte-dir)"
+            )
+        options = PrepareOptions(
+            rows_per_shard=args.rows_per_shard,
+            on_bad_line=args.on_bad_line,
+            negative_subsample=args.negative_subsample,
+            seed=args.seed,
+        )
         meta = prepare(jobs, out, options, progress=not args.no_progress)
         seconds = time.perf_counter() - start
         rows = {s: v["rows"] for s, v in meta["splits"].items()}
-        result = {"command": "data prepare", "out": str(out), "rows": rows, "skipped_lines": meta["skipped_lines"],
-                  "skip_examples": meta["skip_examples"], "seconds": seconds,
-                  "rows_per_s": meta["rows"] / max(meta["seconds"], 1e-9)}
-        print(f"prepared {sum(rows.values())} rows {rows} in {seconds:.1f}s "
-              f"({result['rows_per_s']:,.0f} rows/s); skipped lines: {meta['skipped_lines']}")
+        result = {
+            "command": "data prepare",
+            "out": str(out),
+            "rows": rows,
+            "skipped_lines": meta["skipped_lines"],
+            "skip_examples": meta["skip_examples"],
+            "seconds": seconds,
+            "rows_per_s": meta["rows"] / max(meta["seconds"], 1e-9),
+        }
+        print(
+            f"prepared {sum(rows.values())} rows {rows} in {seconds:.1f}s "
+            f"({result['rows_per_s']:,.0f} rows/s); skipped lines: {meta['skipped_lines']}"
+        )
         for example in meta["skip_examples"]:
             print(f"  skipped: {example}")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Click-prediction metrics: AUC, accuracy at 0.5 and log loss, per evaluation and best-so-far.
 
-The DQRM paper reports the best value of each metric over all evaluations of a run (see the spec §5); we report both
-the final and the best value, and say which is which.
+The DQRM paper reports the best value of each metric over all evaluations of a run (its reference code keeps running
+maxima); we report both the final and the best value, and say which is which.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ class ClickMetrics(MetricCollection):
         target = labels.long()
         self["auc"].update(prob, target)
         self["accuracy"].update(prob, target)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.detach().float(), labels.float(), reduction="none")
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.detach().float(), labels.float(), reduction="none"
+        )
         self["log_loss"].update(loss)
 
 

@@ -20,8 +20,8 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from typing_extensions import override
 
-from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
 from dqrm_lightning._logging import logging_step
+from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
 from dqrm_lightning.metrics import BestTracker, ClickMetrics
 from dqrm_lightning.sharding import copy_into, shard_model, to_plain
 
@@ -67,7 +67,8 @@ class DLRMModule(pl.LightningModule):
             raise ValueError("`num_embeddings_per_feature` is required (the CLI links it from the data module)")
         if len(num_embeddings_per_feature) != len(DEFAULT_CAT_NAMES):
             raise ValueError(
-                f"`num_embeddings_per_feature` needs {len(DEFAULT_CAT_NAMES)} sizes, got {len(num_embeddings_per_feature)}"
+                f"`num_embeddings_per_feature` needs {len(DEFAULT_CAT_NAMES)} sizes, "
+                f"got {len(num_embeddings_per_feature)}"
             )
         if dense_arch_layer_sizes[-1] != embedding_dim:
             raise ValueError(
@@ -121,7 +122,9 @@ class DLRMModule(pl.LightningModule):
             return
         dlrm = self.build_dlrm()
         sparse_lr = self.hparams.sparse_learning_rate or self.hparams.learning_rate
-        apply_optimizer_in_backward(_OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": sparse_lr})
+        apply_optimizer_in_backward(
+            _OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": sparse_lr}
+        )
         self.model = shard_model(dlrm, self.device if self.device.type != "meta" else torch.device("cpu"))
 
     @override
@@ -200,7 +203,9 @@ class DLRMModule(pl.LightningModule):
         missing = [k for k in current if k not in state_dict]
         unexpected = [k for k in state_dict if k not in current]
         if strict and (missing or unexpected):
-            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise RuntimeError(
+                f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         for key, value in state_dict.items():
             if key in current:
                 copy_into(current[key], value, key)

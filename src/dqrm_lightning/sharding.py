@@ -66,7 +66,9 @@ def gather_full(tensor: ShardedTensor) -> torch.Tensor:
     full = torch.empty(tensor.size(), dtype=shards[0].tensor.dtype)
     covered = 0
     for shard in shards:
-        index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True))
+        index = tuple(
+            slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True)
+        )
         full[index] = shard.tensor
         covered += shard.tensor.numel()
     if covered != full.numel():
@@ -90,12 +92,15 @@ def to_plain(state: Any) -> Any:
 def copy_into(target: Any, source: torch.Tensor, name: str) -> None:
     """Copy a full tensor into a (possibly sharded) destination, checking shapes."""
     if tuple(target.size()) != tuple(source.shape):
-        raise ValueError(f"checkpoint entry `{name}` has shape {tuple(source.shape)}, the model expects {tuple(target.size())}")
+        raise ValueError(
+            f"checkpoint entry `{name}` has shape {tuple(source.shape)}, the model expects {tuple(target.size())}"
+        )
     with torch.no_grad():
         if isinstance(target, ShardedTensor):
             for shard in target.local_shards():
                 index = tuple(
-                    slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True)
+                    slice(o, o + s)
+                    for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True)
                 )
                 shard.tensor.copy_(source[index])
         else:

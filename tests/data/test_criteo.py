@@ -48,7 +48,9 @@ def test_short_hex_and_uppercase(tmp_path):
     path = tmp_path / "x.tsv"
     path.write_text(raw_line(1, cat=["A"] + ["ff"] * 24 + ["DEADBEEF"]) + "\n")
     rows = parse_file(path)
-    assert rows.cat[0, 0] == 10 and rows.cat[0, 1] == 255 and rows.cat[0, 25] == 0xDEADBEEF
+    assert rows.cat[0, 0] == 10
+    assert rows.cat[0, 1] == 255
+    assert rows.cat[0, 25] == 0xDEADBEEF
 
 
 BAD_LINES = [
@@ -93,7 +95,9 @@ def test_skip_mode_counts_and_keeps_good_rows(tmp_path):
     rows = [r for r, _, _ in iter_parsed(path, on_bad_line="skip", stats=stats)]
     assert sum(len(r) for r in rows) == 3
     assert stats.skipped == 2
-    assert stats.examples is not None and ":2" in stats.examples[0] and ":4" in stats.examples[1]
+    assert stats.examples is not None
+    assert ":2" in stats.examples[0]
+    assert ":4" in stats.examples[1]
     np.testing.assert_array_equal(np.concatenate([r.labels for r in rows]), [0, 1, 0])
 
 

@@ -76,10 +76,12 @@ def test_batches_are_torchrec_batches(shards):
     assert batch.dense_features.shape == (8, 13)
     assert batch.labels.shape == (8,)
     kjt = batch.sparse_features
-    assert kjt.keys()[:2] == ["C1", "C2"] and len(kjt.keys()) == 26
+    assert kjt.keys()[:2] == ["C1", "C2"]
+    assert len(kjt.keys()) == 26
     assert torch.all(kjt.lengths() == 1)
     ids = kjt["C3"].values()
-    assert ids.shape == (8,) and int(ids.max()) < 97
+    assert ids.shape == (8,)
+    assert int(ids.max()) < 97
 
 
 @pytest.mark.parametrize(("total", "batch", "world"), [(1003, 64, 2), (10, 4, 3), (128, 64, 2), (5, 2, 2)])

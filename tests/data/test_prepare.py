@@ -29,7 +29,8 @@ def test_shards_hold_parsed_values(tmp_path, criteo_sample):
     shards = shard_paths(out, "train")
     assert sum(rows for _, rows in shards) == 200
     cat = np.concatenate([np.load(f"{p}.cat.npy") for p, _ in shards])
-    assert cat.dtype == np.uint32 and cat[0, 0] == 0x05DB9164
+    assert cat.dtype == np.uint32
+    assert cat[0, 0] == 0x05DB9164
 
 
 def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch):

@@ -51,8 +51,12 @@ class RunSummary(pl.Callback):
         }
         best = getattr(pl_module, "val_best", None)
         if best is not None and best.final:
-            summary["val"] = {"final": best.final, "best": best.best, "evaluations_protocol": "final = last evaluation; "
-                              "best = best value of each metric over all evaluations (the DQRM paper's protocol)"}
+            summary["val"] = {
+                "final": best.final,
+                "best": best.best,
+                "evaluations_protocol": "final = last evaluation; "
+                "best = best value of each metric over all evaluations (the DQRM paper's protocol)",
+            }
         test = {k: v for k, v in self._metrics.items() if k.startswith("test/")}
         if test:
             summary["test"] = test

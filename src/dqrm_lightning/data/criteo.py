@@ -122,7 +122,7 @@ def open_raw(path: str | Path) -> BinaryIO:
     path = Path(path)
     if path.suffix == ".gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")  # noqa: SIM115
+    return open(path, "rb")
 
 
 def iter_line_blocks(
@@ -140,7 +140,9 @@ def iter_line_blocks(
         try:
             chunk = stream.read(block_bytes)
         except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
-            raise CriteoFormatError(path, line + carry.count(b"\n"), f"corrupt or truncated compressed stream ({err})")
+            raise CriteoFormatError(
+                path, line + carry.count(b"\n"), f"corrupt or truncated compressed stream ({err})"
+            ) from None
         if not chunk:
             break
         data = carry + chunk
@@ -243,7 +245,9 @@ def _table_to_rows(
         raw = np.asarray(label_col.fill_null(-1).to_numpy(zero_copy_only=False))
         for i in np.flatnonzero((raw != 0) & (raw != 1))[: None if on_bad_line == "skip" else 1]:
             value = "empty" if raw[i] == -1 and not label_col[i].is_valid else str(raw[i])
-            reasons.setdefault(int(i), CriteoFormatError(path, int(lines[i]), f"label must be 0 or 1, got {value}", "label"))
+            reasons.setdefault(
+                int(i), CriteoFormatError(path, int(lines[i]), f"label must be 0 or 1, got {value}", "label")
+            )
             bad[i] = True
         labels = raw
     cat = np.empty((n, CAT_FEATURE_COUNT), dtype=np.uint32)

@@ -105,10 +105,14 @@ class CriteoDataModule(pl.LightningDataModule):
         self.num_embeddings_per_feature = num_embeddings_per_feature
         layouts = [bool(train_files or val_files or test_files), bool(kaggle_train_txt), bool(terabyte_dir)]
         if sum(layouts) > 1:
-            raise ValueError("give raw data one way: `train_files`/`val_files`/`test_files`, `kaggle_train_txt` or `terabyte_dir`")
+            raise ValueError(
+                "give raw data one way: `train_files`/`val_files`/`test_files`, `kaggle_train_txt` or `terabyte_dir`"
+            )
         if sum(layouts) == 0 and prepared_dir is None:
-            raise ValueError("no data: set `train_files` (and `val_files`, `test_files`), `kaggle_train_txt`, "
-                             "`terabyte_dir` or `prepared_dir`")
+            raise ValueError(
+                "no data: set `train_files` (and `val_files`, `test_files`), `kaggle_train_txt`, "
+                "`terabyte_dir` or `prepared_dir`"
+            )
         if categorical_encoding not in ("hash", "vocab"):
             raise ValueError(f"`categorical_encoding` must be 'hash' or 'vocab', got {categorical_encoding!r}")
         if categorical_encoding == "hash" and num_embeddings_per_feature is None:
@@ -264,7 +268,9 @@ class CriteoDataModule(pl.LightningDataModule):
             if not shards:
                 continue
             prob = torch.from_numpy(np.concatenate([np.load(f"{p}.prob.npy") for p, _ in shards]).astype(np.float64))
-            labels = torch.from_numpy(np.concatenate([np.load(f"{p}.labels.npy") for p, _ in shards]).astype(np.float64))
+            labels = torch.from_numpy(
+                np.concatenate([np.load(f"{p}.labels.npy") for p, _ in shards]).astype(np.float64)
+            )
             result[split] = {"auc": binary_auroc(prob, labels), "log_loss": binary_log_loss(prob, labels)}
         return result
 
@@ -296,4 +302,3 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-

@@ -178,4 +178,3 @@ class CriteoIterableDataset(IterableDataset):
             position += 1
         labels, dense, cat = (np.concatenate(parts[k]) for k in ("labels", "dense", "cat"))
         return make_batch(dense, self.encoder.encode(cat), labels)
-

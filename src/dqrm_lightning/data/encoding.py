@@ -1,6 +1,6 @@
 """Map raw 32-bit categorical values to embedding-table ids.
 
-Two encodings, both DLRM's (DQRM spec §4.2):
+Two encodings, both from DLRM's Criteo preprocessing:
 
 * ``hash``: ``id = (value % max_ind_range) % num_embeddings[f]`` — no pass over the data, table sizes are chosen.
 * ``vocab``: one pass over every split of the prepared data assigns each distinct value (after ``% max_ind_range``)
@@ -46,7 +46,9 @@ class CategoricalEncoder:
 
     def __post_init__(self) -> None:
         if len(self.num_embeddings) != CAT_FEATURE_COUNT:
-            raise ValueError(f"`num_embeddings_per_feature` needs {CAT_FEATURE_COUNT} sizes, got {len(self.num_embeddings)}")
+            raise ValueError(
+                f"`num_embeddings_per_feature` needs {CAT_FEATURE_COUNT} sizes, got {len(self.num_embeddings)}"
+            )
         if any(n <= 0 for n in self.num_embeddings):
             raise ValueError(f"`num_embeddings_per_feature` must be positive, got {self.num_embeddings}")
         self._vocab: list[tuple[np.ndarray, np.ndarray]] | None = None

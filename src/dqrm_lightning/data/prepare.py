@@ -9,11 +9,12 @@ Layout of a prepared directory::
     train/part-00000.prob.npy        (N,) float32 true click probability (synthetic data only)
     val/...  test/...
 
-The input is read in segments of at least ``rows_per_shard`` lines (cut at 16 MB block boundaries); after each segment every split's shard is written to a
-temporary name, renamed, and the position is recorded in ``_progress.json``. An interrupted ``prepare`` started again
-with the same arguments resumes after the last recorded segment.
+The input is read in segments of at least ``rows_per_shard`` lines (cut at 16 MB block boundaries); after each
+segment every split's shard is written (in a background thread) to a temporary name, renamed, and the position is
+recorded in ``_progress.json``. An interrupted ``prepare`` started again with the same arguments resumes after the
+last recorded segment.
 
-Split layouts (DLRM's, see the DQRM spec §4.2):
+Split layouts (DLRM's preprocessing):
 
 * explicit: each file belongs wholly to one split (``train_files``, ``val_files``, ``test_files``);
 * Kaggle ``train.txt``: cut into 7 near-equal "days"; days 1-6 train; day 7's first half test, second half val;
@@ -26,8 +27,8 @@ import hashlib
 import json
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -396,7 +397,9 @@ def load_meta(prepared_dir: str | Path) -> dict:
     """Read ``meta.json`` of a prepared directory, with a clear error when it is missing or incomplete."""
     path = Path(prepared_dir) / META_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{prepared_dir} is not a prepared Criteo directory (no {META_FILE}); run `dqrm data prepare`")
+        raise FileNotFoundError(
+            f"{prepared_dir} is not a prepared Criteo directory (no {META_FILE}); run `dqrm data prepare`"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: prepared format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
