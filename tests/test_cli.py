@@ -10,11 +10,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def dqrm(*args: str, cwd: Path = REPO) -> tuple[str, dict]:
-    """Run `dqrm ARGS`; return its output and the summary.json named on its last line."""
-    result = subprocess.run(
-        [sys.executable, "-m", "dqrm_lightning.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dqrm_lightning.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600
     )
+
+
+def on_sample(tmp_path: Path, criteo_sample: Path) -> list[str]:
+    """Demo config with the real Criteo sample as train, val and test data (copied: the fixture dir stays clean)."""
+    sample = tmp_path / "criteo_sample.tsv"
+    sample.write_bytes(Path(criteo_sample).read_bytes())
+    return [
+        "-c",
+        "configs/demo.yaml",
+        *(x for s in ("train", "val", "test") for x in (f"--data.{s}_files", str(sample))),
+    ]
+
+
+def dqrm(*args: str) -> tuple[str, dict]:
+    """Run `dqrm ARGS`; return its output and the summary.json named on its last line."""
+    result = run_cli(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("summary: "), last
@@ -22,6 +37,7 @@ def dqrm(*args: str, cwd: Path = REPO) -> tuple[str, dict]:
     return result.stdout, json.loads(path.read_text()) | {"_path": str(path)}
 
 
+ONE_EPOCH = ["--trainer.max_epochs", "1"]
 FAST = ["--wandb", "disabled", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -59,6 +75,9 @@ def test_synth_fit_test_predict(tmp_path):
     assert test["bayes_optimal"]["test"]["auc"] > test["test"]["test/auc"] - 0.05
     _, again = dqrm("test", *common, "--ckpt_path", "best")  # resolved under default_root_dir
     assert again["test"]["test/auc"] == pytest.approx(test["test"]["test/auc"], abs=1e-6)
+    _, validate = dqrm("validate", *common, "--ckpt_path", best)
+    assert validate["stage"] == "validate"
+    assert validate["val"]["final"]["val/auc"] == pytest.approx(fit["val"]["best"]["val/auc"], abs=1e-6)
     _, predict = dqrm("predict", *common, "--ckpt_path", best)
     predictions = Path(predict["predictions"]["path"]).read_text().splitlines()
     assert predictions[0] == "probability\tlabel"
@@ -66,26 +85,8 @@ def test_synth_fit_test_predict(tmp_path):
 
 
 def test_fit_on_real_criteo_rows(tmp_path, criteo_sample):
-    sample = tmp_path / "criteo_sample.tsv"
-    sample.write_bytes(Path(criteo_sample).read_bytes())
-    _, fit = dqrm(
-        "fit",
-        "-c",
-        "configs/demo.yaml",
-        "--data.train_files",
-        str(sample),
-        "--data.val_files",
-        str(sample),
-        "--data.test_files",
-        str(sample),
-        "--data.batch_size",
-        "32",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.default_root_dir",
-        str(tmp_path / "r"),
-        *FAST,
-    )
+    root = ["--trainer.default_root_dir", str(tmp_path / "r")]
+    _, fit = dqrm("fit", *on_sample(tmp_path, criteo_sample), "--data.batch_size", "32", *ONE_EPOCH, *root, *FAST)
     assert fit["data"]["rows"]["train"] == 200
     assert "bayes_optimal" not in fit  # real data: the true click model is unknown
     assert len(fit["data"]["table_sizes"]) == 26
@@ -96,46 +97,14 @@ def test_bad_data_reports_file_and_line(tmp_path, criteo_sample):
     lines = Path(criteo_sample).read_text().splitlines()
     lines[41] = lines[41].replace("68fd1e64", "68fd1ezz")  # C1 of line 42
     bad.write_text("\n".join(lines) + "\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dqrm_lightning.cli",
-            "data",
-            "prepare",
-            "--train-files",
-            str(bad),
-            "--out",
-            str(tmp_path / "p"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    result = run_cli("data", "prepare", "--train-files", str(bad), "--out", str(tmp_path / "p"))
     assert result.returncode != 0
     assert f"{bad}:42 (field C1)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_print_config_stacks_yaml(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dqrm_lightning.cli",
-            "fit",
-            "-c",
-            "configs/kaggle.yaml",
-            "-c",
-            "configs/data/synthetic_kaggle.yaml",
-            "--print_config",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+def test_print_config_stacks_yaml():
+    result = run_cli("fit", "-c", "configs/kaggle.yaml", "-c", "configs/data/synthetic_kaggle.yaml", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "categorical_encoding: hash" in result.stdout
     assert "embedding_dim: 16" in result.stdout
@@ -145,26 +114,8 @@ def test_wandb_offline_without_credentials_writes_a_syncable_run(tmp_path, crite
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
-    sample = tmp_path / "s.tsv"
-    sample.write_bytes(Path(criteo_sample).read_bytes())
-    args = [
-        "fit",
-        "-c",
-        "configs/demo.yaml",
-        "--data.train_files",
-        str(sample),
-        "--data.val_files",
-        str(sample),
-        "--data.test_files",
-        str(sample),
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.default_root_dir",
-        str(tmp_path / "r"),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    _, fit = dqrm(*args)
+    root = ["--trainer.default_root_dir", str(tmp_path / "r"), "--trainer.enable_progress_bar", "false"]
+    _, fit = dqrm("fit", *on_sample(tmp_path, criteo_sample), *ONE_EPOCH, *root)
     runs = list(Path(fit["_path"]).parent.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     assert runs[0].stat().st_size > 0
