@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from dqrm_lightning.callbacks import RunSummary, StepTimer
+from dqrm_lightning.callbacks import QuantizationAwareTraining, RunSummary, StepTimer
 from dqrm_lightning.callbacks.predictions import PredictionWriter
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.model import DLRMModule
@@ -56,6 +56,7 @@ class DQRMCLI(LightningCLI):
             "data", "model.num_embeddings_per_feature", compute_fn=_table_sizes, apply_on="instantiate"
         )
         parser.add_lightning_class_args(StepTimer, "step_timer")
+        parser.add_lightning_class_args(QuantizationAwareTraining, "qat")
         parser.add_argument("--wandb", default="auto", choices=_WANDB_MODES, help="wandb logging mode")
         parser.add_argument("--wandb_project", default="dqrm-lightning", help="wandb project")
         parser.add_argument(

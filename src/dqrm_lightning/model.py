@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -23,6 +24,9 @@ from typing_extensions import override
 from dqrm_lightning._logging import logging_step
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
 from dqrm_lightning.metrics import BestTracker, ClickMetrics
+from dqrm_lightning.quant.config import QATConfig
+from dqrm_lightning.quant.embedding import EmbeddingQuantizer
+from dqrm_lightning.quant.linear import FakeQuantizedLinear, swap_linears
 from dqrm_lightning.sharding import copy_into, shard_model, to_plain
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
@@ -82,6 +86,8 @@ class DLRMModule(pl.LightningModule):
         if learning_rate <= 0 or (sparse_learning_rate is not None and sparse_learning_rate <= 0):
             raise ValueError("learning rates must be positive")
         self.model: nn.Module | None = None
+        self.qat_config: QATConfig | None = None
+        self.embedding_quantizer: EmbeddingQuantizer | None = None
         self.val_metrics = ClickMetrics("val/")
         self.test_metrics = ClickMetrics("test/")
         self.val_best = BestTracker()
@@ -126,6 +132,68 @@ class DLRMModule(pl.LightningModule):
             _OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": sparse_lr}
         )
         self.model = shard_model(dlrm, self.device if self.device.type != "meta" else torch.device("cpu"))
+
+    # ------------------------------------------------------------------------------------------------------- QAT
+    def prepare_qat(self, config: QATConfig) -> None:
+        """Make the model quantization-aware, in place (DQRM). Idempotent for the same config.
+
+        Embeddings: an :class:`EmbeddingQuantizer` hooked on the sparse arch fake-quantizes looked-up rows.
+        MLPs (``config.mlp_bits``): every ``nn.Linear`` of the bottom and top MLPs becomes a FakeQuantizedLinear
+        sharing its parameters. Works before or after sharding (DMP keeps the parameters, not the modules).
+        """
+        if self.qat_config is not None:
+            if self.qat_config != config:
+                raise ValueError(f"the model is already prepared for QAT with {self.qat_config}, not {config}")
+            return
+        self.configure_model()
+        dlrm = self.dlrm
+        if config.mlp_bits is not None:
+            for arch in (dlrm.dense_arch, dlrm.over_arch):
+                swap_linears(
+                    arch,
+                    bits=config.mlp_bits,
+                    granularity=config.mlp_granularity,
+                    bias_mode=config.mlp_bias,
+                    ste=config.ste,
+                )
+        if config.quantizes_embeddings:
+            hp = self.hparams
+            self.embedding_quantizer = EmbeddingQuantizer(
+                list(DEFAULT_CAT_NAMES), list(hp.num_embeddings_per_feature), config
+            )
+            self.embedding_quantizer.attach(dlrm.sparse_arch)
+        self.qat_config = config
+
+    @property
+    def dlrm(self) -> DLRM:
+        """The DLRM inside the DistributedModelParallel wrapper."""
+        assert self.model is not None, "call configure_model() first"
+        return self.model.module  # type: ignore[return-value]
+
+    def set_quantization_active(self, active: bool) -> None:
+        """Switch fake quantization on or off (FP32 warm-up); scales and counters are kept."""
+        if self.embedding_quantizer is not None:
+            self.embedding_quantizer.active = active
+        for module in self.dlrm.modules():
+            if isinstance(module, FakeQuantizedLinear):
+                module.active = active
+
+    def quantized_model_bytes(self) -> int | None:
+        """Bytes of the INT-N model (analytic): packed table codes plus one fp16 scale and offset per quantized table,
+        MLP weights at their bits with a float32 scale per output row, float32 biases. ``None`` without QAT."""
+        config = self.qat_config
+        if config is None:
+            return None
+        hp = self.hparams
+        tables = 0
+        for feature, rows in zip(DEFAULT_CAT_NAMES, hp.num_embeddings_per_feature, strict=True):
+            bits = config.table_bits(feature, rows)
+            tables += rows * hp.embedding_dim * 4 if bits is None else -(-rows * hp.embedding_dim * bits // 8) + 4
+        mlp = 0
+        for width, out in self._mlp_layers():
+            weight = 4 * width * out if config.mlp_bits is None else -(-width * out * config.mlp_bits // 8) + 4 * out
+            mlp += weight + 4 * out
+        return tables + mlp
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -186,6 +254,8 @@ class DLRMModule(pl.LightningModule):
     # --------------------------------------------------------------------------------------------- checkpointing
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.qat_config is not None:
+            checkpoint["qat_config"] = asdict(self.qat_config)
         checkpoint["state_dict"] = to_plain(checkpoint["state_dict"])
         assert self.model is not None
         checkpoint["sparse_optimizer"] = to_plain(self.model.fused_optimizer.state_dict())
@@ -193,6 +263,8 @@ class DLRMModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "qat_config" in checkpoint:
+            self.prepare_qat(QATConfig(**checkpoint["qat_config"]))  # a QAT checkpoint describes itself
         self.val_best.load_state_dict(checkpoint.get("val_best", {}))
         self._pending_sparse_optimizer = checkpoint.get("sparse_optimizer")
 
@@ -200,7 +272,9 @@ class DLRMModule(pl.LightningModule):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         self.configure_model()
         current = self.state_dict()
-        missing = [k for k in current if k not in state_dict]
+        # An FP32 checkpoint loaded into a QAT model has no quantizer state: scales are then computed from the
+        # loaded tables at the first forward (post-training quantization).
+        missing = [k for k in current if k not in state_dict and not k.startswith("embedding_quantizer.")]
         unexpected = [k for k in state_dict if k not in current]
         if strict and (missing or unexpected):
             raise RuntimeError(
@@ -222,19 +296,22 @@ class DLRMModule(pl.LightningModule):
         """Analytic model size: sum over tables of rows x D x bits / 8, plus MLP parameters x bits / 8."""
         hp = self.hparams
         table_bytes = sum(hp.num_embeddings_per_feature) * hp.embedding_dim * embedding_bits // 8
-        dense_params = _mlp_params(INT_FEATURE_COUNT, hp.dense_arch_layer_sizes)
-        features = len(DEFAULT_CAT_NAMES) + 1
-        over_in = hp.embedding_dim + features * (features - 1) // 2
-        dense_params += _mlp_params(over_in, hp.over_arch_layer_sizes)
+        dense_params = sum(width * out + out for width, out in self._mlp_layers())
         return table_bytes + dense_params * dense_bits // 8
 
-
-def _mlp_params(width: int, sizes: list[int]) -> int:
-    total = 0
-    for out in sizes:
-        total += width * out + out
-        width = out
-    return total
+    def _mlp_layers(self) -> list[tuple[int, int]]:
+        """(in, out) of every Linear of the bottom and top MLPs."""
+        hp = self.hparams
+        features = len(DEFAULT_CAT_NAMES) + 1
+        layers = []
+        for width, sizes in (
+            (INT_FEATURE_COUNT, hp.dense_arch_layer_sizes),
+            (hp.embedding_dim + features * (features - 1) // 2, hp.over_arch_layer_sizes),
+        ):
+            for out in sizes:
+                layers.append((width, out))
+                width = out
+        return layers
 
 
 def _dlrm_init_(layer: nn.Linear) -> None:

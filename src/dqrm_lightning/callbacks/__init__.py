@@ -1,4 +1,5 @@
+from dqrm_lightning.callbacks.qat import QuantizationAwareTraining
 from dqrm_lightning.callbacks.step_timer import StepTimer
 from dqrm_lightning.callbacks.summary import RunSummary
 
-__all__ = ["RunSummary", "StepTimer"]
+__all__ = ["QuantizationAwareTraining", "RunSummary", "StepTimer"]

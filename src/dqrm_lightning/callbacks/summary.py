@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from dqrm_lightning.callbacks.qat import QuantizationAwareTraining
 from dqrm_lightning.callbacks.step_timer import StepTimer
 
 
@@ -73,6 +74,12 @@ class RunSummary(pl.Callback):
                 summary["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path or None}
         if hasattr(pl_module, "model_bytes"):
             summary["model_bytes"] = {"fp32": pl_module.model_bytes()}
+            quantized = pl_module.quantized_model_bytes()
+            if quantized is not None:
+                summary["model_bytes"] |= {"quantized": quantized, "ratio": quantized / pl_module.model_bytes()}
+        for callback in trainer.callbacks:
+            if isinstance(callback, QuantizationAwareTraining) and callback.enabled:
+                summary["qat"] = callback.describe(pl_module)
         if self.config is not None:
             summary["config"] = self.config
         summary.update(self.extra)

@@ -1,0 +1,96 @@
+"""What DQRM quantization-aware training simulates: ``QATConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dqrm_lightning.quant.fake_quant import SUPPORTED_BITS, Mode, Ste
+
+MLPGranularity = Literal["per_row", "per_tensor"]
+BiasMode = Literal["fp32", "reference"]
+ScaleTracking = Literal["periodic", "exact"]
+
+
+@dataclass
+class QATConfig:
+    """DQRM QAT settings. Defaults follow the paper's recommended semantics (symmetric per-table INT4 embeddings, scale
+    refreshed every 200 optimizer steps, identity straight-through gradient, MLP in FP32).
+
+    Args:
+        embedding_bits: default bit width of every table (2, 4, 8, 16), or ``None`` for FP32 embeddings.
+        embedding_bits_per_table: overrides by feature name, e.g. ``{"C3": 2, "C9": 8}`` (mixed precision).
+        embedding_bits_by_rows: size policy ``[[min_rows, bits], ...]``: a table gets the bits of the largest
+            ``min_rows`` it reaches (applied before ``embedding_bits_per_table``).
+        embedding_mode: ``symmetric`` (reference code) or ``asymmetric`` (min/max grid, paper Fig. 2).
+        ste: straight-through gradient: ``identity`` (reference) or ``clipped``.
+        scale_period: refresh each table's scale at step 0 and then every ``scale_period`` optimizer steps
+            (1 = the paper's "naive" baseline, refreshed every step).
+        period_off_by_one: reproduce the reference code's cadence (refresh every ``scale_period + 1`` steps).
+        scale_tracking: ``periodic`` (the paper) or ``exact`` (keep each table's max|W| up to date after every step
+            from the touched rows; a full pass only when the row holding the maximum shrank).
+        warmup_epochs: train FP32 for this many epochs before quantization starts (paper supp. Table 8).
+        mlp_bits: bit width of MLP weights (4 or 8), or ``None`` for FP32 MLPs.
+        mlp_granularity: ``per_row`` (one scale per output neuron) or ``per_tensor`` (ablation).
+        mlp_bias: ``fp32`` (default) or ``reference`` (bias quantized with the row scale and the weight bits).
+    """
+
+    embedding_bits: int | None = 4
+    embedding_bits_per_table: dict[str, int] = field(default_factory=dict)
+    embedding_bits_by_rows: list[list[int]] = field(default_factory=list)
+    embedding_mode: Mode = "symmetric"
+    ste: Ste = "identity"
+    scale_period: int = 200
+    period_off_by_one: bool = False
+    scale_tracking: ScaleTracking = "periodic"
+    warmup_epochs: int = 0
+    mlp_bits: int | None = None
+    mlp_granularity: MLPGranularity = "per_row"
+    mlp_bias: BiasMode = "fp32"
+
+    def __post_init__(self) -> None:
+        bits = [self.embedding_bits, *self.embedding_bits_per_table.values()]
+        bits += [rule[1] for rule in self.embedding_bits_by_rows if len(rule) == 2]
+        for value in bits:
+            if value is not None and value not in SUPPORTED_BITS:
+                raise ValueError(f"embedding bit widths must be one of {SUPPORTED_BITS}, got {value}")
+        for rule in self.embedding_bits_by_rows:
+            if len(rule) != 2 or rule[0] < 0:
+                raise ValueError(f"`embedding_bits_by_rows` entries are [min_rows, bits], got {rule}")
+        if self.embedding_mode not in ("symmetric", "asymmetric"):
+            raise ValueError(f"`embedding_mode` must be 'symmetric' or 'asymmetric', got {self.embedding_mode!r}")
+        if self.ste not in ("identity", "clipped"):
+            raise ValueError(f"`ste` must be 'identity' or 'clipped', got {self.ste!r}")
+        if self.scale_period <= 0:
+            raise ValueError(f"`scale_period` must be a positive number of steps, got {self.scale_period}")
+        if self.scale_tracking not in ("periodic", "exact"):
+            raise ValueError(f"`scale_tracking` must be 'periodic' or 'exact', got {self.scale_tracking!r}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
+        if self.mlp_bits is not None and self.mlp_bits not in (4, 8):
+            raise ValueError(f"`mlp_bits` must be 4, 8 or null, got {self.mlp_bits}")
+        if self.mlp_granularity not in ("per_row", "per_tensor"):
+            raise ValueError(f"`mlp_granularity` must be 'per_row' or 'per_tensor', got {self.mlp_granularity!r}")
+        if self.mlp_bias not in ("fp32", "reference"):
+            raise ValueError(f"`mlp_bias` must be 'fp32' or 'reference', got {self.mlp_bias!r}")
+
+    @property
+    def quantizes_embeddings(self) -> bool:
+        return self.embedding_bits is not None or bool(self.embedding_bits_per_table)
+
+    @property
+    def enabled(self) -> bool:
+        return self.quantizes_embeddings or self.mlp_bits is not None
+
+    def table_bits(self, feature: str, rows: int) -> int | None:
+        """Bits of one table (``None`` = FP32)."""
+        bits = self.embedding_bits
+        for min_rows, rule_bits in sorted(self.embedding_bits_by_rows):
+            if rows >= min_rows:
+                bits = rule_bits
+        return self.embedding_bits_per_table.get(feature, bits)
+
+    @property
+    def effective_period(self) -> int:
+        """Optimizer steps between two refreshes."""
+        return self.scale_period + (1 if self.period_off_by_one else 0)

@@ -1,0 +1,236 @@
+"""``EmbeddingQuantizer``: DQRM's embedding QAT on the rows a batch looks up, with periodic per-table scales.
+
+Notation: B batch size, F sparse features (one table each), D embedding dimension.
+
+No quantized copy of a table ever exists. The quantizer is a forward hook on DLRM's ``SparseArch``, whose output is
+the pooled embedding of each (sample, feature), shape (B, F, D):
+
+* one-hot features (Criteo: one id per feature and sample): the pooled vector *is* the looked-up row, so
+  fake-quantizing feature f's slice with table f's scale is exactly per-row QAT. This works unchanged with TorchRec's
+  fused FBGEMM kernels, sharded or not;
+* multi-hot features: rows must be quantized before pooling. With the identity straight-through gradient,
+  ``sum_i q(w_i) = sum_i w_i + sum_i (q(w_i) - w_i)`` where the second term carries no gradient, so the pooled FP32
+  output (with its fused backward) is corrected by a term computed from the looked-up rows under ``no_grad``. This
+  needs the table on this process (single process or table-wise placement here).
+
+Scales are computed from the FP32 master tables under ``no_grad`` with ``torch.aminmax`` (a reduction: no
+table-sized temporary), at the first training step and then every ``scale_period`` optimizer steps; they are frozen
+in between and during evaluation. Under sharding every rank reduces its local shards and the extrema are all-reduced,
+so all ranks hold identical scales. Scales, offsets, bits and the refresh counters are buffers: they are saved in
+checkpoints and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dqrm_lightning.quant.config import QATConfig
+from dqrm_lightning.quant.fake_quant import asymmetric_scale, fake_quantize, qrange, symmetric_scale
+
+
+class TableAccess:
+    """Local FP32 weight views of each table of an EmbeddingBagCollection (sharded or not), by feature name."""
+
+    def __init__(self, ebc: nn.Module) -> None:
+        self.local: dict[str, list[tuple[torch.Tensor, tuple[int, ...]]]] = {}
+        self.full_rows: dict[str, int] = {}
+        configs = _table_configs(ebc)
+        table_to_feature = {cfg.name: cfg.feature_names[0] for cfg in configs}
+        for key, value in ebc.state_dict().items():
+            table = key.split(".")[-2]
+            if table not in table_to_feature:
+                continue
+            feature = table_to_feature[table]
+            if isinstance(value, ShardedTensor):
+                shards = [(s.tensor, tuple(s.metadata.shard_offsets)) for s in value.local_shards()]
+                self.full_rows[feature] = int(value.size(0))
+            else:
+                shards = [(value, (0, 0))]
+                self.full_rows[feature] = int(value.shape[0])
+            self.local[feature] = shards
+
+    def extrema(self, feature: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) over this process's shards of a table (+inf/-inf when it holds none)."""
+        low = torch.tensor(float("inf"))
+        high = torch.tensor(float("-inf"))
+        with torch.no_grad():
+            for tensor, _ in self.local.get(feature, []):
+                if tensor.numel():
+                    shard_low, shard_high = torch.aminmax(tensor.detach())
+                    low = torch.minimum(low, shard_low.float())
+                    high = torch.maximum(high, shard_high.float())
+        return low, high
+
+    def rows(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
+        """FP32 rows ``ids`` of a table held whole by this process."""
+        shards = self.local.get(feature, [])
+        if len(shards) != 1 or shards[0][0].shape[0] != self.full_rows[feature]:
+            raise NotImplementedError(
+                f"multi-hot QAT of feature {feature!r} needs its whole table on this process "
+                "(single process or table-wise placement)"
+            )
+        return shards[0][0].detach()[ids]
+
+
+def _table_configs(ebc: nn.Module) -> list[Any]:
+    if hasattr(ebc, "embedding_bag_configs"):
+        return list(ebc.embedding_bag_configs())
+    return list(ebc._embedding_bag_configs)  # sharded EBC keeps the unsharded configs
+
+
+class EmbeddingQuantizer(nn.Module):
+    """Per-table fake quantization of looked-up rows. Attach with :meth:`attach` to a DLRM ``SparseArch``.
+
+    Args:
+        feature_names: the F features in SparseArch output order.
+        table_rows: rows of each feature's table.
+        config: the QAT settings.
+    """
+
+    def __init__(self, feature_names: list[str], table_rows: list[int], config: QATConfig) -> None:
+        super().__init__()
+        self.feature_names = list(feature_names)
+        self.config = config
+        bits = [config.table_bits(f, rows) for f, rows in zip(feature_names, table_rows, strict=True)]
+        self.register_buffer("bits", torch.tensor([b or 0 for b in bits], dtype=torch.int64))
+        ranges = [qrange(b, config.embedding_mode) if b else (0, 0) for b in bits]
+        self.register_buffer("qmin", torch.tensor([r[0] for r in ranges], dtype=torch.float32))
+        self.register_buffer("qmax", torch.tensor([r[1] for r in ranges], dtype=torch.float32))
+        self.register_buffer("scale", torch.ones(len(bits)))
+        self.register_buffer("offset", torch.zeros(len(bits)))
+        self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("last_refresh_step", torch.full((), -1, dtype=torch.int64))
+        self.register_buffer("start_step", torch.full((), -1, dtype=torch.int64))
+        self._tables: TableAccess | None = None
+        self._ebc: tuple[nn.Module, ...] = ()  # a tuple: not registered as a submodule (its tables are not ours)
+        self.active = True
+        self.record_error = False
+        self.last_error: torch.Tensor | None = None
+
+    # --------------------------------------------------------------------------------------------- attaching
+    def attach(self, sparse_arch: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """Register the forward hook on a DLRM SparseArch (sharded EBC inside or not)."""
+        self._ebc = (sparse_arch.embedding_bag_collection,)
+        self._tables = None
+        return sparse_arch.register_forward_hook(self._hook)
+
+    @property
+    def tables(self) -> TableAccess:
+        if self._tables is None:
+            assert self._ebc, "attach() the quantizer first"
+            self._tables = TableAccess(self._ebc[0])
+        return self._tables
+
+    @property
+    def quantized(self) -> torch.Tensor:
+        """(F,) bool: which tables are quantized (0 bits = FP32)."""
+        return self.bits > 0
+
+    @property
+    def initialized(self) -> bool:
+        return int(self.refreshes) > 0
+
+    # ---------------------------------------------------------------------------------------------- scales
+    @torch.no_grad()
+    def refresh(self, step: int | None = None) -> None:
+        """Recompute every quantized table's scale from its FP32 weights (all ranks agree)."""
+        lows, highs = [], []
+        for feature in self.feature_names:
+            low, high = self.tables.extrema(feature)
+            lows.append(low)
+            highs.append(high)
+        extrema = torch.stack([-torch.stack(lows), torch.stack(highs)])  # (2, F): max(-min), max(max)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(extrema, op=dist.ReduceOp.MAX)
+        low, high = -extrema[0], extrema[1]
+        bits = self.bits.clamp_min(2)
+        if self.config.embedding_mode == "symmetric":
+            scale = symmetric_scale(torch.maximum(low.abs(), high.abs()), bits)
+            offset = torch.zeros_like(scale)
+        else:
+            scale, offset = asymmetric_scale(low, high, bits)
+        self.scale.copy_(torch.where(self.quantized, scale, torch.ones_like(scale)))
+        self.offset.copy_(torch.where(self.quantized, offset, torch.zeros_like(offset)))
+        self.refreshes += 1
+        if step is not None:
+            self.last_refresh_step.fill_(step)
+
+    def due(self, step: int) -> bool:
+        """Whether a refresh is due before optimizer step ``step`` (refresh at the start, then every period)."""
+        if int(self.start_step) < 0:
+            return True
+        if int(self.last_refresh_step) == step:
+            return False
+        return (step - int(self.start_step)) % self.config.effective_period == 0
+
+    def maybe_refresh(self, step: int) -> bool:
+        if int(self.start_step) < 0:
+            self.start_step.fill_(step)
+        if self.due(step):
+            self.refresh(step)
+            return True
+        return False
+
+    # ------------------------------------------------------------------------------------------------ hook
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return output
+        if not self.initialized:
+            self.refresh()  # a first-ever forward (e.g. evaluating an FP32 checkpoint) initialises the scales
+        return self.quantize(output, inputs[0])
+
+    def quantize(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Fake-quantize the looked-up rows behind ``pooled`` (B, F, D); returns (B, F, D)."""
+        shape = (1, -1, 1)  # broadcast per feature over (B, F, D)
+        lengths = features.lengths().view(len(features.keys()), -1)  # (F, B)
+        one_hot = bool((lengths == 1).all())
+        if one_hot:
+            out = fake_quantize(
+                pooled,
+                self.scale.view(shape),
+                self.qmin.view(shape),
+                self.qmax.view(shape),
+                self.offset.view(shape),
+                self.config.ste,
+            )
+            out = torch.where(self.quantized.view(shape), out, pooled)
+        else:
+            out = pooled + self._multi_hot_correction(pooled, features)
+        if self.record_error:
+            with torch.no_grad():
+                self.last_error = (out - pooled).abs().mean(dim=(0, 2)).detach()  # (F,)
+        return out
+
+    @torch.no_grad()
+    def _multi_hot_correction(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+        """sum over each bag of (q(w) - w): (B, F, D), no gradient."""
+        if self.config.ste != "identity":
+            raise NotImplementedError("multi-hot QAT supports the identity straight-through gradient only")
+        correction = torch.zeros_like(pooled)
+        batch = pooled.shape[0]
+        per_feature = features.to_dict()
+        for f, name in enumerate(self.feature_names):
+            if not bool(self.quantized[f]):
+                continue
+            jagged = per_feature[name]
+            ids = jagged.values()
+            rows = self.tables.rows(name, ids).float()  # (N, D)
+            q = fake_quantize(rows, self.scale[f], self.qmin[f], self.qmax[f], self.offset[f])
+            bag = torch.repeat_interleave(torch.arange(batch), jagged.lengths().long())
+            correction[:, f, :].index_add_(0, bag, (q - rows).to(pooled.dtype))
+        return correction
+
+    # --------------------------------------------------------------------------------------------- reports
+    def scales(self) -> dict[str, float]:
+        return {f: float(s) for f, s, q in zip(self.feature_names, self.scale, self.quantized, strict=True) if q}
+
+    def table_bits(self) -> dict[str, int | None]:
+        return {
+            f: (int(b) if q else None) for f, b, q in zip(self.feature_names, self.bits, self.quantized, strict=True)
+        }

@@ -1,0 +1,112 @@
+"""``FakeQuantizedLinear``: MLP weight QAT (per output row or per tensor), recomputed every forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from dqrm_lightning.quant.config import BiasMode, MLPGranularity
+from dqrm_lightning.quant.fake_quant import Ste, fake_quantize, qrange
+
+
+def weight_scale(weight: torch.Tensor, bits: int, granularity: MLPGranularity) -> torch.Tensor:
+    """Symmetric scale ``max|W_r| / (2^(b-1) - 1)`` per output row (out, 1), or one for the tensor (1, 1)."""
+    n = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        if granularity == "per_row":
+            low, high = torch.aminmax(weight.detach(), dim=1, keepdim=True)
+        else:
+            low, high = torch.aminmax(weight.detach())
+            low, high = low.view(1, 1), high.view(1, 1)
+        return (torch.maximum(low.abs(), high.abs()) / n).clamp_min(1e-8)
+
+
+class FakeQuantizedLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight (and, in ``reference`` bias mode, bias) is fake-quantized in every forward.
+
+    Activations stay FP32 (as in every DQRM paper run). Build with :meth:`from_linear`, which shares the parameters;
+    :meth:`to_linear` is its exact inverse.
+
+    Args:
+        bits: 4 or 8.
+        granularity: ``per_row`` (one scale per output neuron) or ``per_tensor``.
+        bias_mode: ``fp32`` or ``reference`` (bias quantized with its row's scale and the weight bits).
+        ste: straight-through gradient.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 4,
+        granularity: MLPGranularity = "per_row",
+        bias_mode: BiasMode = "fp32",
+        ste: Ste = "identity",
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device)
+        self.bits = bits
+        self.granularity = granularity
+        self.bias_mode = bias_mode
+        self.ste = ste
+        self.active = True  # False: plain FP32 (e.g. during an FP32 warm-up)
+        low, high = qrange(bits)
+        self.register_buffer("qmin", torch.tensor(float(low)), persistent=False)
+        self.register_buffer("qmax", torch.tensor(float(high)), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> FakeQuantizedLinear:
+        """Wrap ``linear`` (sharing its weight and bias Parameters; nothing is copied)."""
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=torch.device("meta"),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        module.weight = linear.weight
+        module.bias = linear.bias
+        low, high = qrange(module.bits)
+        module.qmin = torch.tensor(float(low), device=linear.weight.device)
+        module.qmax = torch.tensor(float(high), device=linear.weight.device)
+        return module
+
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=torch.device("meta"))
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(fake-quantized weight, bias as used, scale (out, 1) or (1, 1))."""
+        scale = weight_scale(self.weight, self.bits, self.granularity)
+        weight = fake_quantize(self.weight, scale, self.qmin, self.qmax, ste=self.ste)
+        bias = self.bias
+        if bias is not None and self.bias_mode == "reference":
+            bias = fake_quantize(bias, scale.view(-1), self.qmin, self.qmax, ste=self.ste)
+        return weight, bias, scale
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return super().forward(x)
+        weight, bias, _ = self.quantized_weight()
+        return nn.functional.linear(x, weight, bias)
+
+    @override
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, granularity={self.granularity}, bias_mode={self.bias_mode}"
+
+
+def swap_linears(module: nn.Module, **kwargs: object) -> int:
+    """Replace every ``nn.Linear`` below ``module`` by a FakeQuantizedLinear sharing its parameters; returns count."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, FakeQuantizedLinear.from_linear(child, **kwargs))
+            count += 1
+        else:
+            count += swap_linears(child, **kwargs)
+    return count

@@ -1,0 +1,154 @@
+import numpy as np
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
+from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.quant.config import QATConfig
+from dqrm_lightning.quant.fake_quant import fp16_ceil
+from dqrm_lightning.sharding import gather_full
+from tests.test_model import random_batch
+
+ROWS = 40
+
+
+def qat_module(config: QATConfig, rows: int = ROWS) -> DLRMModule:
+    torch.manual_seed(0)
+    module = DLRMModule([rows] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    module.prepare_qat(config)
+    return module
+
+
+def full_table(module: DLRMModule, feature: str) -> torch.Tensor:
+    key = f"model.sparse_arch.embedding_bag_collection.embedding_bags.t_{feature}.weight"
+    value = module.state_dict()[key]
+    return (gather_full(value) if hasattr(value, "local_shards") else value).detach().clone()
+
+
+def brute_force_rows(table: torch.Tensor, ids: torch.Tensor, bits: int) -> torch.Tensor:
+    n = 2 ** (bits - 1) - 1
+    scale = fp16_ceil(table.abs().max() / n)
+    return torch.clamp(torch.round(table[ids] / scale), -n - 1, n) * scale
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_one_hot_output_is_per_row_fake_quantization(bits):
+    module = qat_module(QATConfig(embedding_bits=bits))
+    batch = random_batch(batch_size=16, rows=ROWS)
+    pooled = module.dlrm.sparse_arch(batch.sparse_features)  # (B, F, D), quantized by the hook
+    for f, feature in enumerate(DEFAULT_CAT_NAMES):
+        ids = batch.sparse_features[feature].values()
+        expected = brute_force_rows(full_table(module, feature), ids, bits)
+        torch.testing.assert_close(pooled[:, f, :], expected, rtol=0, atol=1e-7)
+
+
+def test_multi_hot_quantizes_rows_before_pooling():
+    module = qat_module(QATConfig(embedding_bits=4))
+    batch_size = 3
+    lengths = torch.tensor([2, 0, 3] * 26, dtype=torch.int32)
+    values = torch.randint(0, ROWS, (int(lengths.sum()),))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=list(DEFAULT_CAT_NAMES), values=values, lengths=lengths)
+    pooled = module.dlrm.sparse_arch(kjt)
+    for f, feature in enumerate(DEFAULT_CAT_NAMES[:4]):
+        jagged = kjt[feature]
+        table = full_table(module, feature)
+        start = 0
+        for b, length in enumerate(jagged.lengths().tolist()):
+            ids = jagged.values()[start : start + length]
+            start += length
+            expected = brute_force_rows(table, ids, 4).sum(dim=0) if length else torch.zeros(8)
+            torch.testing.assert_close(pooled[b, f], expected, rtol=0, atol=2e-7)
+            # summing after quantizing differs from quantizing the sum (the reference code's pooled-output quirk)
+    assert pooled.shape == (batch_size, 26, 8)
+
+
+def test_gradient_reaches_only_looked_up_rows_through_the_quantizer():
+    module = qat_module(QATConfig(embedding_bits=4))
+    optimizer = module.configure_optimizers()
+    batch = random_batch(batch_size=4, rows=ROWS)
+    before = full_table(module, "C5")
+    module._loss(module(batch), batch).backward()
+    optimizer.step()
+    changed = set(torch.nonzero((full_table(module, "C5") != before).any(dim=1)).flatten().tolist())
+    assert changed
+    assert changed <= set(batch.sparse_features["C5"].values().tolist())
+
+
+@pytest.mark.parametrize(
+    ("period", "off_by_one", "expected"),
+    [(200, False, [0, 200, 400, 600]), (1, False, None), (200, True, [0, 201, 402, 603])],
+)
+def test_refresh_cadence_is_exactly_the_period(period, off_by_one, expected):
+    module = qat_module(QATConfig(embedding_bits=4, scale_period=period, period_off_by_one=off_by_one))
+    quantizer = module.embedding_quantizer
+    refreshed = [step for step in range(700) if quantizer.maybe_refresh(step)]
+    assert refreshed == (expected if expected is not None else list(range(700)))
+    assert int(quantizer.refreshes) == len(refreshed)
+
+
+def test_scale_is_frozen_between_refreshes_and_in_eval():
+    module = qat_module(QATConfig(embedding_bits=4, scale_period=3))
+    quantizer = module.embedding_quantizer
+    optimizer = module.configure_optimizers()
+    scales = []
+    for step in range(5):
+        quantizer.maybe_refresh(step)
+        scales.append(quantizer.scale.clone())
+        batch = random_batch(batch_size=64, rows=ROWS, seed=step)
+        module._loss(module(batch), batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.testing.assert_close(scales[1], scales[0], rtol=0, atol=0)
+    torch.testing.assert_close(scales[2], scales[0], rtol=0, atol=0)
+    assert not torch.equal(scales[3], scales[0])  # refreshed at step 3 from the trained tables
+    frozen = quantizer.scale.clone()
+    module.eval()
+    with torch.no_grad():
+        module(random_batch(seed=9, rows=ROWS))
+    torch.testing.assert_close(quantizer.scale, frozen, rtol=0, atol=0)
+
+
+def test_mixed_precision_policy():
+    config = QATConfig(
+        embedding_bits=8, embedding_bits_by_rows=[[1000, 4], [1_000_000, 2]], embedding_bits_per_table={"C9": 16}
+    )
+    assert config.table_bits("C1", 999) == 8
+    assert config.table_bits("C1", 1000) == 4
+    assert config.table_bits("C3", 10_131_227) == 2
+    assert config.table_bits("C9", 10_131_227) == 16
+    module = DLRMModule(
+        [10] * 13 + [2000] * 13, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]
+    )
+    module.prepare_qat(
+        QATConfig(embedding_bits=8, embedding_bits_by_rows=[[1000, 4]], embedding_bits_per_table={"C2": 2})
+    )
+    bits = module.embedding_quantizer.table_bits()
+    assert bits["C1"] == 8 and bits["C2"] == 2 and bits["C26"] == 4
+    assert module.embedding_quantizer.qmin[1] == -2 and module.embedding_quantizer.qmax[25] == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"embedding_bits": 3}, "bit width"),
+        ({"scale_period": 0}, "scale_period"),
+        ({"mlp_bits": 2}, "mlp_bits"),
+        ({"embedding_mode": "log"}, "embedding_mode"),
+    ],
+)
+def test_bad_config_names_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QATConfig(**kwargs)
+
+
+def test_quantized_model_bytes_kaggle_int4_is_an_eighth():
+    from tests.test_model import KAGGLE
+
+    module = DLRMModule(
+        KAGGLE, embedding_dim=16, dense_arch_layer_sizes=[512, 256, 64, 16], over_arch_layer_sizes=[512, 256, 1]
+    )
+    module.qat_config = QATConfig(embedding_bits=4, mlp_bits=4)  # the size is analytic: no need to build the tables
+    ratio = module.quantized_model_bytes() / module.model_bytes()
+    assert ratio <= 0.126
+    np.testing.assert_allclose(ratio, 0.125, atol=0.001)

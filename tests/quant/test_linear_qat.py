@@ -1,0 +1,58 @@
+import pytest
+import torch
+from torch import nn
+
+from dqrm_lightning.quant.linear import FakeQuantizedLinear, swap_linears
+
+
+def brute_force(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    n = 2 ** (bits - 1) - 1
+    out = torch.empty_like(weight)
+    for r in range(weight.shape[0]):
+        s = max(weight[r].abs().max().item() / n, 1e-8)
+        out[r] = torch.clamp(torch.round(weight[r] / s), -n - 1, n) * s
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_per_row_weight_quantization(bits):
+    torch.manual_seed(bits)
+    linear = nn.Linear(7, 5)
+    fq = FakeQuantizedLinear.from_linear(linear, bits=bits)
+    assert fq.weight is linear.weight and fq.bias is linear.bias  # shared, not copied
+    weight, bias, scale = fq.quantized_weight()
+    torch.testing.assert_close(weight, brute_force(linear.weight.detach(), bits), rtol=0, atol=1e-7)
+    assert bias is linear.bias
+    assert scale.shape == (5, 1)
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(fq(x), x @ weight.T + linear.bias, rtol=1e-6, atol=1e-6)
+    assert fq.to_linear().weight is linear.weight
+
+
+def test_per_tensor_and_reference_bias():
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.bias.copy_(torch.tensor([10.0, -0.01, 0.02]))
+    fq = FakeQuantizedLinear.from_linear(linear, bits=4, granularity="per_tensor", bias_mode="reference")
+    weight, bias, scale = fq.quantized_weight()
+    assert scale.shape == (1, 1)
+    s = linear.weight.abs().max().item() / 7
+    torch.testing.assert_close(weight, torch.clamp(torch.round(linear.weight / s), -8, 7) * s, rtol=0, atol=1e-7)
+    assert float(bias[0]) == pytest.approx(7 * s)  # the reference clamps the bias to the weight grid
+    assert (bias.detach() / s - torch.round(bias.detach() / s)).abs().max() < 1e-5
+
+
+def test_gradient_flows_to_the_fp32_weight():
+    linear = nn.Linear(3, 2)
+    fq = FakeQuantizedLinear.from_linear(linear, bits=4)
+    fq(torch.ones(1, 3)).sum().backward()
+    torch.testing.assert_close(linear.weight.grad, torch.ones(2, 3))  # identity STE
+
+
+def test_swap_linears_counts_and_keeps_state_dict_keys():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Sequential(nn.Linear(3, 1)))
+    keys = list(model.state_dict())
+    assert swap_linears(model, bits=8) == 2
+    assert list(model.state_dict()) == keys
+    assert isinstance(model[0], FakeQuantizedLinear) and isinstance(model[2][0], FakeQuantizedLinear)

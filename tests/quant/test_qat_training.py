@@ -1,0 +1,68 @@
+"""QAT through the Trainer: the callback prepares in setup, and a resumed run continues exactly."""
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dqrm_lightning.callbacks import QuantizationAwareTraining
+from dqrm_lightning.sharding import gather_full
+from tests.test_resume import _datamodule, _module
+
+PERIOD = 7
+
+
+def _trainer(tmp_path, callbacks, **kwargs):
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _qat():
+    return QuantizationAwareTraining(embedding_bits=4, mlp_bits=4, scale_period=PERIOD)
+
+
+def _state(module):
+    return {
+        k: (gather_full(v) if hasattr(v, "local_shards") else v).detach().clone()
+        for k, v in module.state_dict().items()
+    }
+
+
+def test_qat_state_survives_checkpoint_and_resume_exactly(tmp_path):
+    per_epoch = 32  # 1000 rows / batch 32
+    reference = _module()
+    _trainer(tmp_path / "ref", [_qat()], max_epochs=2).fit(reference, datamodule=_datamodule(tmp_path))
+    quantizer = reference.embedding_quantizer
+    assert int(quantizer.refreshes) == len(range(0, 2 * per_epoch, PERIOD))
+    assert int(quantizer.last_refresh_step) == (2 * per_epoch - 1) // PERIOD * PERIOD
+
+    stop = per_epoch + 10
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, save_top_k=-1)
+    _trainer(tmp_path / "a", [_qat(), checkpoint], max_steps=stop).fit(_module(), datamodule=_datamodule(tmp_path))
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    saved = torch.load(path, weights_only=True)
+    assert saved["qat_config"]["embedding_bits"] == 4
+    assert int(saved["state_dict"]["embedding_quantizer.refreshes"]) == len(range(0, stop, PERIOD))
+
+    resumed = _module()
+    _trainer(tmp_path / "b", [_qat()], max_epochs=2).fit(resumed, datamodule=_datamodule(tmp_path), ckpt_path=path)
+    want, got = _state(reference), _state(resumed)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_warmup_epochs_train_fp32_first(tmp_path):
+    module = _module()
+    qat = QuantizationAwareTraining(embedding_bits=4, scale_period=PERIOD, warmup_epochs=1)
+    _trainer(tmp_path, [qat], max_epochs=2).fit(module, datamodule=_datamodule(tmp_path))
+    quantizer = module.embedding_quantizer
+    assert int(quantizer.start_step) == 32  # quantization started with the second epoch
+    assert int(quantizer.refreshes) == len(range(32, 64, PERIOD))
