@@ -124,8 +124,11 @@ def test_mixed_precision_policy():
         QATConfig(embedding_bits=8, embedding_bits_by_rows=[[1000, 4]], embedding_bits_per_table={"C2": 2})
     )
     bits = module.embedding_quantizer.table_bits()
-    assert bits["C1"] == 8 and bits["C2"] == 2 and bits["C26"] == 4
-    assert module.embedding_quantizer.qmin[1] == -2 and module.embedding_quantizer.qmax[25] == 7
+    assert bits["C1"] == 8
+    assert bits["C2"] == 2
+    assert bits["C26"] == 4
+    assert module.embedding_quantizer.qmin[1] == -2
+    assert module.embedding_quantizer.qmax[25] == 7
 
 
 @pytest.mark.parametrize(

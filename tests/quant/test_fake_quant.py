@@ -37,7 +37,8 @@ def test_codes_rounding_and_clamping_match_brute_force(bits):
     out = fake_quantize(x, torch.tensor(scale), torch.tensor(float(lo)), torch.tensor(float(hi)))
     np.testing.assert_array_equal(out.numpy(), brute_force_symmetric(grid, scale, bits).astype(np.float32))
     codes = quantize_codes(x, torch.tensor(scale), torch.tensor(float(lo)), torch.tensor(float(hi)))
-    assert int(codes.min()) == lo and int(codes.max()) == hi
+    assert int(codes.min()) == lo
+    assert int(codes.max()) == hi
     assert (
         float(fake_quantize(torch.tensor(2.5 * scale), torch.tensor(scale), torch.tensor(-8.0), torch.tensor(7.0)))
         == 2 * scale
@@ -60,7 +61,8 @@ def test_fresh_symmetric_scale_never_clips_and_is_fp16_exact(bits):
 def test_asymmetric_grid_covers_min_to_max():
     w = torch.tensor([-0.3, -0.1, 0.0, 0.2, 0.5])
     scale, beta = asymmetric_scale(w.min(), w.max(), 4)
-    assert float(beta.half().float()) == float(beta) and float(scale.half().float()) == float(scale)
+    assert float(beta.half().float()) == float(beta)
+    assert float(scale.half().float()) == float(scale)
     out = fake_quantize(w, scale, torch.tensor(0.0), torch.tensor(15.0), beta)
     assert float((out - w).abs().max()) <= float(scale) / 2 + 1e-7
     assert float(out.min()) == pytest.approx(float(beta))

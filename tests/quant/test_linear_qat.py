@@ -19,7 +19,8 @@ def test_per_row_weight_quantization(bits):
     torch.manual_seed(bits)
     linear = nn.Linear(7, 5)
     fq = FakeQuantizedLinear.from_linear(linear, bits=bits)
-    assert fq.weight is linear.weight and fq.bias is linear.bias  # shared, not copied
+    assert fq.weight is linear.weight
+    assert fq.bias is linear.bias
     weight, bias, scale = fq.quantized_weight()
     torch.testing.assert_close(weight, brute_force(linear.weight.detach(), bits), rtol=0, atol=1e-7)
     assert bias is linear.bias
@@ -55,4 +56,5 @@ def test_swap_linears_counts_and_keeps_state_dict_keys():
     keys = list(model.state_dict())
     assert swap_linears(model, bits=8) == 2
     assert list(model.state_dict()) == keys
-    assert isinstance(model[0], FakeQuantizedLinear) and isinstance(model[2][0], FakeQuantizedLinear)
+    assert isinstance(model[0], FakeQuantizedLinear)
+    assert isinstance(model[2][0], FakeQuantizedLinear)
