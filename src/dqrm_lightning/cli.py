@@ -62,6 +62,8 @@ class DQRMCLI(LightningCLI):
         parser.add_argument(
             "--predictions", default="predictions.tsv", help="predict: file (in the log dir) for probabilities"
         )
+        parser.add_argument("--artifact", default=None, help="validate/test/predict with an exported artifact")
+        parser.add_argument("--engine", default="torchrec", choices=("torchrec", "plain"), help="artifact engine")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -97,6 +99,13 @@ class DQRMCLI(LightningCLI):
         return next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
 
     def _before(self) -> None:
+        artifact = self._get(self.config, "artifact")
+        if artifact:
+            if self.subcommand == "fit":
+                raise ValueError("`--artifact` is for validate, test and predict; fit trains a model")
+            if self._get(self.config, "ckpt_path"):
+                raise ValueError("give either `--artifact` or `--ckpt_path`, not both")
+            self.model.use_artifact(artifact, self._get(self.config, "engine"))
         summary = self._summary_callback()
         config = self.config[self.subcommand] if self.subcommand else self.config
         summary.config = json.loads(self._parser(self.subcommand).dump(config, format="json", skip_check=True))
@@ -249,10 +258,65 @@ def _quiet_known_warnings() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def export_main(argv: list[str]) -> str:
+    """Run ``dqrm export``; returns the path of the summary it wrote."""
+    parser = argparse.ArgumentParser(prog="dqrm export", description="Export a checkpoint to a packed INT-N artifact")
+    parser.add_argument("--ckpt", required=True, help="checkpoint (QAT, or FP32 for post-training quantization)")
+    parser.add_argument("--out", required=True, help="artifact directory")
+    parser.add_argument("--embedding-bits", type=int, default=None, help="FP32 checkpoints: PTQ table bits")
+    parser.add_argument("--mlp-bits", type=int, default=None, help="FP32 checkpoints: PTQ MLP weight bits")
+    parser.add_argument(
+        "--ptq-scales",
+        choices=("trained", "init"),
+        default="trained",
+        help="PTQ scales from the trained tables (honest) or the initial ones (the reference code's)",
+    )
+    parser.add_argument("--mlp", choices=("quantized", "fp32"), default="quantized", help="MLP weights in the artifact")
+    args = parser.parse_args(argv)
+    from dqrm_lightning.export.exporter import export_checkpoint
+
+    start = time.perf_counter()
+    manifest = export_checkpoint(
+        args.ckpt,
+        args.out,
+        embedding_bits=args.embedding_bits,
+        mlp_bits=args.mlp_bits,
+        ptq_scales=args.ptq_scales,
+        quantize_mlp=args.mlp == "quantized",
+    )
+    sizes = manifest["bytes"]
+    bits = sorted({t["bits"] for t in manifest["tables"]})
+    print(
+        f"exported {args.ckpt} -> {args.out}: table bits {bits}, {manifest['quantization']}, "
+        f"{sizes['payload']:,} bytes = {sizes['ratio']:.4f} x the FP32 model ({sizes['fp32_model']:,} bytes)"
+    )
+    summary = {
+        "command": "export",
+        "artifact": str(args.out),
+        "quantization": manifest["quantization"],
+        "bytes": sizes,
+        "table_bits": {t["feature"]: t["bits"] for t in manifest["tables"]},
+        "mlp_bits": {layer["name"]: layer["bits"] for layer in manifest["mlp"]},
+        "seconds": time.perf_counter() - start,
+    }
+    path = Path(args.out) / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dqrm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_known_warnings()
+    if argv and argv[0] == "export":
+        from dqrm_lightning.export.artifact import ArtifactError
+
+        try:
+            path = export_main(argv[1:])
+        except (ArtifactError, FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"dqrm export: error: {err}") from None
+        print(f"summary: {path}", flush=True)
+        return
     if argv and argv[0] == "data":
         from dqrm_lightning.data.criteo import CriteoFormatError
 

@@ -87,6 +87,7 @@ class DLRMModule(pl.LightningModule):
             raise ValueError("learning rates must be positive")
         self.model: nn.Module | None = None
         self.qat_config: QATConfig | None = None
+        self.artifact_model: nn.Module | None = None
         self.embedding_quantizer: EmbeddingQuantizer | None = None
         self.val_metrics = ClickMetrics("val/")
         self.test_metrics = ClickMetrics("test/")
@@ -122,9 +123,20 @@ class DLRMModule(pl.LightningModule):
                     _dlrm_init_(layer)
         return dlrm
 
+    def use_artifact(self, path: str, engine: str = "torchrec") -> None:
+        """Evaluate / predict with an exported artifact instead of the trainable model."""
+        from dqrm_lightning.export.inference import load_inference_model
+
+        model = load_inference_model(path, engine)
+        expected = list(self.hparams.num_embeddings_per_feature)
+        found = model.manifest["model"]["num_embeddings_per_feature"]
+        if found != expected:
+            raise ValueError(f"artifact {path} has table sizes {found[:4]}..., the data gives {expected[:4]}...")
+        self.artifact_model = model
+
     @override
     def configure_model(self) -> None:
-        if self.model is not None:
+        if self.model is not None or self.artifact_model is not None:
             return
         dlrm = self.build_dlrm()
         sparse_lr = self.hparams.sparse_learning_rate or self.hparams.learning_rate
@@ -141,9 +153,18 @@ class DLRMModule(pl.LightningModule):
         MLPs (``config.mlp_bits``): every ``nn.Linear`` of the bottom and top MLPs becomes a FakeQuantizedLinear
         sharing its parameters. Works before or after sharding (DMP keeps the parameters, not the modules).
         """
+        if self.artifact_model is not None:
+            return  # an exported artifact is already quantized
         if self.qat_config is not None:
-            if self.qat_config != config:
-                raise ValueError(f"the model is already prepared for QAT with {self.qat_config}, not {config}")
+            differences = self.qat_config.structural_differences(config)
+            if differences:
+                detail = ", ".join(
+                    f"{k}: {getattr(self.qat_config, k)!r} vs {getattr(config, k)!r}" for k in differences
+                )
+                raise ValueError(
+                    f"the model is prepared for a different quantization ({detail}); use the QAT "
+                    "settings the checkpoint was trained with"
+                )
             return
         self.configure_model()
         dlrm = self.dlrm
@@ -180,7 +201,8 @@ class DLRMModule(pl.LightningModule):
 
     def quantized_model_bytes(self) -> int | None:
         """Bytes of the INT-N model (analytic): packed table codes plus one fp16 scale and offset per quantized table,
-        MLP weights at their bits with a float32 scale per output row, float32 biases. ``None`` without QAT."""
+        MLP weight rows at their bits (packed to whole bytes) with a float32 scale each, float32 biases. ``None``
+        without QAT."""
         config = self.qat_config
         if config is None:
             return None
@@ -191,7 +213,8 @@ class DLRMModule(pl.LightningModule):
             tables += rows * hp.embedding_dim * 4 if bits is None else -(-rows * hp.embedding_dim * bits // 8) + 4
         mlp = 0
         for width, out in self._mlp_layers():
-            weight = 4 * width * out if config.mlp_bits is None else -(-width * out * config.mlp_bits // 8) + 4 * out
+            # quantized rows are packed to whole bytes, with a float32 scale each
+            weight = 4 * width * out if config.mlp_bits is None else out * (-(-width * config.mlp_bits // 8) + 4)
             mlp += weight + 4 * out
         return tables + mlp
 
@@ -205,6 +228,8 @@ class DLRMModule(pl.LightningModule):
     @override
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits of shape (B,)."""
+        if self.artifact_model is not None:
+            return self.artifact_model(batch.dense_features, batch.sparse_features).squeeze(-1)
         assert self.model is not None, "call configure_model() first"
         return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)  # (B, 1) -> (B,)
 

@@ -90,6 +90,21 @@ class QATConfig:
                 bits = rule_bits
         return self.embedding_bits_per_table.get(feature, bits)
 
+    _STRUCTURAL = (
+        "embedding_bits",
+        "embedding_bits_per_table",
+        "embedding_bits_by_rows",
+        "embedding_mode",
+        "ste",
+        "mlp_bits",
+        "mlp_granularity",
+        "mlp_bias",
+    )
+
+    def structural_differences(self, other: QATConfig) -> list[str]:
+        """Fields that change the quantized model itself (not just the training schedule) and differ."""
+        return [name for name in self._STRUCTURAL if getattr(self, name) != getattr(other, name)]
+
     @property
     def effective_period(self) -> int:
         """Optimizer steps between two refreshes."""

@@ -1,0 +1,170 @@
+"""The DQRM model artifact: packed integer tables and MLPs plus a JSON manifest. No pickle anywhere.
+
+Layout of an artifact directory::
+
+    manifest.json          format, model shape, QAT settings, one entry per table and MLP layer, sha256 of each file
+    tables/C1.bin ...      table codes, row-major, packed: INT2 four per byte, INT4 two per byte (element 2k in the low
+                           nibble, as FBGEMM), INT8 one byte, INT16 two bytes (little endian), FP32 four bytes
+    mlp/<layer>.w.bin      MLP weight codes (INT4 packed two per byte, INT8) or float32 weights
+    mlp/<layer>.s.bin      float32 scale per output row (quantized layers)
+    mlp/<layer>.b.bin      float32 bias (the value the QAT model used)
+
+Codes are stored unsigned: ``u = q + 2^(b-1)`` for the symmetric grid (``q`` signed), ``u = q`` for the asymmetric
+one; each table's value is ``u * scale + offset`` with a float16-exact ``scale`` and ``offset`` (``offset =
+-2^(b-1) * scale`` for symmetric tables), which is exactly FBGEMM's row-wise INT-N format with the same scale and bias
+on every row. Loading checks every file's size and sha256 before use and refuses a tampered or truncated artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "dqrm-artifact"
+VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be trusted or read (missing, tampered, truncated, unknown format)."""
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (rows, D) into bytes (rows, D * bits / 8); element k of a byte in bits [k*b, (k+1)*b)."""
+    codes = np.asarray(codes)
+    if bits == 32:
+        return np.ascontiguousarray(codes, dtype="<f4").view(np.uint8)
+    if bits == 16:
+        return np.ascontiguousarray(codes, dtype="<u2").view(np.uint8)
+    if bits == 8:
+        return codes.astype(np.uint8)
+    per_byte = 8 // bits
+    rows, dim = codes.shape
+    padded = -(-dim // per_byte) * per_byte  # rows are padded with zero codes to whole bytes
+    grouped = np.zeros((rows, padded), dtype=np.uint8)
+    grouped[:, :dim] = codes
+    grouped = grouped.reshape(rows, padded // per_byte, per_byte)
+    packed = np.zeros((rows, padded // per_byte), dtype=np.uint8)
+    for k in range(per_byte):
+        packed |= grouped[:, :, k] << np.uint8(k * bits)
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes` for a (N, bytes) uint8 tensor -> (N, dim) float32 codes (int for 8/16 bits)."""
+    if bits == 32:
+        return packed.contiguous().view(torch.float32).reshape(-1, dim)
+    if bits == 16:
+        return packed.contiguous().view(torch.int16).reshape(-1, dim).to(torch.int32) & 0xFFFF
+    if bits == 8:
+        return packed.to(torch.int32)
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed.to(torch.int32) >> (k * bits)) & mask for k in range(per_byte)]
+    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)[:, :dim]
+
+
+@dataclass
+class Artifact:
+    """A loaded, verified artifact: the manifest and its arrays (numpy, memory-mapped where large)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    tables: dict[str, np.ndarray] = field(default_factory=dict)
+    mlp: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ArtifactWriter:
+    """Writes files under a temporary directory and moves it into place with its manifest at the end."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self.tmp = self.out.with_name(f".{self.out.name}.partial")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = np.ascontiguousarray(array)
+        array.tofile(path)
+        self.files[name] = {
+            "sha256": _sha256(path),
+            "bytes": path.stat().st_size,
+            "dtype": array.dtype.str,
+            "shape": list(array.shape),
+        }
+        return name
+
+    def finish(self, manifest: dict[str, Any]) -> Path:
+        manifest = {"format": FORMAT, "version": VERSION, **manifest, "files": self.files}
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        return self.out
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Read and verify an artifact; never executes code from it.
+
+    Raises:
+        ArtifactError: missing manifest, unknown format, missing, truncated or modified file (sha256 mismatch).
+    """
+    root = Path(path)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        raise ArtifactError(f"{root}: not a DQRM artifact (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{manifest_path}: unreadable manifest ({err})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: format {manifest.get('format')!r} v{manifest.get('version')} unsupported"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for name, meta in manifest["files"].items():
+        file = root / name
+        if not file.exists():
+            raise ArtifactError(f"{file}: missing")
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            raise ArtifactError(f"{file}: {size} bytes, the manifest says {meta['bytes']} (truncated or modified)")
+        if verify and _sha256(file) != meta["sha256"]:
+            raise ArtifactError(f"{file}: sha256 mismatch (the file was modified)")
+        arrays[name] = np.memmap(file, dtype=np.dtype(meta["dtype"]), mode="r", shape=tuple(meta["shape"]))
+    artifact = Artifact(root, manifest)
+    for table in manifest["tables"]:
+        artifact.tables[table["feature"]] = arrays[table["file"]]
+    for layer in manifest["mlp"]:
+        artifact.mlp[layer["name"]] = {key: arrays[layer[key]] for key in ("weight", "scale", "bias") if layer.get(key)}
+    return artifact
+
+
+def dequantized_mlp_weight(layer: dict[str, Any], arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    """The float32 weight a quantized MLP layer computes with: ``q * s`` per output row."""
+    weight = torch.from_numpy(np.array(arrays["weight"]))
+    out_features, in_features = layer["shape"]
+    bits = layer["bits"]
+    if bits == 32:
+        return weight.view(torch.float32).reshape(out_features, in_features)
+    codes = unpack_codes(weight, bits, in_features).float() - 2 ** (bits - 1)
+    scale = torch.from_numpy(np.array(arrays["scale"])).reshape(-1, 1)
+    return codes * scale

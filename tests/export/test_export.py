@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dqrm_lightning.export.artifact import ArtifactError, load_artifact, pack_codes, unpack_codes
+from dqrm_lightning.export.exporter import export_checkpoint
+from dqrm_lightning.export.inference import load_inference_model
+from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.quant.config import QATConfig
+from tests.quant.test_embedding_qat import ROWS, qat_module
+from tests.test_model import random_batch
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_pack_unpack_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2**bits, size=(5, 13))  # odd width: rows padded to whole bytes
+    packed = pack_codes(codes, bits)
+    assert packed.shape[1] == -(-13 * bits // 8) if bits < 16 else 26
+    np.testing.assert_array_equal(unpack_codes(torch.from_numpy(packed), bits, 13).numpy(), codes)
+
+
+def test_int4_packing_is_fbgemms():
+    values = torch.arange(16, dtype=torch.float32).reshape(1, 16)
+    fbgemm = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(values, 4)[:, :8]
+    np.testing.assert_array_equal(pack_codes(values.int().numpy(), 4), fbgemm.numpy())
+
+
+def _trained(config: QATConfig, steps: int = 15) -> DLRMModule:
+    module = qat_module(config) if config.enabled else _fp32()
+    optimizer = module.configure_optimizers()
+    for step in range(steps):
+        if module.embedding_quantizer is not None:
+            module.embedding_quantizer.maybe_refresh(step)
+        batch = random_batch(seed=step, rows=ROWS)
+        optimizer.zero_grad()
+        module._loss(module(batch), batch).backward()
+        optimizer.step()
+    return module.eval()
+
+
+def _fp32() -> DLRMModule:
+    torch.manual_seed(0)
+    module = DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    module.configure_model()
+    return module
+
+
+def _save(module: DLRMModule, path) -> None:
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+
+
+CONFIGS = [
+    QATConfig(embedding_bits=4, mlp_bits=4),
+    QATConfig(embedding_bits=2, mlp_bits=8, embedding_mode="asymmetric"),
+    QATConfig(embedding_bits=8, embedding_bits_per_table={"C1": 16, "C2": 2}, mlp_bits=4, mlp_bias="reference"),
+    QATConfig(embedding_bits=4, mlp_bits=4, mlp_granularity="per_tensor"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["int4", "int2-asym-mlp8", "mixed-ref-bias", "per-tensor"])
+@pytest.mark.parametrize("engine", ["torchrec", "plain"])
+def test_exported_predictions_equal_qat_eval(tmp_path, config, engine):
+    module = _trained(config)
+    batch = random_batch(seed=123, rows=ROWS, batch_size=256)
+    with torch.no_grad():
+        expected = torch.sigmoid(module(batch))
+    _save(module, tmp_path / "m.ckpt")
+    export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
+    model = load_inference_model(tmp_path / "art", engine)
+    got = torch.sigmoid(model(batch.dense_features, batch.sparse_features).squeeze(-1))
+    assert float((got - expected).abs().max()) <= 1e-5
+
+
+def test_artifact_size_formula(tmp_path):
+    module = _trained(QATConfig(embedding_bits=4, mlp_bits=4))
+    _save(module, tmp_path / "m.ckpt")
+    manifest = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
+    tables = 26 * ROWS * 8 * 4 // 8  # rows x D x 4 bits, packed
+    mlp = 0
+    for out_f, in_f in ((16, 13), (8, 16), (16, 8 + 27 * 26 // 2), (1, 16)):
+        mlp += out_f * -(-in_f * 4 // 8) + 4 * out_f + 4 * out_f  # packed rows + fp32 scale + fp32 bias per row
+    assert manifest["bytes"]["payload"] == tables + mlp
+    # the analytic size also counts each table's fp16 scale and offset, which live in the manifest
+    assert manifest["bytes"]["payload"] == module.quantized_model_bytes() - 26 * 4
+
+
+def test_tampered_truncated_or_foreign_artifacts_are_refused(tmp_path):
+    module = _trained(QATConfig(embedding_bits=4))
+    _save(module, tmp_path / "m.ckpt")
+    export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
+    load_artifact(tmp_path / "art")  # intact: fine
+    table = tmp_path / "art" / "tables" / "C3.bin"
+    data = bytearray(table.read_bytes())
+    data[5] ^= 0xFF
+    table.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        load_artifact(tmp_path / "art")
+    table.write_bytes(bytes(data[:-3]))
+    with pytest.raises(ArtifactError, match="truncated"):
+        load_artifact(tmp_path / "art")
+    manifest = tmp_path / "art" / "manifest.json"
+    content = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(content | {"format": "pickle"}))
+    with pytest.raises(ArtifactError, match="unsupported"):
+        load_artifact(tmp_path / "art")
+    with pytest.raises(ArtifactError, match="no manifest"):
+        load_artifact(tmp_path)
+
+
+def test_ptq_of_an_fp32_checkpoint_trained_vs_init_scales(tmp_path):
+    module = _trained(QATConfig(embedding_bits=None), steps=30)
+    _save(module, tmp_path / "fp32.ckpt")
+    with pytest.raises(ValueError, match="embedding_bits"):
+        export_checkpoint(tmp_path / "fp32.ckpt", tmp_path / "x")
+    trained = export_checkpoint(tmp_path / "fp32.ckpt", tmp_path / "trained", embedding_bits=4)
+    init = export_checkpoint(tmp_path / "fp32.ckpt", tmp_path / "init", embedding_bits=4, ptq_scales="init")
+    assert trained["quantization"] == "ptq (trained scales)"
+    assert init["quantization"] == "ptq (init scales)"
+    weight = module.state_dict()["model.sparse_arch.embedding_bag_collection.embedding_bags.t_C1.weight"]
+    weight = weight.local_shards()[0].tensor if hasattr(weight, "local_shards") else weight
+    assert trained["tables"][0]["scale"] >= float(weight.abs().max()) / 7
+    assert init["tables"][0]["scale"] == pytest.approx((1 / ROWS**0.5) / 7, rel=1e-3)
