@@ -119,3 +119,33 @@ def test_wandb_offline_without_credentials_writes_a_syncable_run(tmp_path, crite
     runs = list(Path(fit["_path"]).parent.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     assert runs[0].stat().st_size > 0
+
+
+def _predictions(summary: dict) -> list[float]:
+    lines = Path(summary["predictions"]["path"]).read_text().splitlines()[1:]
+    return [float(line.split("\t")[0]) for line in lines]
+
+
+def test_qat_fit_export_predict(tmp_path, criteo_sample):
+    common = [
+        *on_sample(tmp_path, criteo_sample),
+        "-c",
+        "configs/qat/int4.yaml",
+        "--data.batch_size",
+        "32",
+        "--trainer.default_root_dir",
+        str(tmp_path / "r"),
+        *FAST,
+    ]
+    _, fit = dqrm("fit", *common, "--trainer.max_epochs", "2", "--qat.scale_period", "3")
+    assert fit["qat"]["table_bits"]["C1"] == 4
+    assert fit["qat"]["scale_refreshes"] == len(range(0, fit["global_step"], 3))
+    assert fit["model_bytes"]["ratio"] < 0.15
+    best = fit["checkpoints"]["best"]
+    _, export = dqrm("export", "--ckpt", best, "--out", str(tmp_path / "art"))
+    assert export["quantization"] == "qat"
+    assert set(export["table_bits"].values()) == {4}
+    _, from_checkpoint = dqrm("predict", *common, "--ckpt_path", best)
+    for engine in ("torchrec", "plain"):
+        _, from_artifact = dqrm("predict", *common, "--artifact", str(tmp_path / "art"), "--engine", engine)
+        assert _predictions(from_artifact) == pytest.approx(_predictions(from_checkpoint), abs=1e-5)
