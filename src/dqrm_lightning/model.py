@@ -146,12 +146,13 @@ class DLRMModule(pl.LightningModule):
         self.model = shard_model(dlrm, self.device if self.device.type != "meta" else torch.device("cpu"))
 
     # ------------------------------------------------------------------------------------------------------- QAT
-    def prepare_qat(self, config: QATConfig) -> None:
+    def prepare_qat(self, config: QATConfig, update_schedule: bool = True) -> None:
         """Make the model quantization-aware, in place (DQRM). Idempotent for the same config.
 
         Embeddings: an :class:`EmbeddingQuantizer` hooked on the sparse arch fake-quantizes looked-up rows.
         MLPs (``config.mlp_bits``): every ``nn.Linear`` of the bottom and top MLPs becomes a FakeQuantizedLinear
         sharing its parameters. Works before or after sharding (DMP keeps the parameters, not the modules).
+        Preparing again with the same quantized structure only adopts the new schedule (``update_schedule``).
         """
         if self.artifact_model is not None:
             return  # an exported artifact is already quantized
@@ -165,6 +166,10 @@ class DLRMModule(pl.LightningModule):
                     f"the model is prepared for a different quantization ({detail}); use the QAT "
                     "settings the checkpoint was trained with"
                 )
+            if update_schedule:  # same quantized model, possibly another schedule (period, warm-up)
+                self.qat_config = config
+                if self.embedding_quantizer is not None:
+                    self.embedding_quantizer.config = config
             return
         self.configure_model()
         dlrm = self.dlrm
@@ -289,7 +294,8 @@ class DLRMModule(pl.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "qat_config" in checkpoint:
-            self.prepare_qat(QATConfig(**checkpoint["qat_config"]))  # a QAT checkpoint describes itself
+            # a QAT checkpoint describes itself; a schedule given for this run (callback) is kept
+            self.prepare_qat(QATConfig(**checkpoint["qat_config"]), update_schedule=False)
         self.val_best.load_state_dict(checkpoint.get("val_best", {}))
         self._pending_sparse_optimizer = checkpoint.get("sparse_optimizer")
 

@@ -69,9 +69,9 @@ def export_checkpoint(
     """Write the artifact of a checkpoint; returns its manifest.
 
     A QAT checkpoint is exported with its own bits and frozen scales (its predictions are the QAT model's eval
-    predictions). An FP32 checkpoint needs ``embedding_bits`` (and optionally ``mlp_bits``): post-training
-    quantization with scales from the trained tables (``ptq_scales="trained"``, the honest baseline) or from the
-    initial tables (``"init"``, what the DQRM reference code's PTQ effectively did).
+    predictions). An FP32 checkpoint needs ``embedding_bits`` (32 keeps FP32 tables) and optionally ``mlp_bits``:
+    post-training quantization with scales from the trained tables (``ptq_scales="trained"``, the honest baseline)
+    or from the initial tables (``"init"``, what the DQRM reference code's PTQ effectively did).
 
     Args:
         quantize_mlp: ``False`` keeps MLP weights FP32 even when the model was trained with MLP QAT.
@@ -93,7 +93,10 @@ def export_checkpoint(
             raise ValueError(f"{ckpt_path} is an FP32 checkpoint: give `embedding_bits` for post-training quantization")
         if ptq_scales not in ("trained", "init"):
             raise ValueError(f"`ptq_scales` must be 'trained' or 'init', got {ptq_scales!r}")
-        config = QATConfig(embedding_bits=embedding_bits, mlp_bits=mlp_bits)
+        if embedding_bits == 32:  # an FP32 artifact (the baseline of inference benchmarks)
+            config = QATConfig(embedding_bits=None, mlp_bits=mlp_bits)
+        else:
+            config = QATConfig(embedding_bits=embedding_bits, mlp_bits=mlp_bits)
         ptq = ptq_scales
     writer = ArtifactWriter(out)
     tables = []
