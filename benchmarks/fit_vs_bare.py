@@ -24,7 +24,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import yaml
+from _kaggle import datamodule as kaggle_datamodule
+from _kaggle import ensure_data, kaggle_config, model_kwargs
 from lightning.pytorch.loggers import CSVLogger
 
 from dqrm_lightning.callbacks import RunSummary, StepTimer
@@ -80,23 +81,12 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     data = Path(args.data)
-    if not (data / "truth.json").exists():
-        from dqrm_lightning.data.synthetic import synthesize
-
-        synthesize("kaggle", args.rows, 0, data, split_fractions=(0.98, 0.01, 0.01))
-    config = yaml.safe_load(Path("configs/kaggle.yaml").read_text())
-    sizes = config["data"]["num_embeddings_per_feature"]
-    datamodule = CriteoDataModule(
-        train_files=f"{data}/train*",
-        val_files=f"{data}/val*",
-        test_files=f"{data}/test*",
-        categorical_encoding="hash",
-        num_embeddings_per_feature=sizes,
-        batch_size=128,
-    )
+    ensure_data(data, args.rows)
+    config = kaggle_config()
+    datamodule = kaggle_datamodule(data, 128)
     datamodule.setup("fit")
     torch.manual_seed(0)
-    module = DLRMModule(sizes, **{k: v for k, v in config["model"].items() if k != "num_embeddings_per_feature"})
+    module = DLRMModule(config["sizes"], **model_kwargs(config))
     module.configure_model()
     ratios = []
     with tempfile.TemporaryDirectory() as root:

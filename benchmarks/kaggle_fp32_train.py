@@ -15,42 +15,14 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 from pathlib import Path
+
+from _kaggle import ensure_data, fit_command
 
 
 def run(data: Path, batch: int, steps: int, warmup: int) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    cmd = [
-        sys.executable,
-        "-m",
-        "dqrm_lightning.cli",
-        "fit",
-        "-c",
-        "configs/kaggle.yaml",
-        "-c",
-        "configs/data/synthetic_kaggle.yaml",
-        "--data.train_files",
-        f"{data}/train*",
-        "--data.val_files",
-        f"{data}/val*",
-        "--data.test_files",
-        f"{data}/test*",
-        "--data.batch_size",
-        str(batch),
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.enable_checkpointing",
-        "false",
-        "--trainer.default_root_dir",
-        str(data / "runs"),
-        "--wandb",
-        "disabled",
-        "--step_timer.warmup_steps",
-        str(warmup),
-    ]
+    cmd = fit_command(data, steps, "--data.batch_size", str(batch), "--step_timer.warmup_steps", str(warmup))
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     summary = json.loads(Path(out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -65,10 +37,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100)
     args = parser.parse_args()
     data = Path(args.data)
-    if not (data / "truth.json").exists():
-        from dqrm_lightning.data.synthetic import synthesize
-
-        synthesize("kaggle", args.rows, 0, data, split_fractions=(0.98, 0.01, 0.01))
+    ensure_data(data, args.rows)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; Kaggle config, FP32, SGD lr 0.1, fused sparse SGD")
     for batch in (128, 2048):
         steps = args.steps if batch == 128 else max(args.steps // 8, args.warmup + 20)

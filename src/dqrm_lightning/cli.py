@@ -308,6 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dqrm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_known_warnings()
+    if argv and argv[0] == "reproduce":
+        from dqrm_lightning.reproduce import main as reproduce_main
+
+        print(f"summary: {reproduce_main(argv[1:])}", flush=True)
+        return
     if argv and argv[0] == "export":
         from dqrm_lightning.export.artifact import ArtifactError
 

@@ -155,3 +155,23 @@ def test_quantized_model_bytes_kaggle_int4_is_an_eighth():
     ratio = module.quantized_model_bytes() / module.model_bytes()
     assert ratio <= 0.126
     np.testing.assert_allclose(ratio, 0.125, atol=0.001)
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "asymmetric"])
+def test_exact_tracking_equals_a_full_refresh_after_every_step(mode):
+    module = qat_module(QATConfig(embedding_bits=4, scale_tracking="exact", embedding_mode=mode), rows=12)
+    quantizer = module.embedding_quantizer
+    optimizer = module.configure_optimizers()
+    reference = qat_module(QATConfig(embedding_bits=4, embedding_mode=mode), rows=12).embedding_quantizer
+    for step in range(25):
+        assert quantizer.maybe_refresh(step) == (step == 0)  # exact tracking: one full pass at the start only
+        batch = random_batch(batch_size=8, rows=12, seed=step)
+        optimizer.zero_grad()
+        module._loss(module(batch), batch).backward()
+        optimizer.step()  # sparse rows were updated in backward (fused); dense here
+        quantizer.track(batch.sparse_features)
+        reference._tables, reference._ebc = quantizer._tables, quantizer._ebc
+        reference.refresh()
+        torch.testing.assert_close(quantizer.scale, reference.scale, rtol=0, atol=0)
+        torch.testing.assert_close(quantizer.offset, reference.offset, rtol=0, atol=0)
+    assert int(quantizer.refreshes) == 1

@@ -87,6 +87,8 @@ class QuantizationAwareTraining(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         quantizer = getattr(pl_module, "embedding_quantizer", None)
+        if quantizer is not None and self.config.scale_tracking == "exact" and self._active(trainer):
+            quantizer.track(batch.sparse_features)  # the optimizer step has run: keep max|W| exact
         if quantizer is None or not quantizer.record_error or quantizer.last_error is None:
             return
         values = {f"qat/scale/{f}": s for f, s in quantizer.scales().items()}

@@ -67,15 +67,18 @@ class TableAccess:
                     high = torch.maximum(high, shard_high.float())
         return low, high
 
-    def rows(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
-        """FP32 rows ``ids`` of a table held whole by this process."""
+    def whole(self, feature: str) -> torch.Tensor:
+        """The FP32 table of a feature held whole by this process (a view of the training weights)."""
         shards = self.local.get(feature, [])
         if len(shards) != 1 or shards[0][0].shape[0] != self.full_rows[feature]:
             raise NotImplementedError(
-                f"multi-hot QAT of feature {feature!r} needs its whole table on this process "
-                "(single process or table-wise placement)"
+                f"this needs the whole table of {feature!r} on this process (single process or table-wise placement)"
             )
-        return shards[0][0].detach()[ids]
+        return shards[0][0].detach()
+
+    def rows(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
+        """FP32 rows ``ids`` of a table held whole by this process."""
+        return self.whole(feature)[ids]
 
 
 def _table_configs(ebc: nn.Module) -> list[Any]:
@@ -103,6 +106,11 @@ class EmbeddingQuantizer(nn.Module):
         self.register_buffer("qmin", torch.tensor([r[0] for r in ranges], dtype=torch.float32))
         self.register_buffer("qmax", torch.tensor([r[1] for r in ranges], dtype=torch.float32))
         self.register_buffer("scale", torch.ones(len(bits)))
+        self.register_buffer("low", torch.zeros(len(bits)))  # table extrema at the last refresh (or exact tracking)
+        self.register_buffer("high", torch.zeros(len(bits)))
+        self.register_buffer("low_row", torch.full((len(bits),), -1, dtype=torch.int64))  # exact tracking only
+        self.register_buffer("high_row", torch.full((len(bits),), -1, dtype=torch.int64))
+        self.register_buffer("full_passes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("offset", torch.zeros(len(bits)))
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_refresh_step", torch.full((), -1, dtype=torch.int64))
@@ -140,32 +148,84 @@ class EmbeddingQuantizer(nn.Module):
     @torch.no_grad()
     def refresh(self, step: int | None = None) -> None:
         """Recompute every quantized table's scale from its FP32 weights (all ranks agree)."""
-        lows, highs = [], []
-        for feature in self.feature_names:
-            low, high = self.tables.extrema(feature)
-            lows.append(low)
-            highs.append(high)
-        extrema = torch.stack([-torch.stack(lows), torch.stack(highs)])  # (2, F): max(-min), max(max)
+        exact = self.config.scale_tracking == "exact"
+        for f, feature in enumerate(self.feature_names):
+            if exact:
+                self._exact_extrema(f, feature)
+            else:
+                self.low[f], self.high[f] = self.tables.extrema(feature)
         if dist.is_initialized() and dist.get_world_size() > 1:
+            extrema = torch.stack([-self.low, self.high])  # (2, F): max(-min), max(max) over ranks
             dist.all_reduce(extrema, op=dist.ReduceOp.MAX)
-        low, high = -extrema[0], extrema[1]
-        bits = self.bits.clamp_min(2)
-        if self.config.embedding_mode == "symmetric":
-            scale = symmetric_scale(torch.maximum(low.abs(), high.abs()), bits)
-            offset = torch.zeros_like(scale)
-        else:
-            scale, offset = asymmetric_scale(low, high, bits)
-        self.scale.copy_(torch.where(self.quantized, scale, torch.ones_like(scale)))
-        self.offset.copy_(torch.where(self.quantized, offset, torch.zeros_like(offset)))
+            self.low.copy_(-extrema[0])
+            self.high.copy_(extrema[1])
+        self._set_scales()
         self.refreshes += 1
         if step is not None:
             self.last_refresh_step.fill_(step)
 
+    def _set_scales(self) -> None:
+        bits = self.bits.clamp_min(2)
+        if self.config.embedding_mode == "symmetric":
+            scale = symmetric_scale(torch.maximum(self.low.abs(), self.high.abs()), bits)
+            offset = torch.zeros_like(scale)
+        else:
+            scale, offset = asymmetric_scale(self.low, self.high, bits)
+        self.scale.copy_(torch.where(self.quantized, scale, torch.ones_like(scale)))
+        self.offset.copy_(torch.where(self.quantized, offset, torch.zeros_like(offset)))
+
+    def _exact_extrema(self, f: int, feature: str) -> None:
+        """Full pass over a local table, a million rows at a time: its extrema and the rows holding them."""
+        table = self.tables.whole(feature)
+        low, high = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+        for start in range(0, table.shape[0], 1 << 20):
+            chunk = table[start : start + (1 << 20)]
+            row_low, row_high = chunk.amin(dim=1), chunk.amax(dim=1)  # (rows,) temporaries of one chunk
+            i, j = int(row_low.argmin()), int(row_high.argmax())
+            if row_low[i] < low:
+                low, self.low_row[f] = row_low[i], start + i
+            if row_high[j] > high:
+                high, self.high_row[f] = row_high[j], start + j
+        self.low[f], self.high[f] = low, high
+
+    @torch.no_grad()
+    def track(self, features: KeyedJaggedTensor) -> None:
+        """Exact scale tracking, after an optimizer step: only the rows this batch touched changed, so fold them into
+        each table's running extrema; a full pass happens only when the row holding an extremum moved inward."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise NotImplementedError("exact scale tracking runs in one process; use periodic refreshes when sharded")
+        per_feature = features.to_dict()
+        for f, feature in enumerate(self.feature_names):
+            if not bool(self.quantized[f]):
+                continue
+            ids = torch.unique(per_feature[feature].values())
+            rows = self.tables.whole(feature)[ids]  # (U, D)
+            row_low, row_high = rows.amin(dim=1), rows.amax(dim=1)
+            stale = False
+            for extreme, row, values, better in (
+                (self.low, self.low_row, row_low, torch.lt),
+                (self.high, self.high_row, row_high, torch.gt),
+            ):
+                held = ids == row[f]
+                if bool(held.any()) and bool(better(extreme[f], values[held][0])):
+                    stale = True  # the extreme row moved inward: another row may now hold the extreme
+                    continue
+                k = int(values.argmin()) if better is torch.lt else int(values.argmax())
+                if not bool(better(extreme[f], values[k])):
+                    extreme[f], row[f] = values[k], ids[k]
+            if stale:
+                self._exact_extrema(f, feature)
+                self.full_passes += 1
+        self._set_scales()
+
     def due(self, step: int) -> bool:
-        """Whether a refresh is due before optimizer step ``step`` (refresh at the start, then every period)."""
-        if int(self.start_step) < 0:
+        """Whether a refresh is due before optimizer step ``step`` (refresh at the start, then every period; with
+        exact tracking only at the start)."""
+        if int(self.start_step) < 0 or not self.initialized:
             return True
-        if int(self.last_refresh_step) == step:
+        if self.config.scale_tracking == "exact" and bool((self.high_row[self.quantized] < 0).any()):
+            return True  # switched to exact tracking: one full pass finds the rows holding the extrema
+        if int(self.last_refresh_step) == step or self.config.scale_tracking == "exact":
             return False
         return (step - int(self.start_step)) % self.config.effective_period == 0
 

@@ -1,0 +1,67 @@
+"""Shared pieces of the Kaggle-scale benchmarks: synthetic data, the config, the `dqrm fit` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dqrm_lightning.data.datamodule import CriteoDataModule
+
+CONFIGS = ["-c", "configs/kaggle.yaml", "-c", "configs/data/synthetic_kaggle.yaml"]
+
+
+def ensure_data(data: Path, rows: int = 1_000_000) -> None:
+    """Synthetic Kaggle-format data (Kaggle cardinalities) in `data`, generated once."""
+    if not (data / "truth.json").exists():
+        from dqrm_lightning.data.synthetic import synthesize
+
+        synthesize("kaggle", rows, 0, data, split_fractions=(0.98, 0.01, 0.01))
+
+
+def kaggle_config() -> dict[str, Any]:
+    """configs/kaggle.yaml as a dict; `["model"]` holds the DLRMModule arguments but the table sizes."""
+    config = yaml.safe_load(Path("configs/kaggle.yaml").read_text())
+    config["sizes"] = config["data"]["num_embeddings_per_feature"]
+    return config
+
+
+def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config["model"].items() if k != "num_embeddings_per_feature"}
+
+
+def datamodule(data: Path, batch_size: int, eval_batch_size: int = 2048) -> CriteoDataModule:
+    return CriteoDataModule(
+        train_files=f"{data}/train*",
+        val_files=f"{data}/val*",
+        test_files=f"{data}/test*",
+        categorical_encoding="hash",
+        num_embeddings_per_feature=kaggle_config()["sizes"],
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+    )
+
+
+def fit_command(data: Path, steps: int, *extra: str) -> list[str]:
+    """`dqrm fit` of the Kaggle config on the synthetic data for `steps` steps, no validation, no checkpoints."""
+    return [
+        sys.executable,
+        "-m",
+        "dqrm_lightning.cli",
+        "fit",
+        *CONFIGS,
+        *extra,
+        *(x for s in ("train", "val", "test") for x in (f"--data.{s}_files", f"{data}/{s}*")),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--wandb",
+        "disabled",
+        "--trainer.default_root_dir",
+        str(data / "runs"),
+    ]

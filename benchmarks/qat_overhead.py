@@ -1,0 +1,170 @@
+"""Cost of DQRM QAT at Kaggle scale: step time and memory of INT4 QAT vs FP32, and INT4 vs FP32 inference.
+
+    python benchmarks/qat_overhead.py --data /tmp/dqrm_bench_kaggle
+
+Training (one process, one model, so the 2 GB of tables sit in the same memory for every variant): the Kaggle-config
+DLRM (33,762,577 rows x 16) prepared for whole-model INT4 QAT (INT4 tables, INT4 per-row MLP weights) trains segments
+of `--steps` steps through Lightning, alternating FP32 (quantization switched off), INT4 with the scale refreshed
+every 200 steps (DQRM), INT4 refreshed every step (the paper's naive baseline), and INT4 with exact scale
+tracking. Step time = loop time per step, data loading and scale refreshes included. Ratios are taken pair by pair;
+medians are printed.
+
+Memory: peak RSS of `dqrm fit` FP32 vs `dqrm fit -c configs/qat/int4.yaml`, separate processes, 300 steps.
+
+Inference (batch 2048): the trained model is exported twice, INT4 (QAT) and FP32, and both artifacts run on
+TorchRec's quantized EmbeddingBagCollection (FBGEMM kernels), alternating; plain-torch INT4 is shown for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from _kaggle import datamodule as kaggle_datamodule
+from _kaggle import ensure_data, fit_command, kaggle_config, model_kwargs
+
+from dqrm_lightning.callbacks import QuantizationAwareTraining, StepTimer
+from dqrm_lightning.data.datamodule import CriteoDataModule
+from dqrm_lightning.export.exporter import export_checkpoint
+from dqrm_lightning.export.inference import load_inference_model
+from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.quant.config import QATConfig
+
+
+class _FP32(pl.Callback):
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.set_quantization_active(False)
+
+
+def segment(module: DLRMModule, datamodule: CriteoDataModule, variant: str, steps: int, warmup: int) -> float:
+    """Milliseconds per step (loop) of one training segment."""
+    timer = StepTimer(warmup_steps=warmup)
+    callbacks: list[pl.Callback] = [timer]
+    if variant == "fp32":
+        callbacks.append(_FP32())
+    elif variant == "exact":
+        callbacks.append(QuantizationAwareTraining(embedding_bits=4, mlp_bits=4, scale_tracking="exact"))
+    else:
+        callbacks.append(QuantizationAwareTraining(embedding_bits=4, mlp_bits=4, scale_period=int(variant[1:])))
+    trainer = pl.Trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return 1000.0 * datamodule.hparams.batch_size / float(timer.summary()["loop_samples_per_s"])
+
+
+def peak_rss_gb(data: Path, extra: list[str], steps: int) -> float:
+    cmd = ["/usr/bin/time", "-f", "%M", *fit_command(data, steps, *extra)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(result.stderr.strip().splitlines()[-1]) / 1e6
+
+
+def inference(module: DLRMModule, datamodule: CriteoDataModule, work: Path, repeats: int) -> None:
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, work / "qat.ckpt")
+    del checkpoint["qat_config"]
+    torch.save(checkpoint, work / "fp32.ckpt")
+    int4 = export_checkpoint(work / "qat.ckpt", work / "int4")
+    export_checkpoint(work / "fp32.ckpt", work / "fp32", embedding_bits=32)
+    print(
+        f"artifact: INT4 {int4['bytes']['payload']:,} bytes = {int4['bytes']['ratio']:.4f} x FP32 model "
+        f"({int4['bytes']['fp32_model']:,} bytes)"
+    )
+    engines = {
+        "fp32": load_inference_model(work / "fp32"),
+        "int4": load_inference_model(work / "int4"),
+        "int4-plain": load_inference_model(work / "int4", "plain"),
+    }
+    batches = []
+    for batch in datamodule.test_dataloader():
+        batches.append(batch)
+        if len(batches) == 4:
+            break
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, model in engines.items():
+            model(batches[0].dense_features, batches[0].sparse_features)  # warm-up
+            start = time.perf_counter()
+            rows = 0
+            for _ in range(5):
+                for batch in batches:
+                    model(batch.dense_features, batch.sparse_features)
+                    rows += batch.labels.numel()
+            rates[name].append(rows / (time.perf_counter() - start))
+    ratios = [a / b for a, b in zip(rates["int4"], rates["fp32"], strict=True)]
+    for name, values in rates.items():
+        print(f"inference {name:10s}: median {statistics.median(values):,.0f} samples/s (batch 2048)")
+    print(
+        f"inference INT4 / FP32 throughput (TorchRec/FBGEMM), median of {repeats}: {statistics.median(ratios):.3f} "
+        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default="/tmp/dqrm_bench_kaggle")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rss-steps", type=int, default=300)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    data = Path(args.data)
+    ensure_data(data)
+    config = kaggle_config()
+    sizes = config["sizes"]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; Kaggle-config DLRM, tables 33,762,577 x 16")
+    torch.manual_seed(0)
+    module = DLRMModule(sizes, **model_kwargs(config))
+    module.prepare_qat(QATConfig(embedding_bits=4, mlp_bits=4))  # FP32 segments switch quantization off
+    for batch_size in (128, 2048):
+        datamodule = kaggle_datamodule(data, batch_size)
+        steps = args.steps if batch_size == 128 else max(args.steps // 6, args.warmup // 5 + 40)
+        warmup = args.warmup if batch_size == 128 else args.warmup // 5
+        times: dict[str, list[float]] = {"fp32": [], "p200": [], "p1": [], "exact": []}
+        for i in range(args.repeats):
+            for variant in times:
+                times[variant].append(segment(module, datamodule, variant, steps, warmup))
+            print(
+                f"batch {batch_size} pair {i}: " + ", ".join(f"{v} {t[-1]:.2f} ms/step" for v, t in times.items()),
+                flush=True,
+            )
+        qat = [a / b for a, b in zip(times["p200"], times["fp32"], strict=True)]
+        naive = [a / b for a, b in zip(times["p1"], times["p200"], strict=True)]
+        exact = [a / b for a, b in zip(times["exact"], times["p200"], strict=True)]
+        print(
+            f"batch {batch_size}: INT4 QAT (P=200) / FP32 step time: median {statistics.median(qat):.3f} "
+            f"(min {min(qat):.3f}, max {max(qat):.3f}); P=1 / P=200: median {statistics.median(naive):.3f} "
+            f"(min {min(naive):.3f}, max {max(naive):.3f}); exact tracking / P=200: median "
+            f"{statistics.median(exact):.3f} (min {min(exact):.3f}, max {max(exact):.3f})",
+            flush=True,
+        )
+    with tempfile.TemporaryDirectory() as work:
+        inference(module, datamodule, Path(work), args.repeats)
+    del module
+    fp32_rss = peak_rss_gb(data, [], args.rss_steps)
+    qat_rss = peak_rss_gb(data, ["-c", "configs/qat/int4.yaml"], args.rss_steps)
+    print(
+        f"peak RSS (dqrm fit, batch 128, {args.rss_steps} steps): FP32 {fp32_rss:.2f} GB, INT4 QAT {qat_rss:.2f} GB, "
+        f"ratio {qat_rss / fp32_rss:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
