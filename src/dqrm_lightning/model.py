@@ -181,6 +181,7 @@ class DLRMModule(pl.LightningModule):
                     granularity=config.mlp_granularity,
                     bias_mode=config.mlp_bias,
                     ste=config.ste,
+                    activation_bits=config.mlp_activation_bits,
                 )
         if config.quantizes_embeddings:
             hp = self.hparams

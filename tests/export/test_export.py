@@ -59,10 +59,11 @@ CONFIGS = [
     QATConfig(embedding_bits=2, mlp_bits=8, embedding_mode="asymmetric"),
     QATConfig(embedding_bits=8, embedding_bits_per_table={"C1": 16, "C2": 2}, mlp_bits=4, mlp_bias="reference"),
     QATConfig(embedding_bits=4, mlp_bits=4, mlp_granularity="per_tensor"),
+    QATConfig(embedding_bits=4, mlp_bits=4, mlp_activation_bits=8),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["int4", "int2-asym-mlp8", "mixed-ref-bias", "per-tensor"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["int4", "int2-asym-mlp8", "mixed-ref-bias", "per-tensor", "act8"])
 @pytest.mark.parametrize("engine", ["torchrec", "plain"])
 def test_exported_predictions_equal_qat_eval(tmp_path, config, engine):
     module = _trained(config)

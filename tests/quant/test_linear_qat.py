@@ -58,3 +58,18 @@ def test_swap_linears_counts_and_keeps_state_dict_keys():
     assert list(model.state_dict()) == keys
     assert isinstance(model[0], FakeQuantizedLinear)
     assert isinstance(model[2][0], FakeQuantizedLinear)
+
+
+def test_activation_quantization_uses_the_running_max_and_freezes_in_eval():
+    torch.manual_seed(0)
+    fq = FakeQuantizedLinear.from_linear(nn.Linear(4, 2), bits=8, activation_bits=8)
+    fq.train()
+    fq(torch.tensor([[1.0, -3.0, 0.5, 2.0]]))
+    fq(torch.tensor([[0.1, 0.2, -0.3, 0.4]]))
+    assert float(fq.act_absmax) == 3.0
+    fq.eval()
+    x = torch.tensor([[0.7, -5.0, 0.01, 1.0]])
+    fq(x)
+    assert float(fq.act_absmax) == 3.0  # frozen in evaluation
+    s = 3.0 / 127
+    torch.testing.assert_close(fq.quantize_input(x), torch.clamp(torch.round(x / s), -128, 127) * s)

@@ -36,8 +36,15 @@ def _rank(rank: int, store_path: str, out_dir: str) -> None:
     for feature in quantizer.feature_names:
         low, high = quantizer.tables.extrema(feature)
         local_absmax.append(float(torch.maximum(low.abs(), high.abs())) if torch.isfinite(high) else float("-inf"))
-    torch.save({"scale": quantizer.scale.clone(), "refreshes": int(quantizer.refreshes), "local_tables": local_tables,
-                "local_absmax": torch.tensor(local_absmax)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "scale": quantizer.scale.clone(),
+            "refreshes": int(quantizer.refreshes),
+            "local_tables": local_tables,
+            "local_absmax": torch.tensor(local_absmax),
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.barrier()  # both ranks are done with every collective before the group goes away
     dist.destroy_process_group()
 

@@ -38,6 +38,7 @@ class QuantizationAwareTraining(pl.Callback):
         mlp_bits: int | None = None,
         mlp_granularity: MLPGranularity = "per_row",
         mlp_bias: BiasMode = "fp32",
+        mlp_activation_bits: int | None = None,
     ) -> None:
         self.config = QATConfig(
             embedding_bits=embedding_bits,
@@ -52,6 +53,7 @@ class QuantizationAwareTraining(pl.Callback):
             mlp_bits=mlp_bits,
             mlp_granularity=mlp_granularity,
             mlp_bias=mlp_bias,
+            mlp_activation_bits=mlp_activation_bits,
         )
 
     @property

@@ -142,6 +142,13 @@ def export_checkpoint(
                 )
         if used_bias is not None:
             layer["bias"] = writer.add(f"{base}.b.bin", used_bias.detach().float().numpy())
+        absmax = state.get(f"model.{arch}.{name}.act_absmax")
+        if bits is not None and config.mlp_activation_bits is not None and absmax is not None:
+            levels = 2 ** (config.mlp_activation_bits - 1) - 1
+            layer |= {
+                "activation_bits": config.mlp_activation_bits,
+                "activation_scale": float((absmax.float() / levels).clamp_min(1e-8)),
+            }
         layers.append(layer)
     payload = sum(meta["bytes"] for meta in writer.files.values())
     fp32_bytes = sum(int(r) for r in hp["num_embeddings_per_feature"]) * dim * 4 + sum(

@@ -16,9 +16,22 @@ from torch import nn
 from dqrm_lightning.export.artifact import Artifact, dequantized_mlp_weight, load_artifact, unpack_codes
 
 
+class _InputQuantizer(nn.Module):
+    """Fake-quantizes a layer's input on the grid it was trained with (MLP activation QAT)."""
+
+    def __init__(self, bits: int, scale: float) -> None:
+        super().__init__()
+        self.scale, self.low, self.high = scale, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(x / self.scale), self.low, self.high) * self.scale
+
+
 def _mlp(layers: Sequence[dict[str, Any]], artifact: Artifact, relu_last: bool) -> nn.Sequential:
     modules: list[nn.Module] = []
     for i, layer in enumerate(layers):
+        if layer.get("activation_bits"):
+            modules.append(_InputQuantizer(layer["activation_bits"], layer["activation_scale"]))
         out_features, in_features = layer["shape"]
         arrays = artifact.mlp[layer["name"]]
         linear = nn.Linear(in_features, out_features, bias="bias" in arrays)

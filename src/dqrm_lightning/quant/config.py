@@ -33,6 +33,8 @@ class QATConfig:
         mlp_bits: bit width of MLP weights (4 or 8), or ``None`` for FP32 MLPs.
         mlp_granularity: ``per_row`` (one scale per output neuron) or ``per_tensor`` (ablation).
         mlp_bias: ``fp32`` (default) or ``reference`` (bias quantized with the row scale and the weight bits).
+        mlp_activation_bits: also fake-quantize each MLP layer's input at these bits (4, 8 or 16; running max
+            scale), or ``None`` (default, FP32 activations as in every paper run).
     """
 
     embedding_bits: int | None = 4
@@ -47,6 +49,7 @@ class QATConfig:
     mlp_bits: int | None = None
     mlp_granularity: MLPGranularity = "per_row"
     mlp_bias: BiasMode = "fp32"
+    mlp_activation_bits: int | None = None
 
     def __post_init__(self) -> None:
         bits = [self.embedding_bits, *self.embedding_bits_per_table.values()]
@@ -71,6 +74,10 @@ class QATConfig:
             raise ValueError(f"`mlp_bits` must be 4, 8 or null, got {self.mlp_bits}")
         if self.mlp_granularity not in ("per_row", "per_tensor"):
             raise ValueError(f"`mlp_granularity` must be 'per_row' or 'per_tensor', got {self.mlp_granularity!r}")
+        if self.mlp_activation_bits is not None and self.mlp_activation_bits not in (4, 8, 16):
+            raise ValueError(f"`mlp_activation_bits` must be 4, 8, 16 or null, got {self.mlp_activation_bits}")
+        if self.mlp_activation_bits is not None and self.mlp_bits is None:
+            raise ValueError("`mlp_activation_bits` needs `mlp_bits` (activation quantization is part of MLP QAT)")
         if self.mlp_bias not in ("fp32", "reference"):
             raise ValueError(f"`mlp_bias` must be 'fp32' or 'reference', got {self.mlp_bias!r}")
 

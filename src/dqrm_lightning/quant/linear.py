@@ -33,6 +33,9 @@ class FakeQuantizedLinear(nn.Linear):
         granularity: ``per_row`` (one scale per output neuron) or ``per_tensor``.
         bias_mode: ``fp32`` or ``reference`` (bias quantized with its row's scale and the weight bits).
         ste: straight-through gradient.
+        activation_bits: also fake-quantize the layer's input (symmetric, per tensor, scale from the running max of
+            |x| seen in training, frozen in evaluation), or ``None`` (default: FP32 activations, as every DQRM paper
+            run; the paper reports activation quantization failing to converge, supp. Table 7).
     """
 
     def __init__(
@@ -44,9 +47,13 @@ class FakeQuantizedLinear(nn.Linear):
         granularity: MLPGranularity = "per_row",
         bias_mode: BiasMode = "fp32",
         ste: Ste = "identity",
+        activation_bits: int | None = None,
         device: torch.device | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device)
+        self.activation_bits = activation_bits
+        if activation_bits is not None:
+            self.register_buffer("act_absmax", torch.zeros((), device=device))
         self.bits = bits
         self.granularity = granularity
         self.bias_mode = bias_mode
@@ -71,6 +78,8 @@ class FakeQuantizedLinear(nn.Linear):
         low, high = qrange(module.bits)
         module.qmin = torch.tensor(float(low), device=linear.weight.device)
         module.qmax = torch.tensor(float(high), device=linear.weight.device)
+        if module.activation_bits is not None:
+            module.act_absmax = torch.zeros((), device=linear.weight.device)
         return module
 
     def to_linear(self) -> nn.Linear:
@@ -93,7 +102,24 @@ class FakeQuantizedLinear(nn.Linear):
         if not self.active:
             return super().forward(x)
         weight, bias, _ = self.quantized_weight()
+        if self.activation_bits is not None:
+            x = self.quantize_input(x)
         return nn.functional.linear(x, weight, bias)
+
+    def activation_scale(self) -> torch.Tensor:
+        """Scale of the input grid: running max|x| / (2^(b-1) - 1)."""
+        assert self.activation_bits is not None
+        return (self.act_absmax / (2 ** (self.activation_bits - 1) - 1)).clamp_min(1e-8)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.activation_bits is not None
+        if self.training:
+            with torch.no_grad():
+                self.act_absmax.copy_(torch.maximum(self.act_absmax, x.detach().abs().max()))
+        low, high = qrange(self.activation_bits)
+        return fake_quantize(
+            x, self.activation_scale(), x.new_tensor(float(low)), x.new_tensor(float(high)), ste=self.ste
+        )
 
     @override
     def extra_repr(self) -> str:
