@@ -206,6 +206,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for r in results:
         if r["curve"] and ("t2" in r["exp"].tables or r["exp"].name == "int4_p200"):
             axis.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", label=r["exp"].label)
+    epochs = max((len(r["curve"]) for r in results), default=0)
+    axis.set_xticks(range(1, epochs + 1))
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation AUC")
     axis.set_title("Validation AUC per epoch (DLRM, same data and seed)")
