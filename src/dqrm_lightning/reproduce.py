@@ -17,12 +17,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 @dataclass
@@ -157,8 +161,11 @@ def run(base: list[str], out: Path, names: list[str] | None = None) -> list[dict
 def markdown(results: list[dict[str, Any]], command: str, bayes: dict[str, Any] | None) -> str:
     """The results as Markdown tables, one per paper table."""
     fp32_bytes = next((r["bytes"] for r in results if r["exp"].name == "fp32"), None)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     lines = [
         f"Command: `{command}`",
+        "",
+        f"Machine: {machine}.",
         "",
         "Protocol: validation after every epoch; best = best value of each metric "
         "over the evaluations (the paper's protocol), final = last epoch; test = checkpoint with the best "
