@@ -87,6 +87,53 @@ def _table_configs(ebc: nn.Module) -> list[Any]:
     return list(ebc._embedding_bag_configs)  # sharded EBC keeps the unsharded configs
 
 
+class _TopRows:
+    """The ``k`` rows of a table with the largest per-row extreme (max, or -min for the low side), and ``tau``: every
+    row outside the set is known to have a value <= ``tau``."""
+
+    def __init__(self, rows: torch.Tensor, values: torch.Tensor, tau: float, k: int) -> None:
+        self.rows, self.values, self.tau, self.k = rows, values, tau, k
+
+    @staticmethod
+    def _row_values(chunk: torch.Tensor, high: bool) -> torch.Tensor:
+        return chunk.amax(dim=1) if high else -chunk.amin(dim=1)
+
+    @classmethod
+    def scan(cls, table: torch.Tensor, high: bool, k: int = 64) -> _TopRows:
+        """A full pass, a million rows at a time (per-row temporaries of one chunk only)."""
+        rows = torch.zeros(0, dtype=torch.int64)
+        values = torch.zeros(0)
+        for start in range(0, table.shape[0], 1 << 20):
+            chunk_values = cls._row_values(table[start : start + (1 << 20)], high)
+            top = chunk_values.topk(min(k, len(chunk_values)))
+            values = torch.cat([values, top.values.float()])
+            rows = torch.cat([rows, top.indices + start])
+            keep = values.topk(min(k, len(values))).indices
+            values, rows = values[keep], rows[keep]
+        tau = float(values.min()) if table.shape[0] > len(rows) else float("-inf")
+        return cls(rows, values, tau, k)
+
+    def update(self, ids: torch.Tensor, values: torch.Tensor) -> bool:
+        """Fold in the new values of the touched rows ``ids``; False when the extreme is no longer known exactly."""
+        match = ids[:, None] == self.rows[None, :]  # (U, S)
+        touched, slot = match.nonzero(as_tuple=True)
+        self.values[slot] = values[touched].float()
+        new = ~match.any(dim=1) & (values > self.tau)
+        if bool(new.any()):
+            self.rows = torch.cat([self.rows, ids[new]])
+            self.values = torch.cat([self.values, values[new].float()])
+        if len(self.rows) > 2 * self.k:
+            keep = self.values.topk(self.k)
+            pruned = torch.ones(len(self.rows), dtype=torch.bool)
+            pruned[keep.indices] = False
+            self.tau = max(self.tau, float(self.values[pruned].max()))
+            self.rows, self.values = self.rows[keep.indices], keep.values
+        return len(self.values) > 0 and float(self.values.max()) >= self.tau
+
+    def extreme(self) -> float:
+        return float(self.values.max())
+
+
 class EmbeddingQuantizer(nn.Module):
     """Per-table fake quantization of looked-up rows. Attach with :meth:`attach` to a DLRM ``SparseArch``.
 
@@ -108,14 +155,13 @@ class EmbeddingQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(len(bits)))
         self.register_buffer("low", torch.zeros(len(bits)))  # table extrema at the last refresh (or exact tracking)
         self.register_buffer("high", torch.zeros(len(bits)))
-        self.register_buffer("low_row", torch.full((len(bits),), -1, dtype=torch.int64))  # exact tracking only
-        self.register_buffer("high_row", torch.full((len(bits),), -1, dtype=torch.int64))
         self.register_buffer("full_passes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("offset", torch.zeros(len(bits)))
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_refresh_step", torch.full((), -1, dtype=torch.int64))
         self.register_buffer("start_step", torch.full((), -1, dtype=torch.int64))
         self._tables: TableAccess | None = None
+        self._top: dict[str, tuple[_TopRows, _TopRows]] = {}  # exact tracking: (low side, high side) per table
         self._ebc: tuple[nn.Module, ...] = ()  # a tuple: not registered as a submodule (its tables are not ours)
         self.active = True
         self.record_error = False
@@ -175,47 +221,38 @@ class EmbeddingQuantizer(nn.Module):
         self.offset.copy_(torch.where(self.quantized, offset, torch.zeros_like(offset)))
 
     def _exact_extrema(self, f: int, feature: str) -> None:
-        """Full pass over a local table, a million rows at a time: its extrema and the rows holding them."""
+        """Full pass over a local table: its extrema, and the candidate rows exact tracking starts from."""
         table = self.tables.whole(feature)
-        low, high = torch.tensor(float("inf")), torch.tensor(float("-inf"))
-        for start in range(0, table.shape[0], 1 << 20):
-            chunk = table[start : start + (1 << 20)]
-            row_low, row_high = chunk.amin(dim=1), chunk.amax(dim=1)  # (rows,) temporaries of one chunk
-            i, j = int(row_low.argmin()), int(row_high.argmax())
-            if row_low[i] < low:
-                low, self.low_row[f] = row_low[i], start + i
-            if row_high[j] > high:
-                high, self.high_row[f] = row_high[j], start + j
-        self.low[f], self.high[f] = low, high
+        self._top[feature] = (_TopRows.scan(table, high=False), _TopRows.scan(table, high=True))
+        self.low[f] = -self._top[feature][0].extreme()
+        self.high[f] = self._top[feature][1].extreme()
 
     @torch.no_grad()
     def track(self, features: KeyedJaggedTensor) -> None:
-        """Exact scale tracking, after an optimizer step: only the rows this batch touched changed, so fold them into
-        each table's running extrema; a full pass happens only when the row holding an extremum moved inward."""
+        """Exact scale tracking, after an optimizer step.
+
+        Only the rows this batch touched changed. Each table keeps its ``K`` most extreme rows (per side) and a bound
+        ``tau`` that every other row is known to respect; touched rows update or join that set, so the extreme is
+        exact while some kept row still reaches ``tau``. A full pass is needed only when all kept rows moved inward.
+        """
         if dist.is_initialized() and dist.get_world_size() > 1:
             raise NotImplementedError("exact scale tracking runs in one process; use periodic refreshes when sharded")
         per_feature = features.to_dict()
         for f, feature in enumerate(self.feature_names):
             if not bool(self.quantized[f]):
                 continue
+            if feature not in self._top:
+                self._exact_extrema(f, feature)
             ids = torch.unique(per_feature[feature].values())
             rows = self.tables.whole(feature)[ids]  # (U, D)
-            row_low, row_high = rows.amin(dim=1), rows.amax(dim=1)
-            stale = False
-            for extreme, row, values, better in (
-                (self.low, self.low_row, row_low, torch.lt),
-                (self.high, self.high_row, row_high, torch.gt),
-            ):
-                held = ids == row[f]
-                if bool(held.any()) and bool(better(extreme[f], values[held][0])):
-                    stale = True  # the extreme row moved inward: another row may now hold the extreme
-                    continue
-                k = int(values.argmin()) if better is torch.lt else int(values.argmax())
-                if not bool(better(extreme[f], values[k])):
-                    extreme[f], row[f] = values[k], ids[k]
-            if stale:
+            low_side, high_side = self._top[feature]
+            exact = low_side.update(ids, -rows.amin(dim=1)) & high_side.update(ids, rows.amax(dim=1))
+            if not exact:
                 self._exact_extrema(f, feature)
                 self.full_passes += 1
+            else:
+                self.low[f] = -low_side.extreme()
+                self.high[f] = high_side.extreme()
         self._set_scales()
 
     def due(self, step: int) -> bool:
@@ -223,8 +260,8 @@ class EmbeddingQuantizer(nn.Module):
         exact tracking only at the start)."""
         if int(self.start_step) < 0 or not self.initialized:
             return True
-        if self.config.scale_tracking == "exact" and bool((self.high_row[self.quantized] < 0).any()):
-            return True  # switched to exact tracking: one full pass finds the rows holding the extrema
+        if self.config.scale_tracking == "exact" and not self._top:
+            return True  # exact tracking (new, resumed or switched on): one full pass finds the candidate rows
         if int(self.last_refresh_step) == step or self.config.scale_tracking == "exact":
             return False
         return (step - int(self.start_step)) % self.config.effective_period == 0
