@@ -99,7 +99,7 @@ class _TopRows:
         return chunk.amax(dim=1) if high else -chunk.amin(dim=1)
 
     @classmethod
-    def scan(cls, table: torch.Tensor, high: bool, k: int = 64) -> _TopRows:
+    def scan(cls, table: torch.Tensor, high: bool, k: int = 1024) -> _TopRows:
         """A full pass, a million rows at a time (per-row temporaries of one chunk only)."""
         rows = torch.zeros(0, dtype=torch.int64)
         values = torch.zeros(0)
@@ -115,10 +115,13 @@ class _TopRows:
 
     def update(self, ids: torch.Tensor, values: torch.Tensor) -> bool:
         """Fold in the new values of the touched rows ``ids``; False when the extreme is no longer known exactly."""
-        match = ids[:, None] == self.rows[None, :]  # (U, S)
-        touched, slot = match.nonzero(as_tuple=True)
-        self.values[slot] = values[touched].float()
-        new = ~match.any(dim=1) & (values > self.tau)
+        hit = torch.zeros(len(ids), dtype=torch.bool)
+        if len(self.rows):
+            order = torch.argsort(self.rows)
+            position = torch.searchsorted(self.rows[order], ids).clamp_max(len(self.rows) - 1)
+            hit = self.rows[order][position] == ids
+            self.values[order[position[hit]]] = values[hit].float()
+        new = ~hit & (values > self.tau)
         if bool(new.any()):
             self.rows = torch.cat([self.rows, ids[new]])
             self.values = torch.cat([self.values, values[new].float()])
@@ -288,13 +291,9 @@ class EmbeddingQuantizer(nn.Module):
         lengths = features.lengths().view(len(features.keys()), -1)  # (F, B)
         one_hot = bool((lengths == 1).all())
         if one_hot:
+            offset = self.offset.view(shape) if self.config.embedding_mode == "asymmetric" else None
             out = fake_quantize(
-                pooled,
-                self.scale.view(shape),
-                self.qmin.view(shape),
-                self.qmax.view(shape),
-                self.offset.view(shape),
-                self.config.ste,
+                pooled, self.scale.view(shape), self.qmin.view(shape), self.qmax.view(shape), offset, self.config.ste
             )
             out = torch.where(self.quantized.view(shape), out, pooled)
         else:

@@ -66,13 +66,13 @@ def asymmetric_scale(
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, offset, qmin, qmax, clipped_ste: bool):  # type: ignore[override]
-        codes = torch.round((x - offset) / scale)
-        inside = (codes >= qmin) & (codes <= qmax)
-        out = torch.maximum(torch.minimum(codes, qmax), qmin) * scale + offset
+        codes = x / scale if offset is None else (x - offset) / scale  # a fresh tensor: the rest works in place
+        codes.round_()
         ctx.clipped_ste = clipped_ste
         if clipped_ste:
-            ctx.save_for_backward(inside)
-        return out
+            ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
+        out = codes.clamp_(qmin, qmax).mul_(scale)
+        return out if offset is None else out.add_(offset)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -94,11 +94,9 @@ def fake_quantize(
 
     Returns ``clamp(round((x - offset) / scale), qmin, qmax) * scale + offset`` with a straight-through gradient.
     """
-    if offset is None:
-        offset = torch.zeros((), dtype=x.dtype, device=x.device)
-    return _FakeQuantize.apply(
-        x, scale.to(x.dtype), offset.to(x.dtype), qmin.to(x.dtype), qmax.to(x.dtype), ste == "clipped"
-    )
+    dtype = x.dtype
+    offset = None if offset is None else offset.to(dtype)
+    return _FakeQuantize.apply(x, scale.to(dtype), offset, qmin.to(dtype), qmax.to(dtype), ste == "clipped")
 
 
 def quantize_codes(
