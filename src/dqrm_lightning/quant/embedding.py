@@ -165,6 +165,7 @@ class EmbeddingQuantizer(nn.Module):
         self.register_buffer("start_step", torch.full((), -1, dtype=torch.int64))
         self._tables: TableAccess | None = None
         self._top: dict[str, tuple[_TopRows, _TopRows]] = {}  # exact tracking: (low side, high side) per table
+        self._all_quantized = all(b is not None for b in bits)
         self._ebc: tuple[nn.Module, ...] = ()  # a tuple: not registered as a submodule (its tables are not ours)
         self.active = True
         self.record_error = False
@@ -295,7 +296,8 @@ class EmbeddingQuantizer(nn.Module):
             out = fake_quantize(
                 pooled, self.scale.view(shape), self.qmin.view(shape), self.qmax.view(shape), offset, self.config.ste
             )
-            out = torch.where(self.quantized.view(shape), out, pooled)
+            if not self._all_quantized:
+                out = torch.where(self.quantized.view(shape), out, pooled)
         else:
             out = pooled + self._multi_hot_correction(pooled, features)
         if self.record_error:

@@ -14,12 +14,26 @@ def weight_scale(weight: torch.Tensor, bits: int, granularity: MLPGranularity) -
     """Symmetric scale ``max|W_r| / (2^(b-1) - 1)`` per output row (out, 1), or one for the tensor (1, 1)."""
     n = 2 ** (bits - 1) - 1
     with torch.no_grad():
-        if granularity == "per_row":
-            low, high = torch.aminmax(weight.detach(), dim=1, keepdim=True)
-        else:
-            low, high = torch.aminmax(weight.detach())
-            low, high = low.view(1, 1), high.view(1, 1)
-        return (torch.maximum(low.abs(), high.abs()) / n).clamp_min(1e-8)
+        absolute = weight.detach().abs()  # MLP-sized; abs + amax runs ~8x faster than aminmax(dim=1) on the CPU
+        absmax = absolute.amax(dim=1, keepdim=True) if granularity == "per_row" else absolute.amax().view(1, 1)
+        return (absmax / n).clamp_min(1e-8)
+
+
+class _IdentityWeightFakeQuantize(torch.autograd.Function):
+    """Scale + quantize-dequantize of a weight in one node, identity gradient: the same values as
+    ``fake_quantize(weight, weight_scale(...))`` with fewer dispatches."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bits: int, granularity: MLPGranularity):  # type: ignore[override]
+        n = 2 ** (bits - 1) - 1
+        scale = weight_scale(weight, bits, granularity)
+        out = (weight / scale).round_().clamp_(-n - 1, n).mul_(scale)
+        ctx.mark_non_differentiable(scale)
+        return out, scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_scale: torch.Tensor):  # type: ignore[override]
+        return grad, None, None
 
 
 class FakeQuantizedLinear(nn.Linear):
@@ -90,8 +104,11 @@ class FakeQuantizedLinear(nn.Linear):
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(fake-quantized weight, bias as used, scale (out, 1) or (1, 1))."""
-        scale = weight_scale(self.weight, self.bits, self.granularity)
-        weight = fake_quantize(self.weight, scale, self.qmin, self.qmax, ste=self.ste)
+        if self.ste == "identity":  # the common case in one autograd node (a training-step hot path)
+            weight, scale = _IdentityWeightFakeQuantize.apply(self.weight, self.bits, self.granularity)
+        else:
+            scale = weight_scale(self.weight, self.bits, self.granularity)
+            weight = fake_quantize(self.weight, scale, self.qmin, self.qmax, ste=self.ste)
         bias = self.bias
         if bias is not None and self.bias_mode == "reference":
             bias = fake_quantize(bias, scale.view(-1), self.qmin, self.qmax, ste=self.ste)
