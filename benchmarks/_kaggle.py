@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,3 +66,14 @@ def fit_command(data: Path, steps: int, *extra: str) -> list[str]:
         "--trainer.default_root_dir",
         str(data / "runs"),
     ]
+
+
+def arguments(steps: int, warmup: int, repeats: int) -> argparse.ArgumentParser:
+    """The command-line options every Kaggle-scale benchmark shares."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default="/tmp/dqrm_bench_kaggle", help="synthetic Kaggle-format data (made once)")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows to generate when the data is missing")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser

@@ -13,7 +13,6 @@ loading included. Prints each pair and the median ratio A / B.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _kaggle import arguments, ensure_data, kaggle_config, model_kwargs
 from _kaggle import datamodule as kaggle_datamodule
-from _kaggle import ensure_data, kaggle_config, model_kwargs
 from lightning.pytorch.loggers import CSVLogger
 
 from dqrm_lightning.callbacks import RunSummary, StepTimer
@@ -72,12 +71,7 @@ def bare_segment(module: DLRMModule, datamodule: CriteoDataModule, steps: int, w
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default="/tmp/dqrm_bench_kaggle")
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = arguments(steps=800, warmup=100, repeats=5)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     data = Path(args.data)

@@ -9,7 +9,6 @@ and 2048, and prints from each run's summary.json: step time, samples/s of the s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -17,7 +16,7 @@ import resource
 import subprocess
 from pathlib import Path
 
-from _kaggle import ensure_data, fit_command
+from _kaggle import arguments, ensure_data, fit_command
 
 
 def run(data: Path, batch: int, steps: int, warmup: int) -> dict:
@@ -30,11 +29,7 @@ def run(data: Path, batch: int, steps: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default="/tmp/dqrm_bench_kaggle")
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser = arguments(steps=1000, warmup=100, repeats=1)
     args = parser.parse_args()
     data = Path(args.data)
     ensure_data(data, args.rows)

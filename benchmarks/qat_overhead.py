@@ -17,7 +17,6 @@ TorchRec's quantized EmbeddingBagCollection (FBGEMM kernels), alternating; plain
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -29,8 +28,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _kaggle import arguments, ensure_data, fit_command, kaggle_config, model_kwargs
 from _kaggle import datamodule as kaggle_datamodule
-from _kaggle import ensure_data, fit_command, kaggle_config, model_kwargs
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining, StepTimer
 from dqrm_lightning.data.datamodule import CriteoDataModule
@@ -117,16 +116,12 @@ def inference(module: DLRMModule, datamodule: CriteoDataModule, work: Path, repe
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default="/tmp/dqrm_bench_kaggle")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = arguments(steps=600, warmup=50, repeats=3)
     parser.add_argument("--rss-steps", type=int, default=300)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     data = Path(args.data)
-    ensure_data(data)
+    ensure_data(data, args.rows)
     config = kaggle_config()
     sizes = config["sizes"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; Kaggle-config DLRM, tables 33,762,577 x 16")

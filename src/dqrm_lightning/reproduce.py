@@ -125,7 +125,7 @@ def run(base: list[str], out: Path, names: list[str] | None = None) -> list[dict
                 "val_final": val["val"]["final"],
                 "val_best": val["val"]["final"],
                 "curve": [],
-                "bytes": manifest["bytes"]["payload"] + 26 * 4,
+                "bytes": manifest["bytes"]["payload"] + 4 * len(manifest["tables"]),  # + fp16 scale, offset per table
                 "ms_per_step": None,
             }
         else:

@@ -1,27 +1,13 @@
 """QAT through the Trainer: the callback prepares in setup, and a resumed run continues exactly."""
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining
 from dqrm_lightning.sharding import gather_full
-from tests.test_resume import _datamodule, _module
+from tests.test_resume import _datamodule, _module, _trainer
 
 PERIOD = 7
-
-
-def _trainer(tmp_path, callbacks, **kwargs):
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-        **kwargs,
-    )
 
 
 def _qat():
