@@ -25,6 +25,7 @@ from dqrm_lightning.callbacks import QuantizationAwareTraining, RunSummary, Step
 from dqrm_lightning.callbacks.predictions import PredictionWriter
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.strategies import TorchRecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
 
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
 

@@ -11,6 +11,7 @@ back into the local shards on load. This keeps checkpoints loadable with ``torch
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,10 +79,16 @@ def gather_full(tensor: ShardedTensor) -> torch.Tensor:
     return full
 
 
+def is_local(tensor: ShardedTensor) -> bool:
+    """Whether this process holds every shard of ``tensor``."""
+    return sum(shard.tensor.numel() for shard in tensor.local_shards()) == math.prod(tensor.size())
+
+
 def to_plain(state: Any) -> Any:
-    """Replace every ShardedTensor in a (nested) state with its full plain tensor."""
+    """Replace every ShardedTensor held wholly by this process with its full plain tensor (others stay sharded: a
+    multi-process strategy writes them with torch.distributed.checkpoint)."""
     if isinstance(state, ShardedTensor):
-        return gather_full(state)
+        return gather_full(state) if is_local(state) else state
     if isinstance(state, Mapping):
         return {k: to_plain(v) for k, v in state.items()}
     if isinstance(state, list | tuple):
@@ -89,8 +96,14 @@ def to_plain(state: Any) -> Any:
     return state
 
 
-def copy_into(target: Any, source: torch.Tensor, name: str) -> None:
-    """Copy a full tensor into a (possibly sharded) destination, checking shapes."""
+def copy_into(target: Any, source: Any, name: str) -> None:
+    """Copy a full tensor (or a ShardedTensor of the same layout) into a (possibly sharded) destination."""
+    if source is target:
+        return  # already loaded in place (distributed checkpoint)
+    if isinstance(source, ShardedTensor):
+        for dst, src in zip(target.local_shards(), source.local_shards(), strict=True):
+            dst.tensor.copy_(src.tensor)
+        return
     if tuple(target.size()) != tuple(source.shape):
         raise ValueError(
             f"checkpoint entry `{name}` has shape {tuple(source.shape)}, the model expects {tuple(target.size())}"

@@ -87,8 +87,9 @@ class RunSummary(pl.Callback):
 
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         summary = self.collect(trainer, pl_module, stage)
+        log_dir = self._log_dir(trainer)  # a collective under multi-process strategies: every rank asks
         if trainer.is_global_zero:
-            path = self._log_dir(trainer) / self.filename
+            path = log_dir / self.filename
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(summary, indent=2, default=str))
             self.path = path

@@ -1,0 +1,100 @@
+"""``TorchRecStrategy``: multi-process training of a TorchRec-sharded DLRM under the Lightning Trainer.
+
+The model shards itself: ``DLRMModule.configure_model`` wraps the DLRM in TorchRec's ``DistributedModelParallel`` over
+the process group this strategy starts (tables placed by the plan, dense layers in DDP inside DMP), so the strategy
+does not wrap the LightningModule in DDP again. Checkpoints are written by every rank with
+``torch.distributed.checkpoint`` (each rank its own shards) into a directory, plus the non-tensor training state;
+they load onto another world size (the tables are resharded).
+
+Select it with ``--trainer.strategy torchrec`` (or its class path) and ``--trainer.devices N``; the process group
+backend is gloo on CPU and nccl on GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed.checkpoint as dcp
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.nn import Module
+from typing_extensions import override
+
+_TENSORS = "state_dict"
+_META_FILE = "training_state.pt"
+
+
+def _split(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor part for distributed checkpointing, everything else)."""
+    tensors = {k: checkpoint[k] for k in (_TENSORS, "sparse_optimizer") if k in checkpoint}
+    rest = {k: v for k, v in checkpoint.items() if k not in tensors}
+    return tensors, rest
+
+
+class TorchRecStrategy(DDPStrategy):
+    """DDP-style multi-process strategy for models that shard themselves with TorchRec (see module docstring).
+
+    Args:
+        kwargs: as :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``, ``timeout``, ...).
+    """
+
+    strategy_name = "torchrec"
+
+    @override
+    def _setup_model(self, model: Module) -> Module:
+        return model  # DistributedModelParallel inside the model already data-parallelizes the dense layers
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        assert self.model is not None
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Every rank writes its shards into the directory ``filepath``; rank 0 adds the training state."""
+        path = Path(filepath)
+        tensors, rest = _split(checkpoint)
+        if self.is_global_zero:
+            path.mkdir(parents=True, exist_ok=True)
+        self.barrier("torchrec_checkpoint_dir")
+        dcp.save(tensors, checkpoint_id=str(path))
+        if self.is_global_zero:
+            torch.save(rest, path / _META_FILE)
+        self.barrier("torchrec_checkpoint_saved")
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a directory written by :meth:`save_checkpoint` (any world size), or a single-file checkpoint."""
+        path = Path(checkpoint_path)
+        if not path.is_dir():
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        rest = torch.load(path / _META_FILE, map_location="cpu", weights_only=True)
+        module = self.lightning_module
+        assert module is not None
+        module.on_load_checkpoint(rest)  # prepares QAT first, so the target state has every key
+        target = {_TENSORS: module.state_dict()}
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if getattr(module, "model", None) is not None and any(k.startswith("sparse_optimizer.") for k in saved):
+            target["sparse_optimizer"] = module.model.fused_optimizer.state_dict()  # e.g. Adagrad's accumulators
+        dcp.load(target, checkpoint_id=str(path))
+        return rest | target
+
+    @override
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            self.checkpoint_io.remove_checkpoint(filepath)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="TorchRec-sharded DLRM, one process per device")

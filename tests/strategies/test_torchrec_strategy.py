@@ -1,0 +1,74 @@
+"""TorchRecStrategy through the CLI with 2 gloo processes: training, distributed checkpoints, 2 -> 1 and 1 -> 2."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import FAST, dqrm
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mp") / "data"
+    dqrm("data", "synth", "--preset", "demo", "--rows", "12000", "--seed", "3", "--out", str(out))
+    return out
+
+
+def _common(data: Path, root: Path) -> list[str]:
+    return [
+        "-c",
+        "configs/demo.yaml",
+        "--data.train_files",
+        f"{data}/train*",
+        "--data.val_files",
+        f"{data}/val*",
+        "--data.test_files",
+        f"{data}/test*",
+        "--trainer.default_root_dir",
+        str(root),
+        *FAST,
+    ]
+
+
+def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_path):
+    common = _common(data, tmp_path / "r")
+    _, fit = dqrm(
+        "fit", *common, "--trainer.devices", "2", "--trainer.strategy", "torchrec", "--trainer.max_epochs", "1"
+    )
+    assert fit["world_size"] == 2
+    best = Path(fit["checkpoints"]["best"])
+    assert best.is_dir()
+    assert len(list(best.glob("*.distcp"))) == 2
+    expected = fit["val"]["final"]["val/auc"]
+    for devices in ("2", "1"):
+        _, val = dqrm(
+            "validate",
+            *common,
+            "--trainer.devices",
+            devices,
+            "--trainer.strategy",
+            "torchrec",
+            "--ckpt_path",
+            str(best),
+        )
+        assert val["world_size"] == int(devices)
+        assert val["val"]["final"]["val/auc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_single_process_checkpoint_loads_on_two_processes(data, tmp_path):
+    common = _common(data, tmp_path / "r")
+    _, fit = dqrm("fit", *common, "--trainer.max_epochs", "1")
+    _, val = dqrm(
+        "validate",
+        *common,
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "torchrec",
+        "--ckpt_path",
+        fit["checkpoints"]["best"],
+    )
+    assert val["world_size"] == 2
+    assert val["val"]["final"]["val/auc"] == pytest.approx(fit["val"]["best"]["val/auc"], abs=1e-6)
