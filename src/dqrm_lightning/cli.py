@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from dqrm_lightning.callbacks import QuantizationAwareTraining, RunSummary, StepTimer
+from dqrm_lightning.callbacks import CommunicationAccounting, QuantizationAwareTraining, RunSummary, StepTimer
 from dqrm_lightning.callbacks.predictions import PredictionWriter
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.model import DLRMModule
@@ -71,7 +71,7 @@ class DQRMCLI(LightningCLI):
         root = config.get("default_root_dir") or "runs"
         if config.get("logger") in (None, True):
             kwargs["logger"] = self._default_loggers(root)
-        callbacks: list[Any] = [RunSummary()]
+        callbacks: list[Any] = [RunSummary(), CommunicationAccounting()]
         if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
             callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
         if self.subcommand == "predict":

@@ -38,6 +38,10 @@ def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_pa
         "fit", *common, "--trainer.devices", "2", "--trainer.strategy", "torchrec", "--trainer.max_epochs", "1"
     )
     assert fit["world_size"] == 2
+    comm = fit["communication"]["bytes_per_iteration_per_rank"]
+    assert comm["sparse_fp32"] < comm["dense"]
+    assert fit["communication"]["sparse_fp32_over_sparse_int8"] > 3.5
+    assert comm["model_parallel_a2a"] == 2 * 4 * 128 * 26 * 16 // 2  # half of the pooled embeddings travel
     best = Path(fit["checkpoints"]["best"])
     assert best.is_dir()
     assert len(list(best.glob("*.distcp"))) == 2

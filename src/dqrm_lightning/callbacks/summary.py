@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from dqrm_lightning.callbacks.comm_accounting import CommunicationAccounting
 from dqrm_lightning.callbacks.qat import QuantizationAwareTraining
 from dqrm_lightning.callbacks.step_timer import StepTimer
 
@@ -70,6 +71,8 @@ class RunSummary(pl.Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, StepTimer):
                 summary["speed"] = callback.summary()
+            if isinstance(callback, CommunicationAccounting) and callback.summary():
+                summary["communication"] = callback.summary()
             if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
                 summary["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path or None}
         if hasattr(pl_module, "model_bytes"):

@@ -1,0 +1,67 @@
+"""``CommunicationAccounting``: bytes each rank would send per iteration in each communication mode.
+
+Sampled on logging steps from the real batches (unique ids per table on this rank), so the sparse modes count the
+rows actually touched, not an upper bound. Modes (see :mod:`dqrm_lightning.comms.accounting`): ``dense`` (plain data
+parallelism: every parameter), ``sparse_fp32`` (touched rows + MLP gradients), ``sparse_int8`` (the same as 1-byte
+codes plus scales, the DQRM compressed mode), and ``model_parallel_a2a`` (TorchRec's pooled-embedding all-to-all,
+forward and backward, float32: what a table-wise sharded model sends).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from dqrm_lightning._logging import logging_step
+from dqrm_lightning.comms.accounting import ModelShape, bytes_per_iteration
+
+MODES = ("dense", "sparse_fp32", "sparse_int8", "model_parallel_a2a")
+
+
+class CommunicationAccounting(pl.Callback):
+    """Logs ``comm/<mode>_bytes`` per iteration and rank, and reports their means in the run summary."""
+
+    def __init__(self) -> None:
+        self.totals = dict.fromkeys(MODES, 0.0)
+        self.samples = 0
+
+    def _shape(self, pl_module: pl.LightningModule) -> ModelShape:
+        hp = pl_module.hparams
+        return ModelShape(list(hp.num_embeddings_per_feature), hp.embedding_dim, pl_module._mlp_layers())
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not (logging_step(trainer) or self.samples == 0) or not hasattr(pl_module, "_mlp_layers"):
+            return  # sampled: the first step and every logging step
+        shape = self._shape(pl_module)
+        features = batch.sparse_features.to_dict()
+        rows = [int(torch.unique(jagged.values()).numel()) for jagged in features.values()]
+        world = trainer.world_size
+        local_batch = int(batch.labels.numel())
+        values = {
+            "dense": bytes_per_iteration(shape, "dense"),
+            "sparse_fp32": bytes_per_iteration(shape, "sparse_fp32", rows),
+            "sparse_int8": bytes_per_iteration(shape, "sparse_int8", rows),
+            # pooled embeddings of the other ranks' tables, forward and their gradients backward
+            "model_parallel_a2a": 2 * 4 * local_batch * len(rows) * shape.embedding_dim * (world - 1) // world,
+        }
+        for mode, value in values.items():
+            self.totals[mode] += value
+        self.samples += 1
+        for logger in trainer.loggers:
+            logger.log_metrics({f"comm/{mode}_bytes": float(v) for mode, v in values.items()}, step=trainer.global_step)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.samples:
+            return {}
+        means = {mode: total / self.samples for mode, total in self.totals.items()}
+        return {
+            "bytes_per_iteration_per_rank": means,
+            "sampled_steps": self.samples,
+            "sparse_fp32_over_sparse_int8": means["sparse_fp32"] / max(means["sparse_int8"], 1.0),
+        }
