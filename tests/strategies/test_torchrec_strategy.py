@@ -76,3 +76,34 @@ def test_single_process_checkpoint_loads_on_two_processes(data, tmp_path):
     )
     assert val["world_size"] == 2
     assert val["val"]["final"]["val/auc"] == pytest.approx(fit["val"]["best"]["val/auc"], abs=1e-6)
+
+
+def test_a_dying_rank_stops_the_run_with_an_error_instead_of_a_hang(data, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import REPO
+
+    args = [
+        *_common(data, tmp_path / "r"),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "torchrec",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.callbacks+=tests.helpers.faults.DieAtStep",
+    ]
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "dqrm_lightning.cli", "fit", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120
+    assert "summary:" not in result.stdout
+    assert "terminated with code 17" in result.stdout + result.stderr  # the launcher names the dead rank
