@@ -77,3 +77,19 @@ def arguments(steps: int, warmup: int, repeats: int) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--repeats", type=int, default=repeats)
     return parser
+
+
+def segment_trainer(steps: int, callbacks: list, logger: object = False) -> object:
+    """A Trainer for a timed training segment: no validation, checkpoints, progress bar or model summary."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=logger,
+        log_every_n_steps=1024,
+        callbacks=callbacks,
+    )

@@ -21,9 +21,8 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-from _kaggle import arguments, ensure_data, kaggle_config, model_kwargs
+from _kaggle import arguments, ensure_data, kaggle_config, model_kwargs, segment_trainer
 from _kaggle import datamodule as kaggle_datamodule
 from lightning.pytorch.loggers import CSVLogger
 
@@ -34,17 +33,7 @@ from dqrm_lightning.model import DLRMModule
 
 def lightning_segment(module: DLRMModule, datamodule: CriteoDataModule, steps: int, warmup: int, root: str) -> float:
     timer = StepTimer(warmup_steps=warmup)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=CSVLogger(root),
-        log_every_n_steps=1024,
-        callbacks=[timer, RunSummary()],
-        default_root_dir=root,
-    )
+    trainer = segment_trainer(steps, [timer, RunSummary()], CSVLogger(root), log_every_n_steps=1024)
     trainer.fit(module, datamodule=datamodule)
     return float(timer.summary()["loop_samples_per_s"])
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from _kaggle import arguments, ensure_data, fit_command, kaggle_config, model_kwargs
+from _kaggle import arguments, ensure_data, fit_command, kaggle_config, model_kwargs, segment_trainer
 from _kaggle import datamodule as kaggle_datamodule
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining, StepTimer
@@ -54,15 +54,7 @@ def segment(module: DLRMModule, datamodule: CriteoDataModule, variant: str, step
         callbacks.append(QuantizationAwareTraining(embedding_bits=4, mlp_bits=4, scale_tracking="exact"))
     else:
         callbacks.append(QuantizationAwareTraining(embedding_bits=4, mlp_bits=4, scale_period=int(variant[1:])))
-    trainer = pl.Trainer(
-        max_steps=steps,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        callbacks=callbacks,
-    )
+    trainer = segment_trainer(steps, callbacks, False)
     trainer.fit(module, datamodule=datamodule)
     return 1000.0 * datamodule.hparams.batch_size / float(timer.summary()["loop_samples_per_s"])
 

@@ -38,6 +38,14 @@ def dqrm(*args: str) -> tuple[str, dict]:
 
 
 ONE_EPOCH = ["--trainer.max_epochs", "1"]
+
+
+def demo_args(data: Path, root: Path) -> list[str]:
+    """The demo config on synthetic data in ``data`` (train*, val*, test*), runs under ``root``, quiet."""
+    files = [x for s in ("train", "val", "test") for x in (f"--data.{s}_files", f"{data}/{s}*")]
+    return ["-c", "configs/demo.yaml", *files, "--trainer.default_root_dir", str(root), *FAST]
+
+
 FAST = ["--wandb", "disabled", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -46,20 +54,7 @@ def test_synth_fit_test_predict(tmp_path):
     _, _synth = dqrm("data", "synth", "--preset", "demo", "--rows", "6000", "--seed", "1", "--out", str(data))
     assert (data / "train.tsv").exists()
     assert (data / "train.tsv.truth.npy").exists()
-    root = tmp_path / "runs"
-    common = [
-        "-c",
-        "configs/demo.yaml",
-        "--data.train_files",
-        f"{data}/train*",
-        "--data.val_files",
-        f"{data}/val*",
-        "--data.test_files",
-        f"{data}/test*",
-        "--trainer.default_root_dir",
-        str(root),
-        *FAST,
-    ]
+    common = demo_args(data, tmp_path / "runs")
     _, fit = dqrm("fit", *common, "--trainer.max_epochs", "2")
     assert fit["stage"] == "fit"
     assert fit["epochs_completed"] == 2

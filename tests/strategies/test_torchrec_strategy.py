@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import FAST, dqrm
+from tests.test_cli import demo_args, dqrm
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -16,24 +16,8 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
-def _common(data: Path, root: Path) -> list[str]:
-    return [
-        "-c",
-        "configs/demo.yaml",
-        "--data.train_files",
-        f"{data}/train*",
-        "--data.val_files",
-        f"{data}/val*",
-        "--data.test_files",
-        f"{data}/test*",
-        "--trainer.default_root_dir",
-        str(root),
-        *FAST,
-    ]
-
-
 def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_path):
-    common = _common(data, tmp_path / "r")
+    common = demo_args(data, tmp_path / "r")
     _, fit = dqrm(
         "fit", *common, "--trainer.devices", "2", "--trainer.strategy", "torchrec", "--trainer.max_epochs", "1"
     )
@@ -62,7 +46,7 @@ def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_pa
 
 
 def test_single_process_checkpoint_loads_on_two_processes(data, tmp_path):
-    common = _common(data, tmp_path / "r")
+    common = demo_args(data, tmp_path / "r")
     _, fit = dqrm("fit", *common, "--trainer.max_epochs", "1")
     _, val = dqrm(
         "validate",
@@ -86,7 +70,7 @@ def test_a_dying_rank_stops_the_run_with_an_error_instead_of_a_hang(data, tmp_pa
     from tests.test_cli import REPO
 
     args = [
-        *_common(data, tmp_path / "r"),
+        *demo_args(data, tmp_path / "r"),
         "--trainer.devices",
         "2",
         "--trainer.strategy",
