@@ -1,0 +1,82 @@
+"""Model-parallel training on 2 processes equals 1-process training on the same global batches (TorchRec's sharded
+embedding backward and DDP both average over ranks, so N processes with batch B train like one with batch N x B)."""
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dqrm_lightning.data.dataset import make_batch
+from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.sharding import gather_full
+from tests.test_model import random_batch
+
+ROWS, GLOBAL_BATCH, STEPS = 50, 64, 6
+
+
+def _module() -> DLRMModule:
+    return DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+
+
+def _train(module: DLRMModule, rank: int, world: int) -> list[float]:
+    optimizer = module.configure_optimizers()
+    losses = []
+    local = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        batch = random_batch(batch_size=GLOBAL_BATCH, rows=ROWS, seed=100 + step)  # the same global batch everywhere
+        rows = slice(rank * local, (rank + 1) * local)  # this rank's slice, as CriteoIterableDataset hands it out
+        ids = torch.stack([batch.sparse_features[f"C{i + 1}"].values()[rows] for i in range(26)], dim=1)
+        part = make_batch(batch.dense_features[rows].numpy(), ids.numpy(), batch.labels[rows].numpy())
+        optimizer.zero_grad()
+        loss = module._loss(module(part), part)
+        loss.backward()
+        optimizer.step()
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        losses.append(float(mean))
+    return losses
+
+
+def _state(module: DLRMModule) -> dict[str, torch.Tensor]:
+    return {
+        k: (gather_full(v) if hasattr(v, "local_shards") else v).detach().clone()
+        for k, v in module.state_dict().items()
+    }
+
+
+def _rank(rank: int, store: str, out: str, init: str) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    module = _module()
+    module.load_state_dict(torch.load(init, weights_only=True))  # the same initial weights as the 1-process run
+    losses = _train(module, rank, 2)
+    tables = {}
+    for key, value in module.state_dict().items():
+        if hasattr(value, "local_shards") and value.local_shards():
+            tables[key] = value.local_shards()[0].tensor.detach().clone()
+    torch.save({"losses": losses, "tables": tables}, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_two_process_model_parallel_equals_one_process(tmp_path: Path):
+    torch.manual_seed(0)
+    single = _module()
+    single.configure_model()
+    torch.save(_state(single), tmp_path / "init.pt")
+    expected = _train(single, 0, 1)
+    final = _state(single)
+    dist.destroy_process_group()
+    mp.start_processes(
+        _rank, args=(str(tmp_path / "store"), str(tmp_path), str(tmp_path / "init.pt")), nprocs=2, start_method="spawn"
+    )
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    tables = results[0]["tables"] | results[1]["tables"]
+    assert len(tables) == 26
+    for key, value in tables.items():
+        torch.testing.assert_close(value, final[key], rtol=1e-5, atol=1e-6, msg=key)
