@@ -43,6 +43,10 @@ def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_pa
         )
         assert val["world_size"] == int(devices)
         assert val["val"]["final"]["val/auc"] == pytest.approx(expected, abs=1e-6)
+    _, export = dqrm("export", "--ckpt", str(best), "--out", str(tmp_path / "art"), "--embedding-bits", "4")
+    assert export["quantization"] == "ptq (trained scales)"  # the sharded FP32 checkpoint, gathered and quantized
+    _, val = dqrm("validate", *common, "--artifact", str(tmp_path / "art"))
+    assert abs(val["val"]["final"]["val/auc"] - expected) < 0.02
 
 
 def test_single_process_checkpoint_loads_on_two_processes(data, tmp_path):

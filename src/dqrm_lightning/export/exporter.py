@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,22 @@ from dqrm_lightning.quant.linear import weight_scale
 PtqScales = Literal["trained", "init"]
 _TABLE_KEY = "model.sparse_arch.embedding_bag_collection.embedding_bags.t_{}.weight"
 _LINEAR_KEY = re.compile(r"^model\.(dense_arch|over_arch)\.(.+)\.weight$")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as one dict of plain tensors: a single file, or a directory written by TorchRecStrategy
+    (torch.distributed.checkpoint shards of any world size, gathered into full tensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from dqrm_lightning.strategies.torchrec import META_FILE
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        dcp_to_torch_save(str(path), f"{tmp}/full.pt")
+        tensors = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=True)
+    return torch.load(path / META_FILE, map_location="cpu", weights_only=True) | tensors
 
 
 def _linear_layers(state: dict[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor, torch.Tensor | None]]:
@@ -76,7 +93,7 @@ def export_checkpoint(
     Args:
         quantize_mlp: ``False`` keeps MLP weights FP32 even when the model was trained with MLP QAT.
     """
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = read_checkpoint(ckpt_path)
     hp = checkpoint.get("hyper_parameters")
     if not hp or "num_embeddings_per_feature" not in hp:
         raise ValueError(f"{ckpt_path}: not a DLRMModule checkpoint (no hyper_parameters)")

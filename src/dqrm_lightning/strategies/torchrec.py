@@ -25,7 +25,7 @@ from torch.nn import Module
 from typing_extensions import override
 
 _TENSORS = "state_dict"
-_META_FILE = "training_state.pt"
+META_FILE = "training_state.pt"
 
 
 def _split(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -69,7 +69,7 @@ class TorchRecStrategy(DDPStrategy):
         self.barrier("torchrec_checkpoint_dir")
         dcp.save(tensors, checkpoint_id=str(path))
         if self.is_global_zero:
-            torch.save(rest, path / _META_FILE)
+            torch.save(rest, path / META_FILE)
         self.barrier("torchrec_checkpoint_saved")
 
     @override
@@ -78,7 +78,7 @@ class TorchRecStrategy(DDPStrategy):
         path = Path(checkpoint_path)
         if not path.is_dir():
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        rest = torch.load(path / _META_FILE, map_location="cpu", weights_only=True)
+        rest = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
         module = self.lightning_module
         assert module is not None
         module.on_load_checkpoint(rest)  # prepares QAT first, so the target state has every key
