@@ -143,7 +143,9 @@ class DLRMModule(pl.LightningModule):
         apply_optimizer_in_backward(
             _OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": sparse_lr}
         )
-        self.model = shard_model(dlrm, self.device if self.device.type != "meta" else torch.device("cpu"))
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        codecs = getattr(strategy, "qcomm_codecs_registry", None)  # TorchRecStrategy's quantized all-to-all
+        self.model = shard_model(dlrm, self.device if self.device.type != "meta" else torch.device("cpu"), codecs)
 
     # ------------------------------------------------------------------------------------------------------- QAT
     def prepare_qat(self, config: QATConfig, update_schedule: bool = True) -> None:

@@ -52,11 +52,15 @@ def fused_table_wise_plan(model: nn.Module, world_size: int, device_type: str = 
     return ShardingPlan({path: module_plan})
 
 
-def shard_model(model: nn.Module, device: torch.device) -> DistributedModelParallel:
-    """Wrap ``model`` (EBC on the meta device, sparse optimizer already registered) in DMP."""
+def shard_model(
+    model: nn.Module, device: torch.device, qcomm_codecs_registry: dict | None = None
+) -> DistributedModelParallel:
+    """Wrap ``model`` (EBC on the meta device, sparse optimizer already registered) in DMP; optional quantized
+    all-to-all codecs (see :func:`dqrm_lightning.strategies.torchrec.qcomm_registry`)."""
     ensure_process_group()
     plan = fused_table_wise_plan(model, dist.get_world_size(), device.type)
-    return DistributedModelParallel(model, device=device, plan=plan, sharders=[EmbeddingBagCollectionSharder()])
+    sharder = EmbeddingBagCollectionSharder(qcomm_codecs_registry=qcomm_codecs_registry)
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
 
 
 def gather_full(tensor: ShardedTensor) -> torch.Tensor:

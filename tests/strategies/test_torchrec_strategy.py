@@ -95,3 +95,34 @@ def test_a_dying_rank_stops_the_run_with_an_error_instead_of_a_hang(data, tmp_pa
     assert time.monotonic() - start < 120
     assert "summary:" not in result.stdout
     assert "terminated with code 17" in result.stdout + result.stderr  # the launcher names the dead rank
+
+
+def test_qcomm_codecs_are_probed_and_unsupported_ones_refused():
+    import torch
+
+    from dqrm_lightning.strategies.torchrec import qcomm_registry
+
+    cpu = torch.device("cpu")
+    assert qcomm_registry(None, None, cpu) is None
+    assert qcomm_registry("fp16", "bf16", cpu) is not None
+    for precision in ("fp8", "int8"):  # not usable on the CPU with this FBGEMM build: refused, never replaced
+        with pytest.raises(ValueError, match="not supported on cpu"):
+            qcomm_registry(precision, None, cpu)
+    with pytest.raises(ValueError, match="qcomm_backward"):
+        qcomm_registry(None, "int4", cpu)
+
+
+def test_two_processes_train_with_quantized_all_to_all(data, tmp_path):
+    strategy = [
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "dqrm_lightning.strategies.TorchRecStrategy",
+        "--trainer.strategy.qcomm_forward",
+        "fp16",
+        "--trainer.strategy.qcomm_backward",
+        "bf16",
+    ]
+    _, fit = dqrm("fit", *demo_args(data, tmp_path / "r"), *strategy, "--trainer.max_epochs", "1")
+    assert fit["world_size"] == 2
+    assert fit["config"]["trainer"]["strategy"]["init_args"]["qcomm_forward"] == "fp16"

@@ -35,14 +35,68 @@ def _split(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, rest
 
 
+_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
+
+
+def qcomm_registry(forward: str | None, backward: str | None, device: torch.device) -> dict | None:
+    """TorchRec's quantized-communication codecs for the embedding all-to-all, checked on ``device``.
+
+    Each codec encodes and decodes a probe tensor first; one that fails or returns wrong values on this device
+    (FP8 and INT8 on the CPU, with this FBGEMM) is refused with a message instead of silently replaced.
+
+    Raises:
+        ValueError: unknown precision, or a codec this device cannot run.
+    """
+    if forward is None and backward is None:
+        return None
+    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+    from torchrec.distributed.types import CommOp
+
+    for name, value in (("qcomm_forward", forward), ("qcomm_backward", backward)):
+        if value is not None and value not in _PRECISIONS:
+            raise ValueError(f"`{name}` must be one of {_PRECISIONS} or null, got {value!r}")
+    config = QCommsConfig(
+        forward_precision=getattr(CommType, (forward or "fp32").upper()),
+        backward_precision=getattr(CommType, (backward or "fp32").upper()),
+    )
+    probe = torch.linspace(-3.0, 3.0, 8 * 64, device=device).reshape(8, 64)
+    try:
+        registry = get_qcomm_codecs_registry(config, device=device)
+        codecs = registry[CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL.name]
+        for direction, codec in (("forward", codecs.forward), ("backward", codecs.backward)):
+            error = float((codec.decode(codec.encode(probe)) - probe).abs().max())
+            if error > 0.05:
+                raise ValueError(f"{direction} codec is off by {error:.3g} on a probe in [-3, 3]")
+    except Exception as err:  # any failure of the codec means: not supported here
+        raise ValueError(
+            f"quantized all-to-all forward={forward} backward={backward} is not supported on {device.type} "
+            f"with this FBGEMM build ({type(err).__name__}: {err}); use fp16 or bf16, or leave it off"
+        ) from None
+    return registry
+
+
 class TorchRecStrategy(DDPStrategy):
     """DDP-style multi-process strategy for models that shard themselves with TorchRec (see module docstring).
 
     Args:
+        qcomm_forward: precision of the embedding all-to-all in the forward pass (``fp16``, ``bf16``, ``fp8``,
+            ``int8``) or ``None`` (FP32).
+        qcomm_backward: the same for the gradients in the backward pass.
         kwargs: as :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``, ``timeout``, ...).
     """
 
     strategy_name = "torchrec"
+
+    def __init__(self, qcomm_forward: str | None = None, qcomm_backward: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.qcomm_forward = qcomm_forward
+        self.qcomm_backward = qcomm_backward
+        self.qcomm_codecs_registry: dict | None = None
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.qcomm_codecs_registry = qcomm_registry(self.qcomm_forward, self.qcomm_backward, self.root_device)
 
     @override
     def _setup_model(self, model: Module) -> Module:
