@@ -63,23 +63,23 @@ def shard_model(
     return DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
 
 
+def _shard_index(shard: Any) -> tuple[slice, ...]:
+    """Where a local shard sits in its full tensor."""
+    return tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True))
+
+
 def gather_full(tensor: ShardedTensor) -> torch.Tensor:
     """The full tensor of a ShardedTensor whose shards are all on this process."""
-    shards = tensor.local_shards()
-    if len(shards) == 1 and tuple(shards[0].tensor.shape) == tuple(tensor.size()):
-        return shards[0].tensor  # one shard holds the whole table: no copy
-    full = torch.empty(tensor.size(), dtype=shards[0].tensor.dtype)
-    covered = 0
-    for shard in shards:
-        index = tuple(
-            slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True)
-        )
-        full[index] = shard.tensor
-        covered += shard.tensor.numel()
-    if covered != full.numel():
+    if not is_local(tensor):
         raise NotImplementedError(
             "this checkpoint path needs every shard on one process; multi-process checkpoints use the TorchRec strategy"
         )
+    shards = tensor.local_shards()
+    if len(shards) == 1:
+        return shards[0].tensor  # one shard holds the whole table: no copy
+    full = torch.empty(tensor.size(), dtype=shards[0].tensor.dtype)
+    for shard in shards:
+        full[_shard_index(shard)] = shard.tensor
     return full
 
 
@@ -115,10 +115,6 @@ def copy_into(target: Any, source: Any, name: str) -> None:
     with torch.no_grad():
         if isinstance(target, ShardedTensor):
             for shard in target.local_shards():
-                index = tuple(
-                    slice(o, o + s)
-                    for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True)
-                )
-                shard.tensor.copy_(source[index])
+                shard.tensor.copy_(source[_shard_index(shard)])
         else:
             target.copy_(source)

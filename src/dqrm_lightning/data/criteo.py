@@ -237,19 +237,11 @@ def _table_to_rows(
 ) -> ParsedRows:
     """Convert a parsed arrow table to arrays, validating label values and hex digits."""
     n = table.num_rows
-    label_col = table.column("label").combine_chunks()
-    labels = label_col.to_numpy(zero_copy_only=False) if label_col.null_count == 0 else None
-    bad = np.zeros(n, dtype=bool)
+    labels = table.column("label").combine_chunks().to_numpy(zero_copy_only=False)  # no nulls: see _read_checked
+    bad = (labels != 0) & (labels != 1)
     reasons: dict[int, CriteoFormatError] = {}
-    if labels is None or ((labels != 0) & (labels != 1)).any():
-        raw = np.asarray(label_col.fill_null(-1).to_numpy(zero_copy_only=False))
-        for i in np.flatnonzero((raw != 0) & (raw != 1))[: None if on_bad_line == "skip" else 1]:
-            value = "empty" if raw[i] == -1 and not label_col[i].is_valid else str(raw[i])
-            reasons.setdefault(
-                int(i), CriteoFormatError(path, int(lines[i]), f"label must be 0 or 1, got {value}", "label")
-            )
-            bad[i] = True
-        labels = raw
+    for i in np.flatnonzero(bad)[: None if on_bad_line == "skip" else 1]:
+        reasons[int(i)] = CriteoFormatError(path, int(lines[i]), f"label must be 0 or 1, got {labels[i]}", "label")
     cat = np.empty((n, CAT_FEATURE_COUNT), dtype=np.uint32)
     for j, name in enumerate(DEFAULT_CAT_NAMES):
         values, bad_hex = _decode_hex(table.column(name).combine_chunks())

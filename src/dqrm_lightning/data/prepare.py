@@ -264,7 +264,7 @@ def prepare(
         state = {"key": key, "files": {}, "shards": {s: [] for s in SPLITS}, "skipped": 0, "rows": 0, "seconds": 0.0}
     writers = {s: _SplitWriter(out / s, shards=list(state["shards"][s])) for s in SPLITS}
     total_bytes = sum(os.path.getsize(job.path) for job in jobs)
-    bar = _progress_bar(total_bytes, progress)
+    bar = _Bar(total_bytes, progress)
     start = time.perf_counter()
     writer_thread = _BackgroundWriter()
     try:
@@ -387,10 +387,6 @@ class _Bar:
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
-
-
-def _progress_bar(total: int, enabled: bool) -> _Bar:
-    return _Bar(total, enabled)
 
 
 def load_meta(prepared_dir: str | Path) -> dict:

@@ -136,7 +136,8 @@ def export_checkpoint(
             entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
         tables.append(entry)
     layers = []
-    for arch, name, weight, bias in _linear_layers(state):
+    linears = _linear_layers(state)
+    for arch, name, weight, bias in linears:
         bits = config.mlp_bits if quantize_mlp else None
         layer: dict[str, Any] = {"name": f"{arch}.{name}", "arch": arch, "shape": list(weight.shape)}
         base = f"mlp/{arch}.{name}"
@@ -169,7 +170,7 @@ def export_checkpoint(
         layers.append(layer)
     payload = sum(meta["bytes"] for meta in writer.files.values())
     fp32_bytes = sum(int(r) for r in hp["num_embeddings_per_feature"]) * dim * 4 + sum(
-        4 * (w.numel() + (b.numel() if b is not None else 0)) for _, _, w, b in _linear_layers(state)
+        4 * (w.numel() + (b.numel() if b is not None else 0)) for _, _, w, b in linears
     )
     manifest = {
         "model": {
