@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torchrec.datasets.utils import Batch
+from torchrec.distributed import DistributedModelParallel
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -27,7 +28,7 @@ from dqrm_lightning.metrics import BestTracker, ClickMetrics
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.embedding import EmbeddingQuantizer
 from dqrm_lightning.quant.linear import FakeQuantizedLinear, swap_linears
-from dqrm_lightning.sharding import copy_into, shard_model, to_plain
+from dqrm_lightning.sharding import EmbeddingLayout, copy_into, replicate_embeddings, shard_model, to_plain
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
 
@@ -86,6 +87,7 @@ class DLRMModule(pl.LightningModule):
         if learning_rate <= 0 or (sparse_learning_rate is not None and sparse_learning_rate <= 0):
             raise ValueError("learning rates must be positive")
         self.model: nn.Module | None = None
+        self.layout: EmbeddingLayout | None = None  # None: the strategy's (TorchRecStrategy) or the default
         self.qat_config: QATConfig | None = None
         self.artifact_model: nn.Module | None = None
         self.embedding_quantizer: EmbeddingQuantizer | None = None
@@ -139,13 +141,21 @@ class DLRMModule(pl.LightningModule):
         if self.model is not None or self.artifact_model is not None:
             return
         dlrm = self.build_dlrm()
-        sparse_lr = self.hparams.sparse_learning_rate or self.hparams.learning_rate
-        apply_optimizer_in_backward(
-            _OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": sparse_lr}
-        )
         strategy = self._trainer.strategy if self._trainer is not None else None
+        self.layout = self.layout or getattr(strategy, "layout", None) or EmbeddingLayout()
+        device = self.device if self.device.type != "meta" else torch.device("cpu")
+        if self.layout.embeddings == "replicated":  # plain modules with sparse gradients; DDP outside averages them
+            self.model = replicate_embeddings(dlrm, device, sparse=not self.layout.dense_embedding_gradients)
+            return
+        apply_optimizer_in_backward(
+            _OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": self._sparse_lr}
+        )
         codecs = getattr(strategy, "qcomm_codecs_registry", None)  # TorchRecStrategy's quantized all-to-all
-        self.model = shard_model(dlrm, self.device if self.device.type != "meta" else torch.device("cpu"), codecs)
+        self.model = shard_model(dlrm, device, codecs, self.layout)
+
+    @property
+    def _sparse_lr(self) -> float:
+        return self.hparams.sparse_learning_rate or self.hparams.learning_rate
 
     # ------------------------------------------------------------------------------------------------------- QAT
     def prepare_qat(self, config: QATConfig, update_schedule: bool = True) -> None:
@@ -195,9 +205,14 @@ class DLRMModule(pl.LightningModule):
 
     @property
     def dlrm(self) -> DLRM:
-        """The DLRM inside the DistributedModelParallel wrapper."""
+        """The DLRM (inside the DistributedModelParallel wrapper when sharded)."""
         assert self.model is not None, "call configure_model() first"
-        return self.model.module  # type: ignore[return-value]
+        return self.model.module if isinstance(self.model, DistributedModelParallel) else self.model  # type: ignore
+
+    @property
+    def _fused_optimizer(self) -> Any:
+        """The sharded tables' in-backward optimizer (``None`` with replicated tables: the regular one updates them)."""
+        return getattr(self.model, "fused_optimizer", None)
 
     def set_quantization_active(self, active: bool) -> None:
         """Switch fake quantization on or off (FP32 warm-up); scales and counters are kept."""
@@ -229,8 +244,16 @@ class DLRMModule(pl.LightningModule):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         assert self.model is not None
+        optimizer = _OPTIMIZERS[self.hparams.optimizer]
+        if self._fused_optimizer is None:  # replicated tables: sparse gradients, updated here at their own rate
+            tables = list(self.dlrm.sparse_arch.parameters())
+            ids = {id(p) for p in tables}
+            dense = [p for p in self.model.parameters() if id(p) not in ids]
+            return optimizer(
+                [{"params": dense}, {"params": tables, "lr": self._sparse_lr}], lr=self.hparams.learning_rate
+            )
         dense = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
-        return _OPTIMIZERS[self.hparams.optimizer](dense, lr=self.hparams.learning_rate)
+        return optimizer(dense, lr=self.hparams.learning_rate)
 
     # ---------------------------------------------------------------------------------------------------- forward
     @override
@@ -290,8 +313,8 @@ class DLRMModule(pl.LightningModule):
         if self.qat_config is not None:
             checkpoint["qat_config"] = asdict(self.qat_config)
         checkpoint["state_dict"] = to_plain(checkpoint["state_dict"])
-        assert self.model is not None
-        checkpoint["sparse_optimizer"] = to_plain(self.model.fused_optimizer.state_dict())
+        if self._fused_optimizer is not None:
+            checkpoint["sparse_optimizer"] = to_plain(self._fused_optimizer.state_dict())
         checkpoint["val_best"] = self.val_best.state_dict()
 
     @override
@@ -318,9 +341,8 @@ class DLRMModule(pl.LightningModule):
             if key in current:
                 copy_into(current[key], value, key)
         pending = getattr(self, "_pending_sparse_optimizer", None)
-        if pending:
-            assert self.model is not None
-            optimizer_state = self.model.fused_optimizer.state_dict()
+        if pending and self._fused_optimizer is not None:
+            optimizer_state = self._fused_optimizer.state_dict()
             _copy_nested(optimizer_state, pending, "sparse_optimizer")
             self._pending_sparse_optimizer = None
         return nn.modules.module._IncompatibleKeys(missing, unexpected)

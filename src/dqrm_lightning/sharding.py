@@ -1,8 +1,20 @@
-"""Wrap a DLRM in TorchRec's DistributedModelParallel so that embedding updates are sparse and fused.
+"""Where the embedding tables live: sharded by TorchRec's DistributedModelParallel, or replicated on every rank.
 
-Every table is placed table-wise with FBGEMM's fused kernel: the optimizer registered with
-``apply_optimizer_in_backward`` runs inside the backward pass on the rows the batch touched, so no dense gradient of a
-whole table ever exists. (TorchRec's planner would put small tables in ``data_parallel`` with dense gradients.)
+``EmbeddingLayout`` describes it:
+
+* ``embeddings="sharded"`` (default): DistributedModelParallel places the tables. ``sharding="table_wise"`` (default)
+  puts each table whole on one rank (round-robin) with FBGEMM's fused kernel: the optimizer registered with
+  ``apply_optimizer_in_backward`` runs inside the backward pass on the rows the batch touched, so no dense gradient of
+  a whole table ever exists. Any other value goes through TorchRec's planner: ``"auto"`` (the planner chooses; it
+  puts small tables in ``data_parallel``, whose gradients are dense), one sharding type for every table, or a mapping
+  from feature (``C3``) or table name (``t_C3``) to a sharding type, with an optional ``default``. On the CPU,
+  TorchRec's sharder offers no row-wise types; :class:`CPUEmbeddingBagCollectionSharder` adds them (tested with 2
+  gloo processes).
+* ``embeddings="replicated"``: the DQRM paper's data-parallel mode. Every rank holds every table as plain
+  ``nn.EmbeddingBag`` modules inside TorchRec's (unsharded) EmbeddingBagCollection with sparse gradients, so only
+  the touched rows travel when DDP averages them (optionally INT8-compressed,
+  :mod:`dqrm_lightning.comms.ddp_hook`). ``dense_embedding_gradients=True`` gives the paper's "dense" baseline
+  (whole-table gradients all-reduced).
 
 Checkpoints hold plain tensors: a ShardedTensor whose shards are all local is written as one full tensor and copied
 back into the local shards on load. This keeps checkpoints loadable with ``torch.load(weights_only=True)``.
@@ -12,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -22,10 +36,70 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
+
+
+SHARDING_TYPES = tuple(t.value for t in ShardingType if t is not ShardingType.GRID_SHARD)
+
+
+@dataclass
+class EmbeddingLayout:
+    """How the embedding tables are placed across processes (see the module docstring).
+
+    Args:
+        embeddings: ``"sharded"`` (TorchRec model parallelism) or ``"replicated"`` (the paper's data parallelism).
+        sharding: sharded only: ``"table_wise"`` (fixed round-robin plan, fused kernel), ``"auto"`` (TorchRec's
+            planner), one of :data:`SHARDING_TYPES` for every table, or ``{feature or table: type, "default": type}``.
+        dense_embedding_gradients: replicated only: all-reduce whole-table gradients (the paper's dense baseline).
+    """
+
+    embeddings: Literal["sharded", "replicated"] = "sharded"
+    sharding: str | dict[str, str] = "table_wise"
+    dense_embedding_gradients: bool = False
+
+    def __post_init__(self) -> None:
+        if self.embeddings not in ("sharded", "replicated"):
+            raise ValueError(f"`embeddings` must be 'sharded' or 'replicated', got {self.embeddings!r}")
+        types = self.sharding.values() if isinstance(self.sharding, Mapping) else [self.sharding]
+        allowed = (*SHARDING_TYPES, "auto") if not isinstance(self.sharding, Mapping) else SHARDING_TYPES
+        for value in types:
+            if value not in allowed:
+                raise ValueError(f"`sharding`: unknown sharding type {value!r}; expected one of {allowed}")
+        if self.embeddings == "replicated" and self.sharding != "table_wise":
+            raise ValueError("`sharding` applies to sharded embeddings; replicated tables are not sharded")
+        if self.embeddings == "sharded" and self.dense_embedding_gradients:
+            raise ValueError("`dense_embedding_gradients` applies to replicated embeddings only")
+
+    def sharding_type(self, feature: str) -> str | None:
+        """The sharding type asked for a feature's table (``None``: the planner's choice)."""
+        if isinstance(self.sharding, Mapping):
+            for key in (feature, f"t_{feature}", "default"):
+                if key in self.sharding:
+                    return self.sharding[key]
+            return None
+        return None if self.sharding == "auto" else self.sharding
+
+    def check_tables(self, features: list[str]) -> None:
+        """Refuse per-table keys that name no table."""
+        if isinstance(self.sharding, Mapping):
+            known = {*features, *(f"t_{f}" for f in features), "default"}
+            unknown = sorted(set(self.sharding) - known)
+            if unknown:
+                raise ValueError(f"`sharding` names unknown tables {unknown}; tables are {features[0]}..{features[-1]}")
+
+
+class CPUEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's sharder, plus row-wise and table-row-wise placements on the CPU (TorchRec offers them on CUDA only;
+    they run on gloo: tested to train like one process)."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu":
+            types += [t for t in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value) if t not in types]
+        return types
 
 
 def ensure_process_group() -> None:
@@ -52,15 +126,59 @@ def fused_table_wise_plan(model: nn.Module, world_size: int, device_type: str = 
     return ShardingPlan({path: module_plan})
 
 
+def planned(
+    model: nn.Module, layout: EmbeddingLayout, sharder: EmbeddingBagCollectionSharder, device: torch.device
+) -> ShardingPlan:
+    """TorchRec's planner under the layout's per-table constraints, planned on rank 0 and shared with all ranks."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner.types import PlannerError
+
+    _, ebc = find_ebc(model)
+    constraints = {}
+    for cfg in ebc.embedding_bag_configs():
+        wanted = layout.sharding_type(cfg.feature_names[0])
+        if wanted is not None:
+            kernel = "dense" if wanted == ShardingType.DATA_PARALLEL.value else "fused"
+            constraints[cfg.name] = ParameterConstraints(sharding_types=[wanted], compute_kernels=[kernel])
+    world = dist.get_world_size()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    topology = Topology(world_size=world, compute_device=device.type, local_world_size=local)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    try:
+        return planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
+    except PlannerError as err:
+        raise ValueError(f"TorchRec's planner found no plan for `sharding={layout.sharding!r}`: {err}") from None
+
+
 def shard_model(
-    model: nn.Module, device: torch.device, qcomm_codecs_registry: dict | None = None
+    model: nn.Module,
+    device: torch.device,
+    qcomm_codecs_registry: dict | None = None,
+    layout: EmbeddingLayout | None = None,
 ) -> DistributedModelParallel:
-    """Wrap ``model`` (EBC on the meta device, sparse optimizer already registered) in DMP; optional quantized
-    all-to-all codecs (see :func:`dqrm_lightning.strategies.torchrec.qcomm_registry`)."""
+    """Wrap ``model`` (EBC on the meta device, sparse optimizer already registered) in DMP, placed as ``layout``
+    says; optional quantized all-to-all codecs (see :func:`dqrm_lightning.strategies.torchrec.qcomm_registry`)."""
+    layout = layout or EmbeddingLayout()
     ensure_process_group()
-    plan = fused_table_wise_plan(model, dist.get_world_size(), device.type)
-    sharder = EmbeddingBagCollectionSharder(qcomm_codecs_registry=qcomm_codecs_registry)
+    _, ebc = find_ebc(model)
+    layout.check_tables([cfg.feature_names[0] for cfg in ebc.embedding_bag_configs()])
+    sharder = CPUEmbeddingBagCollectionSharder(qcomm_codecs_registry=qcomm_codecs_registry)
+    if layout.sharding == "table_wise":
+        plan = fused_table_wise_plan(model, dist.get_world_size(), device.type)
+    else:
+        plan = planned(model, layout, sharder, device)
     return DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
+
+
+def replicate_embeddings(model: nn.Module, device: torch.device, sparse: bool = True) -> nn.Module:
+    """Materialise the EBC's tables on ``device`` (TorchRec's default initialisation) with sparse gradients."""
+    path, ebc = find_ebc(model)
+    replica = EmbeddingBagCollection(tables=ebc.embedding_bag_configs(), device=device, is_weighted=ebc.is_weighted())
+    for bag in replica.embedding_bags.values():
+        bag.sparse = sparse
+    parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    setattr(parent, path.rsplit(".", 1)[-1], replica)
+    return model
 
 
 def _shard_index(shard: Any) -> tuple[slice, ...]:

@@ -1,5 +1,7 @@
-"""Model-parallel training on 2 processes equals 1-process training on the same global batches (TorchRec's sharded
-embedding backward and DDP both average over ranks, so N processes with batch B train like one with batch N x B)."""
+"""Training on 2 processes equals 1-process training on the same global batches, for every table layout: TorchRec's
+sharding types (through our fixed plan or TorchRec's planner, row-wise ones on the CPU included) and the replicated
+tables of the paper's data-parallel mode (sparse gradients averaged by DDP). TorchRec's sharded embedding backward and
+DDP both average over ranks, so N processes with batch B train like one with batch N x B."""
 
 import os
 from pathlib import Path
@@ -10,10 +12,21 @@ import torch.multiprocessing as mp
 
 from dqrm_lightning.data.dataset import make_batch
 from dqrm_lightning.model import DLRMModule
-from dqrm_lightning.sharding import gather_full
+from dqrm_lightning.sharding import EmbeddingLayout, _shard_index, gather_full
 from tests.test_model import random_batch
 
 ROWS, GLOBAL_BATCH, STEPS = 50, 64, 6
+LAYOUTS = {
+    "table_wise": EmbeddingLayout(),
+    "row_wise": EmbeddingLayout(sharding="row_wise"),
+    "column_wise": EmbeddingLayout(sharding="column_wise"),
+    "table_row_wise": EmbeddingLayout(sharding="table_row_wise"),
+    "mixed": EmbeddingLayout(
+        sharding={"C1": "row_wise", "C2": "column_wise", "C3": "data_parallel", "default": "table_wise"}
+    ),
+    "auto": EmbeddingLayout(sharding="auto"),
+    "replicated": EmbeddingLayout(embeddings="replicated"),
+}
 
 
 def _module() -> DLRMModule:
@@ -22,6 +35,9 @@ def _module() -> DLRMModule:
 
 def _train(module: DLRMModule, rank: int, world: int) -> list[float]:
     optimizer = module.configure_optimizers()
+    forward = module
+    if module.layout.embeddings == "replicated" and world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(module)  # sparse table gradients, averaged by DDP
     losses = []
     local = GLOBAL_BATCH // world
     for step in range(STEPS):
@@ -30,7 +46,7 @@ def _train(module: DLRMModule, rank: int, world: int) -> list[float]:
         ids = torch.stack([batch.sparse_features[f"C{i + 1}"].values()[rows] for i in range(26)], dim=1)
         part = make_batch(batch.dense_features[rows].numpy(), ids.numpy(), batch.labels[rows].numpy())
         optimizer.zero_grad()
-        loss = module._loss(module(part), part)
+        loss = module._loss(forward(part), part)
         loss.backward()
         optimizer.step()
         mean = loss.detach().clone()
@@ -50,20 +66,29 @@ def _state(module: DLRMModule) -> dict[str, torch.Tensor]:
 
 def _rank(rank: int, store: str, out: str, init: str) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
-    module = _module()
-    module.load_state_dict(torch.load(init, weights_only=True))  # the same initial weights as the 1-process run
-    losses = _train(module, rank, 2)
-    tables = {}
-    for key, value in module.state_dict().items():
-        if hasattr(value, "local_shards") and value.local_shards():
-            tables[key] = value.local_shards()[0].tensor.detach().clone()
-    torch.save({"losses": losses, "tables": tables}, os.path.join(out, f"rank{rank}.pt"))
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # one host (the planner's table-row-wise groups)
+    results = {}
+    for name, layout in LAYOUTS.items():
+        module = _module()
+        module.layout = layout
+        module.load_state_dict(torch.load(init, weights_only=True))  # the same initial weights as the 1-process run
+        losses = _train(module, rank, 2)
+        pieces = []  # (key, index into the full table, local values)
+        for key, value in module.state_dict().items():
+            if not key.startswith("model.sparse_arch."):
+                continue
+            if hasattr(value, "local_shards"):
+                pieces += [(key, _shard_index(s), s.tensor.detach().clone()) for s in value.local_shards()]
+            else:
+                pieces.append((key, (slice(None),), value.detach().clone()))
+        results[name] = {"losses": losses, "pieces": pieces}
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
 
 
-def test_two_process_model_parallel_equals_one_process(tmp_path: Path):
+def test_two_process_training_equals_one_process_for_every_table_layout(tmp_path: Path):
     torch.manual_seed(0)
     single = _module()
     single.configure_model()
@@ -74,9 +99,13 @@ def test_two_process_model_parallel_equals_one_process(tmp_path: Path):
     mp.start_processes(
         _rank, args=(str(tmp_path / "store"), str(tmp_path), str(tmp_path / "init.pt")), nprocs=2, start_method="spawn"
     )
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
-    tables = results[0]["tables"] | results[1]["tables"]
-    assert len(tables) == 26
-    for key, value in tables.items():
-        torch.testing.assert_close(value, final[key], rtol=1e-5, atol=1e-6, msg=key)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name in LAYOUTS:
+        losses = torch.tensor(results[0][name]["losses"])
+        torch.testing.assert_close(losses, torch.tensor(expected), rtol=1e-5, atol=1e-6, msg=name)
+        covered = {}
+        for key, index, value in results[0][name]["pieces"] + results[1][name]["pieces"]:
+            torch.testing.assert_close(value, final[key][index], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+            covered[key] = covered.get(key, 0) + value.numel()
+        assert len(covered) == 26, name
+        assert all(n >= final[k].numel() for k, n in covered.items()), name  # every row of every table checked

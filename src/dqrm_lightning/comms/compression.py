@@ -27,7 +27,7 @@ ErrorCompensation = Literal["local", "reference", "off"]
 @dataclass
 class GradientCompressionConfig:
     """Args:
-    bits: integer width of the codes (8 in the paper).
+    bits: integer width of the codes (8 in the paper; 32: float32, no compression).
     scale_agreement: how ranks agree on a scale: ``max`` (no clipping) or ``mean`` (reference code).
     error_compensation: MLP error feedback: ``local``, ``reference`` or ``off``.
     """
@@ -37,8 +37,8 @@ class GradientCompressionConfig:
     error_compensation: ErrorCompensation = "local"
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 16:
-            raise ValueError(f"`bits` must be between 2 and 16, got {self.bits}")
+        if not (2 <= self.bits <= 16 or self.bits == 32):
+            raise ValueError(f"`bits` must be between 2 and 16 (or 32: no compression), got {self.bits}")
         if self.scale_agreement not in ("max", "mean"):
             raise ValueError(f"`scale_agreement` must be 'max' or 'mean', got {self.scale_agreement!r}")
         if self.error_compensation not in ("local", "reference", "off"):
@@ -70,7 +70,9 @@ def agree_scale(
 
 
 def _codes(values: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Integer codes carried in float32: clamp(round(v / s), -(qmax + 1), qmax)."""
+    """Integer codes carried in float32: clamp(round(v / s), -(qmax + 1), qmax); 32 bits: the values themselves."""
+    if qmax >= 2**31 - 1:
+        return values
     return torch.clamp(torch.round(values / scale), -qmax - 1, qmax)
 
 
@@ -87,13 +89,8 @@ def compress_sparse_rows(
 
     Returns the averaged, dequantized sparse gradient (coalesced); only touched rows are non-zero.
     """
-    grad = grad.coalesce()
-    values = grad.values().float()
-    local = values.abs().max() / config.qmax if values.numel() else torch.zeros(())
-    scale = agree_scale(local.reshape(1), config, group)
-    codes = torch.sparse_coo_tensor(grad.indices(), _codes(values, scale, config.qmax), grad.shape)
-    total = _sum(codes, group).coalesce()
-    return torch.sparse_coo_tensor(total.indices(), total.values() * scale / _world(group), grad.shape).coalesce()
+    (average,), _, _ = compress_gradients([grad], [], [], config, group)
+    return average
 
 
 def compress_dense(
@@ -110,18 +107,83 @@ def compress_dense(
     Returns:
         (averaged dequantized gradient, new residual or ``None``).
     """
-    z = grad.float() + (error if error is not None else 0.0)
-    if z.dim() >= 2:
-        local = z.abs().amax(dim=tuple(range(1, z.dim())), keepdim=True) / config.qmax  # (out, 1, ...)
+    _, (average,), (new_error,) = compress_gradients([], [grad], [error], config, group)
+    return average, new_error
+
+
+def compress_gradients(
+    sparse: list[torch.Tensor],
+    dense: list[torch.Tensor],
+    errors: list[torch.Tensor | None],
+    config: GradientCompressionConfig | None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
+    """Average sparse table gradients and dense MLP gradients over ranks, INT-N compressed, with three collectives
+    in all: the scales, the sparse codes and the dense codes (see the module docstring for the semantics).
+
+    Args:
+        sparse: sparse (rows x D) table gradients, all with the same D (one scale each).
+        dense: MLP gradients (one scale per output row for 2-D, per tensor for 1-D).
+        errors: the dense gradients' error-feedback residuals (``None`` entries: none yet / compensation off).
+        config: ``None`` averages in float32, with the same batching (two collectives): the uncompressed baseline.
+
+    Returns:
+        (averaged sparse gradients, coalesced; averaged dense gradients; new residuals or ``None``).
+    """
+    world = _world(group)
+    sparse = [g.coalesce() for g in sparse]
+    if config is None:
+        config = GradientCompressionConfig(bits=32)  # the codes are then the float32 values, the scales ones
+    zs = [g.float() + (e if e is not None else 0.0) for g, e in zip(dense, errors, strict=True)]
+    local = [(g.values().float().abs().max() if g.values().numel() else torch.zeros(())).reshape(1) for g in sparse]
+    for z in zs:
+        local.append(z.abs().amax(dim=tuple(range(1, z.dim()))) if z.dim() >= 2 else z.abs().max().reshape(1))
+    if config.bits == 32:
+        scales = [torch.ones_like(s) for s in local]
     else:
-        local = (z.abs().max() / config.qmax).reshape(1)
-    scale = agree_scale(local, config, group)
-    codes = _codes(z, scale, config.qmax)
-    mean_codes = _sum(codes.clone(), group) / _world(group)
-    average = mean_codes * scale
-    new_error = None
-    if config.error_compensation == "local":
-        new_error = z - codes * scale
-    elif config.error_compensation == "reference":
-        new_error = z - average
-    return average.to(grad.dtype), new_error
+        scales = list(agree_scale(torch.cat(local) / config.qmax, config, group).split([s.numel() for s in local]))
+    sparse_scales, dense_scales = scales[: len(sparse)], scales[len(sparse) :]
+
+    averages_sparse = []
+    if sparse:  # one sparse all-reduce: the tables stacked along their rows
+        offsets = [0]
+        for g in sparse:
+            offsets.append(offsets[-1] + g.shape[0])
+        indices = torch.cat([g.indices() + offset for g, offset in zip(sparse, offsets, strict=False)], dim=1)
+        codes = torch.cat(
+            [_codes(g.values().float(), s, config.qmax) for g, s in zip(sparse, sparse_scales, strict=True)]
+        )
+        stacked = torch.sparse_coo_tensor(indices, codes, (offsets[-1], *sparse[0].shape[1:]), check_invariants=False)
+        total = _sum(stacked, group).coalesce()
+        rows, values = total.indices()[0], total.values()
+        for g, s, begin, end in zip(sparse, sparse_scales, offsets, offsets[1:], strict=False):
+            mask = (rows >= begin) & (rows < end)
+            averages_sparse.append(
+                torch.sparse_coo_tensor(
+                    (rows[mask] - begin).unsqueeze(0),
+                    (values[mask] * s / world).to(g.dtype),
+                    g.shape,
+                    is_coalesced=True,
+                    check_invariants=False,
+                )
+            )
+
+    shaped = [s.view(-1, *([1] * (z.dim() - 1))) if z.dim() >= 2 else s for s, z in zip(dense_scales, zs, strict=True)]
+    codes = [_codes(z, s, config.qmax) for z, s in zip(zs, shaped, strict=True)]
+    averages_dense, new_errors = [], []
+    if codes:  # one all-reduce for every dense tensor
+        flat = _sum(torch.cat([c.reshape(-1) for c in codes]), group) / world
+        for g, z, s, c, mean_codes in zip(
+            dense, zs, shaped, codes, flat.split([c.numel() for c in codes]), strict=True
+        ):
+            average = mean_codes.view_as(z) * s
+            averages_dense.append(average.to(g.dtype))
+            if config.error_compensation == "local":
+                new_errors.append(z - c * s)
+            elif config.bits == 32:
+                new_errors.append(None)  # nothing lost, nothing to feed back
+            elif config.error_compensation == "reference":
+                new_errors.append(z - average)
+            else:
+                new_errors.append(None)
+    return averages_sparse, averages_dense, new_errors

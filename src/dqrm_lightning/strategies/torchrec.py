@@ -1,13 +1,19 @@
-"""``TorchRecStrategy``: multi-process training of a TorchRec-sharded DLRM under the Lightning Trainer.
+"""``TorchRecStrategy``: multi-process training of a DLRM under the Lightning Trainer, in two modes.
 
-The model shards itself: ``DLRMModule.configure_model`` wraps the DLRM in TorchRec's ``DistributedModelParallel`` over
-the process group this strategy starts (tables placed by the plan, dense layers in DDP inside DMP), so the strategy
-does not wrap the LightningModule in DDP again. Checkpoints are written by every rank with
-``torch.distributed.checkpoint`` (each rank its own shards) into a directory, plus the non-tensor training state;
-they load onto another world size (the tables are resharded).
+* Sharded embeddings (model parallelism, default): ``DLRMModule.configure_model`` wraps the DLRM in TorchRec's
+  ``DistributedModelParallel`` over the process group this strategy starts (tables placed as ``sharding`` says,
+  dense layers in DDP inside DMP), so the strategy does not wrap the LightningModule in DDP again. Optional quantized
+  embedding all-to-all (``qcomm_forward`` / ``qcomm_backward``).
+* Replicated embeddings (``embeddings: replicated``, the DQRM paper's data parallelism): every rank holds every table
+  with sparse gradients; the strategy wraps the module in DDP, whose buckets then carry only the touched rows, and
+  registers DQRM's INT-N gradient compression as a communication hook (``gradient_compression``) on any device.
 
-Select it with ``--trainer.strategy torchrec`` (or its class path) and ``--trainer.devices N``; the process group
-backend is gloo on CPU and nccl on GPU.
+Checkpoints are written by every rank with ``torch.distributed.checkpoint`` (each rank its own shards) into a
+directory, plus the non-tensor training state (with the compression's per-rank error-feedback residuals); they load
+onto another world size (the tables are resharded).
+
+Select it with ``--trainer.strategy torchrec`` (or its class path, with ``init_args``) and ``--trainer.devices N``;
+the process group backend is gloo on CPU and nccl on GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import Module
 from typing_extensions import override
+
+from dqrm_lightning.comms.compression import GradientCompressionConfig
+from dqrm_lightning.comms.ddp_hook import CompressionState, compression_hook
+from dqrm_lightning.sharding import EmbeddingLayout
 
 _TENSORS = "state_dict"
 META_FILE = "training_state.pt"
@@ -76,34 +86,87 @@ def qcomm_registry(forward: str | None, backward: str | None, device: torch.devi
 
 
 class TorchRecStrategy(DDPStrategy):
-    """DDP-style multi-process strategy for models that shard themselves with TorchRec (see module docstring).
+    """Multi-process strategy for the DLRM: TorchRec-sharded or replicated tables (see the module docstring).
 
     Args:
-        qcomm_forward: precision of the embedding all-to-all in the forward pass (``fp16``, ``bf16``, ``fp8``,
-            ``int8``) or ``None`` (FP32).
+        embeddings: ``"sharded"`` (TorchRec model parallelism) or ``"replicated"`` (the paper's data parallelism).
+        sharding: sharded: ``"table_wise"`` (fixed plan), ``"auto"`` (TorchRec's planner), a sharding type
+            (``row_wise``, ``column_wise``, ``table_row_wise``, ``table_column_wise``, ``data_parallel``) or a
+            mapping ``{feature or table: type, default: type}``; see :class:`~dqrm_lightning.sharding.EmbeddingLayout`.
+        qcomm_forward: sharded: precision of the embedding all-to-all in the forward pass (``fp16``, ``bf16``,
+            ``fp8``, ``int8``) or ``None`` (FP32).
         qcomm_backward: the same for the gradients in the backward pass.
+        gradient_compression: replicated: DQRM's INT-N gradient compression (``None``: float32 averages of the
+            sparse rows and MLP gradients).
+        dense_embedding_gradients: replicated: all-reduce whole-table gradients (the paper's dense baseline).
         kwargs: as :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``, ``timeout``, ...).
     """
 
     strategy_name = "torchrec"
 
-    def __init__(self, qcomm_forward: str | None = None, qcomm_backward: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        embeddings: str = "sharded",
+        sharding: str | dict[str, str] = "table_wise",
+        qcomm_forward: str | None = None,
+        qcomm_backward: str | None = None,
+        gradient_compression: GradientCompressionConfig | None = None,
+        dense_embedding_gradients: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        self.layout = EmbeddingLayout(embeddings, sharding, dense_embedding_gradients)  # type: ignore[arg-type]
+        if embeddings == "replicated" and (qcomm_forward or qcomm_backward):
+            raise ValueError(
+                "`qcomm_forward`/`qcomm_backward` quantize the sharded all-to-all; replicated tables "
+                "have none (use `gradient_compression`)"
+            )
+        if gradient_compression is not None and embeddings != "replicated":
+            raise ValueError("`gradient_compression` is the data-parallel mode's: set `embeddings: replicated`")
+        if gradient_compression is not None and dense_embedding_gradients:
+            raise ValueError("`gradient_compression` compresses sparse rows: unset `dense_embedding_gradients`")
         self.qcomm_forward = qcomm_forward
         self.qcomm_backward = qcomm_backward
         self.qcomm_codecs_registry: dict | None = None
+        self.gradient_compression = gradient_compression
+        self.compression_state: CompressionState | None = None
+        self._pending_compression: dict[str, Any] | None = None
+
+    @property
+    def replicated(self) -> bool:
+        return self.layout.embeddings == "replicated"
 
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        if self.replicated and self._get_process_group_backend() == "nccl":
+            raise ValueError(
+                "`embeddings: replicated` all-reduces sparse gradients, which nccl cannot: set "
+                "`process_group_backend: gloo`, or use sharded embeddings on GPUs"
+            )
         self.qcomm_codecs_registry = qcomm_registry(self.qcomm_forward, self.qcomm_backward, self.root_device)
 
     @override
     def _setup_model(self, model: Module) -> Module:
-        return model  # DistributedModelParallel inside the model already data-parallelizes the dense layers
+        if not self.replicated:
+            return model  # DistributedModelParallel inside the model already data-parallelizes the dense layers
+        ddp = super()._setup_model(model)
+        assert self.lightning_module is not None
+        # batched averaging (INT-N, or float32 without compression), registered on every device, not on CUDA only
+        self.compression_state = CompressionState(
+            self.gradient_compression, list(self.lightning_module.named_parameters())
+        )
+        if self._pending_compression is not None:
+            self.compression_state.load_state_dict(self._pending_compression)
+            self._pending_compression = None
+        ddp.register_comm_hook(self.compression_state, compression_hook)
+        return ddp
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        if self.replicated:
+            super().setup(trainer)  # DDP around the module for fitting (our _setup_model adds the hook)
+            return
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         assert self.model is not None
@@ -117,6 +180,8 @@ class TorchRecStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Every rank writes its shards into the directory ``filepath``; rank 0 adds the training state."""
         path = Path(filepath)
+        if self.compression_state is not None:  # every rank's residuals, gathered (collective)
+            checkpoint["gradient_compression"] = self.compression_state.state_dict()
         tensors, rest = _split(checkpoint)
         if self.is_global_zero:
             path.mkdir(parents=True, exist_ok=True)
@@ -131,17 +196,30 @@ class TorchRecStrategy(DDPStrategy):
         """Load a directory written by :meth:`save_checkpoint` (any world size), or a single-file checkpoint."""
         path = Path(checkpoint_path)
         if not path.is_dir():
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            self._restore_compression(checkpoint)
+            return checkpoint
         rest = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+        self._restore_compression(rest)
         module = self.lightning_module
         assert module is not None
         module.on_load_checkpoint(rest)  # prepares QAT first, so the target state has every key
         target = {_TENSORS: module.state_dict()}
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        if getattr(module, "model", None) is not None and any(k.startswith("sparse_optimizer.") for k in saved):
-            target["sparse_optimizer"] = module.model.fused_optimizer.state_dict()  # e.g. Adagrad's accumulators
+        fused = getattr(getattr(module, "model", None), "fused_optimizer", None)
+        if fused is not None and any(k.startswith("sparse_optimizer.") for k in saved):
+            target["sparse_optimizer"] = fused.state_dict()  # e.g. Adagrad's accumulators
         dcp.load(target, checkpoint_id=str(path))
         return rest | target
+
+    def _restore_compression(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("gradient_compression")
+        if state is None:
+            return
+        if self.compression_state is not None:
+            self.compression_state.load_state_dict(state)
+        else:
+            self._pending_compression = state  # the hook is registered when DDP wraps the model
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
