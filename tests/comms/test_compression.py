@@ -8,7 +8,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dqrm_lightning.comms.compression import GradientCompressionConfig, compress_dense, compress_sparse_rows
+from dqrm_lightning.comms.compression import (
+    GradientCompressionConfig,
+    compress_dense,
+    compress_gradients,
+    compress_sparse_rows,
+)
 
 WORLD = 2
 
@@ -27,8 +32,21 @@ def _rank(rank: int, store_path: str, out_dir: str, agreement: str, compensation
     sparse, dense, error = _inputs(rank)
     avg_sparse = compress_sparse_rows(sparse, config)
     avg_dense, new_error = compress_dense(dense, error, config)
+    # the batched form (what the DDP hook uses): two tables stacked in one sparse all-reduce, two dense tensors
+    other = torch.sparse_coo_tensor(torch.tensor([[3 - rank, 1]]), torch.full((2, 4), 0.3 * (rank + 1)), (7, 4))
+    bias = torch.linspace(-1.0, 1.0, 5) * (rank + 1)
+    batched = compress_gradients([sparse, other], [dense, bias], [error, None], config)
+    alone = [compress_sparse_rows(other, config).to_dense(), *compress_dense(bias, None, config)]
+    fp32 = compress_gradients([sparse], [dense], [None], None)  # no compression: plain float32 averages
     torch.save(
-        {"sparse": avg_sparse.to_dense(), "dense": avg_dense, "error": new_error},
+        {
+            "sparse": avg_sparse.to_dense(),
+            "dense": avg_dense,
+            "error": new_error,
+            "batched": [t.to_dense() for t in batched[0]] + batched[1] + batched[2],
+            "alone": [avg_sparse.to_dense(), alone[0], avg_dense, alone[1], new_error, alone[2]],
+            "fp32": [fp32[0][0].to_dense(), fp32[1][0]],
+        },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
     dist.barrier()
@@ -65,6 +83,13 @@ def test_two_ranks_match_brute_force(tmp_path: Path, agreement, compensation):
         torch.testing.assert_close(result["dense"], dense, rtol=0, atol=1e-6)
         torch.testing.assert_close(result["error"], errors[rank], rtol=0, atol=1e-6)
     assert int((results[0]["sparse"].abs().sum(1) > 0).sum()) == 3  # only rows 0, 1 and 5 were touched
+    for result in results:  # batching changes the number of collectives, not the values
+        for batched, alone in zip(result["batched"], result["alone"], strict=True):
+            torch.testing.assert_close(batched, alone, rtol=0, atol=0)
+    fp32_sparse = sum(_inputs(r)[0].to_dense() for r in range(WORLD)) / WORLD
+    fp32_dense = sum(_inputs(r)[1] for r in range(WORLD)) / WORLD
+    torch.testing.assert_close(results[0]["fp32"][0], fp32_sparse)
+    torch.testing.assert_close(results[0]["fp32"][1], fp32_dense)
 
 
 def test_single_process_is_plain_quantization():

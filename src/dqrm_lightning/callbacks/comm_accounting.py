@@ -5,6 +5,10 @@ rows actually touched, not an upper bound. Modes (see :mod:`dqrm_lightning.comms
 parallelism: every parameter), ``sparse_fp32`` (touched rows + MLP gradients), ``sparse_int8`` (the same as 1-byte
 codes plus scales, the DQRM compressed mode), and ``model_parallel_a2a`` (TorchRec's pooled-embedding all-to-all,
 forward and backward, float32: what a table-wise sharded model sends).
+
+With replicated tables (``TorchRecStrategy(embeddings="replicated")``) the strategy's communication hook also counts
+what it really sent: ``comm/hook_bytes`` per iteration and rank, and the hook's counters in the summary (so a run
+shows that compression ran, not only what it would save).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class CommunicationAccounting(pl.Callback):
     def __init__(self) -> None:
         self.totals = dict.fromkeys(MODES, 0.0)
         self.samples = 0
+        self.hook: dict[str, Any] = {}
+        self._hook_seen = (0, 0)  # (bytes, iterations) at the last logging step
 
     def _shape(self, pl_module: pl.LightningModule) -> ModelShape:
         hp = pl_module.hparams
@@ -53,15 +59,36 @@ class CommunicationAccounting(pl.Callback):
         for mode, value in values.items():
             self.totals[mode] += value
         self.samples += 1
+        metrics = {f"comm/{mode}_bytes": float(v) for mode, v in values.items()}
+        state = getattr(trainer.strategy, "compression_state", None)
+        if state is not None and state.flushes > self._hook_seen[1]:
+            sent, iterations = state.bytes_sent - self._hook_seen[0], state.flushes - self._hook_seen[1]
+            metrics["comm/hook_bytes"] = sent / iterations  # per iteration since the last logging step
+            self._hook_seen = (state.bytes_sent, state.flushes)
         for logger in trainer.loggers:
-            logger.log_metrics({f"comm/{mode}_bytes": float(v) for mode, v in values.items()}, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = getattr(trainer.strategy, "compression_state", None)
+        if state is not None and state.flushes:
+            self.hook = {
+                "bits": state.config.bits,
+                "iterations": state.flushes,
+                "tables_compressed": state.sparse_tables,
+                "mlp_tensors_compressed": state.dense_tensors,
+                "bytes_per_iteration_per_rank": state.bytes_sent / state.flushes,
+            }
 
     def summary(self) -> dict[str, Any]:
         if not self.samples:
             return {}
         means = {mode: total / self.samples for mode, total in self.totals.items()}
-        return {
+        summary = {
             "bytes_per_iteration_per_rank": means,
             "sampled_steps": self.samples,
             "sparse_fp32_over_sparse_int8": means["sparse_fp32"] / max(means["sparse_int8"], 1.0),
         }
+        if self.hook:
+            summary["hook"] = self.hook
+        return summary

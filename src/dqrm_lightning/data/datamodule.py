@@ -43,7 +43,7 @@ class _PositionedLoader(DataLoader):
     @override
     def __iter__(self) -> Iterator:
         if self._position is not None:
-            self.dataset.set_position(*self._position())  # type: ignore[attr-defined]
+            self.dataset.set_position(*self._position(len(self.dataset)))  # type: ignore[arg-type]
         return super().__iter__()
 
 
@@ -237,11 +237,16 @@ class CriteoDataModule(pl.LightningDataModule):
         return self._loader("test")
 
     # --------------------------------------------------------------------------------------- resume and truth
-    def _train_position(self) -> tuple[int, int]:
+    def _train_position(self, batches: int) -> tuple[int, int]:
+        """(epoch, first batch) of the next training iteration, given ``batches`` per epoch on this rank."""
         epoch = self.trainer.current_epoch if self.trainer else 0
         start = 0
         if self._resume is not None and self._resume[0] == epoch:
             start = self._resume[1]
+            if start >= batches:
+                # Saved after the epoch's last batch (end-of-epoch validation): Lightning restarts that epoch, finds
+                # it finished, and trains the next epoch on this same iterator; so this iterator is the next epoch.
+                epoch, start = epoch + 1, 0
         self._resume = None
         return epoch, start
 
