@@ -20,6 +20,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dqrm_lightning.callbacks import CommunicationAccounting, QuantizationAwareTraining, RunSummary, StepTimer
 from dqrm_lightning.callbacks.predictions import PredictionWriter
@@ -65,6 +66,13 @@ class DQRMCLI(LightningCLI):
         )
         parser.add_argument("--artifact", default=None, help="validate/test/predict with an exported artifact")
         parser.add_argument("--engine", default="torchrec", choices=("torchrec", "plain"), help="artifact engine")
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=0,
+            help="fit: also refresh last.ckpt every N training steps (0: at validations only); resume a killed run "
+            "with --ckpt_path last",
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -74,6 +82,12 @@ class DQRMCLI(LightningCLI):
         callbacks: list[Any] = [RunSummary(), CommunicationAccounting()]
         if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
             callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
+            every = self._get(self.config, "checkpoint_every_n_steps")
+            if every < 0:
+                raise ValueError(f"`--checkpoint_every_n_steps` must be >= 0, got {every}")
+            if every:
+                callbacks.append(ModelCheckpoint(every_n_train_steps=every, save_top_k=0, save_last=True))
+            kwargs.setdefault("plugins", []).append(AtomicCheckpointIO())
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(self._get(self.config, "predictions")))
         trainer_config = {**config, "default_root_dir": root, **kwargs}
@@ -122,13 +136,35 @@ class DQRMCLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if subcommand != "fit" and kwargs.get("ckpt_path") in ("best", "last"):
-            kwargs["ckpt_path"] = find_checkpoint(self.trainer.default_root_dir, kwargs["ckpt_path"])
+        which = kwargs.get("ckpt_path")
+        if which in ("best", "last"):
+            try:
+                kwargs["ckpt_path"] = find_checkpoint(self.trainer.default_root_dir, which)
+            except FileNotFoundError:
+                if subcommand != "fit":
+                    raise
+                # a restart loop (`dqrm fit ... --ckpt_path last`) whose first run died before any checkpoint
+                warnings.warn(
+                    f"no {which}.ckpt under {self.trainer.default_root_dir}: training from scratch", stacklevel=1
+                )
+                kwargs["ckpt_path"] = None
         return kwargs
 
 
 def _table_sizes(datamodule: CriteoDataModule) -> list[int]:
     return datamodule.table_sizes
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Single-file checkpoints written to a temporary file and renamed into place, so a process killed while saving
+    leaves the previous checkpoint intact (``--ckpt_path last`` then resumes from it)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, target)
 
 
 def find_checkpoint(root: str | os.PathLike, which: str) -> str:

@@ -143,7 +143,7 @@ class DLRMModule(pl.LightningModule):
         dlrm = self.build_dlrm()
         strategy = self._trainer.strategy if self._trainer is not None else None
         self.layout = self.layout or getattr(strategy, "layout", None) or EmbeddingLayout()
-        device = self.device if self.device.type != "meta" else torch.device("cpu")
+        device = getattr(strategy, "root_device", None) or torch.device("cpu")  # the module moves there after this
         if self.layout.embeddings == "replicated":  # plain modules with sparse gradients; DDP outside averages them
             self.model = replicate_embeddings(dlrm, device, sparse=not self.layout.dense_embedding_gradients)
             return

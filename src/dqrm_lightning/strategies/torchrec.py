@@ -18,6 +18,7 @@ the process group backend is gloo on CPU and nccl on GPU.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -183,12 +184,22 @@ class TorchRecStrategy(DDPStrategy):
         if self.compression_state is not None:  # every rank's residuals, gathered (collective)
             checkpoint["gradient_compression"] = self.compression_state.state_dict()
         tensors, rest = _split(checkpoint)
+        # written beside the target and swapped in when complete: a run killed while saving keeps the old one
+        partial = path.with_name(path.name + ".partial")
         if self.is_global_zero:
-            path.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
         self.barrier("torchrec_checkpoint_dir")
-        dcp.save(tensors, checkpoint_id=str(path))
+        dcp.save(tensors, checkpoint_id=str(partial))
         if self.is_global_zero:
-            torch.save(rest, path / META_FILE)
+            torch.save(rest, partial / META_FILE)
+        self.barrier("torchrec_checkpoint_written")
+        if self.is_global_zero:
+            old = path.with_name(path.name + ".old")
+            if path.exists():
+                path.rename(old)
+            partial.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
         self.barrier("torchrec_checkpoint_saved")
 
     @override
