@@ -124,6 +124,9 @@ class DQRMCLI(LightningCLI):
         summary = self._summary_callback()
         config = self.config[self.subcommand] if self.subcommand else self.config
         summary.config = json.loads(self._parser(self.subcommand).dump(config, format="json", skip_check=True))
+        for logger in self.trainer.loggers:  # the full resolved configuration on the wandb run page
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams({"config": summary.config})
 
     before_fit = before_validate = before_test = before_predict = _before
 
@@ -349,6 +352,11 @@ def main(argv: list[str] | None = None) -> None:
         from dqrm_lightning.reproduce import main as reproduce_main
 
         print(f"summary: {reproduce_main(argv[1:])}", flush=True)
+        return
+    if argv and argv[0] == "dashboard":
+        from dqrm_lightning.dashboard import main as dashboard_main
+
+        print(f"workspace: {dashboard_main(argv[1:])}", flush=True)
         return
     if argv and argv[0] == "export":
         from dqrm_lightning.export.artifact import ArtifactError

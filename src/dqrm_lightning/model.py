@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from dqrm_lightning._logging import logging_step
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
-from dqrm_lightning.metrics import BestTracker, ClickMetrics
+from dqrm_lightning.metrics import BestTracker, ClickMetrics, binary_auroc, binary_log_loss
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.embedding import EmbeddingQuantizer
 from dqrm_lightning.quant.linear import FakeQuantizedLinear, swap_linears
@@ -91,6 +91,7 @@ class DLRMModule(pl.LightningModule):
         self.qat_config: QATConfig | None = None
         self.artifact_model: nn.Module | None = None
         self.embedding_quantizer: EmbeddingQuantizer | None = None
+        self._train_window: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.val_metrics = ClickMetrics("val/")
         self.test_metrics = ClickMetrics("test/")
         self.val_best = BestTracker()
@@ -276,10 +277,29 @@ class DLRMModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self(batch), batch)
+        logits = self(batch)
+        loss = self._loss(logits, batch)
+        if self.loggers:
+            self._train_window.append((logits.detach(), batch.labels))
         if logging_step(self.trainer):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch.labels.numel())
+            if self._train_window:
+                self._log_train_window()
         return loss
+
+    def _log_train_window(self) -> None:
+        """Training AUC, accuracy and log loss of this rank's batches since the last logging step (cheap: the
+        logits are kept, metrics computed once per logging interval)."""
+        logits = torch.cat([x for x, _ in self._train_window]).float()
+        labels = torch.cat([y for _, y in self._train_window])
+        self._train_window.clear()
+        prob = torch.sigmoid(logits)
+        values = {"train/accuracy": float(((prob > 0.5) == labels.bool()).float().mean())}
+        values["train/log_loss"] = binary_log_loss(prob, labels)
+        if 0 < int(labels.sum()) < labels.numel():  # AUC needs both classes
+            values["train/auc"] = binary_auroc(prob, labels)
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.trainer.global_step)
 
     @override
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

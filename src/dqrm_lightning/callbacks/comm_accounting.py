@@ -60,6 +60,7 @@ class CommunicationAccounting(pl.Callback):
             self.totals[mode] += value
         self.samples += 1
         metrics = {f"comm/{mode}_bytes": float(v) for mode, v in values.items()}
+        metrics["data/rows_touched"] = float(sum(rows))  # unique ids of this rank's batch, all tables
         state = getattr(trainer.strategy, "compression_state", None)
         if state is not None and state.flushes > self._hook_seen[1]:
             sent, iterations = state.bytes_sent - self._hook_seen[0], state.flushes - self._hook_seen[1]
