@@ -50,6 +50,7 @@ class RunSummary(pl.Callback):
             "epochs_completed": trainer.current_epoch,
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
+            "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
         }
         best = getattr(pl_module, "val_best", None)
         if best is not None and best.final:

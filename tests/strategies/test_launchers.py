@@ -1,0 +1,90 @@
+"""TorchRecStrategy under the launchers users run it with besides Lightning's own: torchrun, and SLURM (two processes
+started with the environment srun gives each task)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import demo_args, dqrm
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("launch") / "data"
+    dqrm("data", "synth", "--preset", "demo", "--rows", "6000", "--seed", "4", "--out", str(out))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(data: Path, root: Path) -> list[str]:
+    return [
+        *demo_args(data, root),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "torchrec",
+    ]
+
+
+def _summary(output: str) -> dict:
+    return json.loads(Path(output.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+
+
+def test_torchrun(data, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "dqrm_lightning.cli"]
+    done = subprocess.run([*command, "fit", *_args(data, tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = _summary(done.stdout)
+    assert summary["world_size"] == 2
+    assert summary["cluster_environment"] == "TorchElasticEnvironment"
+    assert "val/auc" in summary["val"]["final"]
+
+
+def test_slurm_environment(data, tmp_path):
+    port = str(_free_port())
+    processes = []
+    for rank in range(2):
+        env = os.environ | {
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "dqrm",
+            "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "2",
+            "SLURM_NNODES": "1",
+            "SLURM_NODEID": "0",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODELIST": "localhost",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "dqrm_lightning.cli", "fit", *_args(data, tmp_path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    summary = _summary(outputs[0][0])  # rank 0 prints the summary
+    assert summary["world_size"] == 2
+    assert summary["cluster_environment"] == "SLURMEnvironment"
+    assert "val/auc" in summary["val"]["final"]
