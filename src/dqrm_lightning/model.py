@@ -152,7 +152,8 @@ class DLRMModule(pl.LightningModule):
             _OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": self._sparse_lr}
         )
         codecs = getattr(strategy, "qcomm_codecs_registry", None)  # TorchRecStrategy's quantized all-to-all
-        self.model = shard_model(dlrm, device, codecs, self.layout)
+        precision = getattr(strategy, "reduce_scatter_precision", None)
+        self.model = shard_model(dlrm, device, codecs, self.layout, precision)
 
     @property
     def _sparse_lr(self) -> float:

@@ -155,9 +155,12 @@ def shard_model(
     device: torch.device,
     qcomm_codecs_registry: dict | None = None,
     layout: EmbeddingLayout | None = None,
+    reduce_scatter_precision: str | None = None,
 ) -> DistributedModelParallel:
     """Wrap ``model`` (EBC on the meta device, sparse optimizer already registered) in DMP, placed as ``layout``
-    says; optional quantized all-to-all codecs (see :func:`dqrm_lightning.strategies.torchrec.qcomm_registry`)."""
+    says; optional quantized all-to-all codecs (see :func:`dqrm_lightning.strategies.torchrec.qcomm_registry`).
+    ``reduce_scatter_precision``: a codec precision TorchRec cannot use for the row-wise reduce-scatter (it would
+    replace it); a plan with row-wise tables is then refused."""
     layout = layout or EmbeddingLayout()
     ensure_process_group()
     _, ebc = find_ebc(model)
@@ -167,6 +170,18 @@ def shard_model(
         plan = fused_table_wise_plan(model, dist.get_world_size(), device.type)
     else:
         plan = planned(model, layout, sharder, device)
+    if reduce_scatter_precision is not None:
+        row_wise = sorted(
+            name
+            for module_plan in plan.plan.values()
+            for name, parameter in module_plan.items()  # type: ignore[union-attr]
+            if parameter.sharding_type in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
+        )
+        if row_wise:
+            raise ValueError(
+                f"the plan shards {row_wise} row-wise, whose reduce-scatter cannot carry {reduce_scatter_precision} "
+                "(TorchRec would replace it): use fp16/bf16 quantized communication or constrain `sharding`"
+            )
     return DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
 
 

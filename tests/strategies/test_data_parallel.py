@@ -82,6 +82,7 @@ def test_residuals_restart_from_zero_on_another_world_size():
         ({"gradient_compression": GradientCompressionConfig()}, "gradient_compression"),
         ({"embeddings": "replicated", "qcomm_forward": "fp16"}, "qcomm"),
         ({"dense_embedding_gradients": True}, "dense_embedding_gradients"),
+        ({"sharding": {"C1": "row_wise"}, "qcomm_backward": "int8"}, "int8 cannot quantize the reduce-scatter"),
     ],
 )
 def test_inconsistent_strategy_settings_are_refused_naming_the_argument(kwargs, match):

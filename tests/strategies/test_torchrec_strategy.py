@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_cli import demo_args, dqrm
 
@@ -104,7 +105,9 @@ def test_qcomm_codecs_are_probed_and_unsupported_ones_refused():
 
     cpu = torch.device("cpu")
     assert qcomm_registry(None, None, cpu) is None
-    assert qcomm_registry("fp16", "bf16", cpu) is not None
+    assert qcomm_registry("fp16", "fp16", cpu) is not None
+    with pytest.raises(ValueError, match="qcomm_backward: bf16"):  # TorchRec would send FP16 on gloo instead
+        qcomm_registry("fp16", "bf16", cpu)
     for precision in ("fp8", "int8"):  # not usable on the CPU with this FBGEMM build: refused, never replaced
         with pytest.raises(ValueError, match="not supported on cpu"):
             qcomm_registry(precision, None, cpu)
@@ -121,8 +124,19 @@ def test_two_processes_train_with_quantized_all_to_all(data, tmp_path):
         "--trainer.strategy.qcomm_forward",
         "fp16",
         "--trainer.strategy.qcomm_backward",
-        "bf16",
+        "fp16",
     ]
     _, fit = dqrm("fit", *demo_args(data, tmp_path / "r"), *strategy, "--trainer.max_epochs", "1")
     assert fit["world_size"] == 2
     assert fit["config"]["trainer"]["strategy"]["init_args"]["qcomm_forward"] == "fp16"
+
+
+def test_a_plan_with_row_wise_tables_refuses_a_codec_the_reduce_scatter_cannot_carry():
+    from dqrm_lightning.model import DLRMModule
+    from dqrm_lightning.sharding import EmbeddingLayout, shard_model
+
+    module = DLRMModule([40] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
+    layout = EmbeddingLayout(sharding={"C5": "row_wise", "default": "table_wise"})
+    with pytest.raises(ValueError, match=r"\['t_C5'\] row-wise.*fp8"):
+        shard_model(module.build_dlrm(), torch.device("cpu"), None, layout, reduce_scatter_precision="fp8")
+    assert shard_model(module.build_dlrm(), torch.device("cpu"), None, layout) is not None

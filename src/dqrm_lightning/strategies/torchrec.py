@@ -66,6 +66,8 @@ def qcomm_registry(forward: str | None, backward: str | None, device: torch.devi
     for name, value in (("qcomm_forward", forward), ("qcomm_backward", backward)):
         if value is not None and value not in _PRECISIONS:
             raise ValueError(f"`{name}` must be one of {_PRECISIONS} or null, got {value!r}")
+        if value == "bf16" and device.type == "cpu":  # TorchRec would quietly send FP16 instead
+            raise ValueError(f"`{name}: bf16` is not supported on the CPU (gloo); use fp16")
     config = QCommsConfig(
         forward_precision=getattr(CommType, (forward or "fp32").upper()),
         backward_precision=getattr(CommType, (backward or "fp32").upper()),
@@ -126,6 +128,13 @@ class TorchRecStrategy(DDPStrategy):
             raise ValueError("`gradient_compression` is the data-parallel mode's: set `embeddings: replicated`")
         if gradient_compression is not None and dense_embedding_gradients:
             raise ValueError("`gradient_compression` compresses sparse rows: unset `dense_embedding_gradients`")
+        self.reduce_scatter_precision = next((p for p in (qcomm_forward, qcomm_backward) if p in ("fp8", "int8")), None)
+        row_wise = {"row_wise", "table_row_wise"} & set(sharding.values() if isinstance(sharding, dict) else [sharding])
+        if self.reduce_scatter_precision and row_wise:
+            raise ValueError(
+                f"`qcomm_forward`/`qcomm_backward` {self.reduce_scatter_precision} cannot quantize the reduce-scatter "
+                f"of {sorted(row_wise)} sharding (TorchRec would replace it): use fp16/bf16 or another sharding type"
+            )
         self.qcomm_forward = qcomm_forward
         self.qcomm_backward = qcomm_backward
         self.qcomm_codecs_registry: dict | None = None
