@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
@@ -51,6 +52,7 @@ class RunSummary(pl.Callback):
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
             "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
+            "process_group_backend": dist.get_backend() if dist.is_initialized() else None,
         }
         best = getattr(pl_module, "val_best", None)
         if best is not None and best.final:
