@@ -68,6 +68,15 @@ def fit_command(data: Path, steps: int, *extra: str) -> list[str]:
     ]
 
 
+def run_summary(command: list[str]) -> dict[str, Any]:
+    """Run a `dqrm` command line; the summary.json it names on its last line."""
+    import json
+    import subprocess
+
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(Path(out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+
+
 def arguments(steps: int, warmup: int, repeats: int) -> argparse.ArgumentParser:
     """The command-line options every Kaggle-scale benchmark shares."""
     parser = argparse.ArgumentParser()

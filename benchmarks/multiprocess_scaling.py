@@ -13,10 +13,9 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 from pathlib import Path
 
-from _kaggle import arguments, ensure_data, fit_command
+from _kaggle import arguments, ensure_data, fit_command, run_summary
 
 
 def run(data: Path, devices: int, steps: int, warmup: int) -> dict:
@@ -28,8 +27,7 @@ def run(data: Path, devices: int, steps: int, warmup: int) -> dict:
         "--step_timer.warmup_steps",
         str(warmup),
     ]
-    out = subprocess.run(fit_command(data, steps, *extra), capture_output=True, text=True, check=True).stdout
-    return json.loads(Path(out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+    return run_summary(fit_command(data, steps, *extra))
 
 
 def main() -> None:

@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 
-from _kaggle import arguments, ensure_data, fit_command
+from _kaggle import arguments, ensure_data, fit_command, run_summary
 
 MODES = {
     "model parallel (table-wise)": ["-c", "configs/parallel/model_parallel.yaml"],
@@ -46,8 +45,7 @@ def run(data: Path, steps: int, warmup: int, extra: list[str]) -> dict:
         "--trainer.val_check_interval",
         str(steps),  # one validation, after the last step
     ]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(Path(out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+    return run_summary(command)
 
 
 def main() -> None:

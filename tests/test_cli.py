@@ -27,14 +27,26 @@ def on_sample(tmp_path: Path, criteo_sample: Path) -> list[str]:
     ]
 
 
+def summary_path(output: str) -> Path:
+    """The summary.json a `dqrm` run names on its last line."""
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("summary: "), last
+    return Path(last.removeprefix("summary: "))
+
+
 def dqrm(*args: str) -> tuple[str, dict]:
     """Run `dqrm ARGS`; return its output and the summary.json named on its last line."""
     result = run_cli(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("summary: "), last
-    path = Path(last.removeprefix("summary: "))
+    path = summary_path(result.stdout)
     return result.stdout, json.loads(path.read_text()) | {"_path": str(path)}
+
+
+def synth_demo(tmp_path_factory, name: str, rows: int, seed: int) -> Path:
+    """Synthetic demo-preset Criteo data (train/val/test) in a fresh temporary folder."""
+    out = tmp_path_factory.mktemp(name) / "data"
+    dqrm("data", "synth", "--preset", "demo", "--rows", str(rows), "--seed", str(seed), "--out", str(out))
+    return out
 
 
 ONE_EPOCH = ["--trainer.max_epochs", "1"]

@@ -1,16 +1,15 @@
 """The wandb dashboard spec plots only metrics that runs really log (checked against the runs' CSV logs)."""
 
 import csv
-from pathlib import Path
 
 import pytest
 
 from dqrm_lightning.dashboard import load_spec, metric_keys
-from tests.test_cli import FAST, dqrm, on_sample
+from tests.test_cli import FAST, dqrm, on_sample, summary_path
 
 
 def _logged(output: str) -> set[str]:
-    log_dir = Path(output.strip().splitlines()[-1].removeprefix("summary: ")).parent
+    log_dir = summary_path(output).parent
     with open(log_dir / "metrics.csv") as f:
         return set(next(csv.reader(f)))
 

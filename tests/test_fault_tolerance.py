@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dqrm_lightning.export.exporter import read_checkpoint
-from tests.test_cli import demo_args, dqrm
+from tests.test_cli import demo_args, dqrm, synth_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -23,9 +23,7 @@ EVERY = "7"  # a periodic checkpoint every 7 steps (mid-epoch: 75 steps per epoc
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ft") / "data"
-    dqrm("data", "synth", "--preset", "demo", "--rows", "12000", "--seed", "11", "--out", str(out))
-    return out
+    return synth_demo(tmp_path_factory, "ft", 12000, 11)
 
 
 def _args(data: Path, root: Path, *extra: str) -> list[str]:

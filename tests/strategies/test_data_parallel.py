@@ -10,7 +10,7 @@ from dqrm_lightning.comms.compression import GradientCompressionConfig
 from dqrm_lightning.comms.ddp_hook import CompressionState
 from dqrm_lightning.strategies import TorchRecStrategy
 from dqrm_lightning.strategies.torchrec import META_FILE
-from tests.test_cli import demo_args, dqrm
+from tests.test_cli import demo_args, dqrm, synth_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -20,9 +20,7 @@ INT8 = [*DP, "-c", "configs/parallel/int8_compression.yaml"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dp") / "data"
-    dqrm("data", "synth", "--preset", "demo", "--rows", "50000", "--seed", "5", "--out", str(out))
-    return out
+    return synth_demo(tmp_path_factory, "dp", 50000, 5)
 
 
 def test_int8_with_error_compensation_matches_fp32_data_parallel(data, tmp_path):

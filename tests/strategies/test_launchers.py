@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import demo_args, dqrm
+from tests.test_cli import demo_args, summary_path, synth_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("launch") / "data"
-    dqrm("data", "synth", "--preset", "demo", "--rows", "6000", "--seed", "4", "--out", str(out))
-    return out
+    return synth_demo(tmp_path_factory, "launch", 6000, 4)
 
 
 def _free_port() -> int:
@@ -41,7 +39,7 @@ def _args(data: Path, root: Path) -> list[str]:
 
 
 def _summary(output: str) -> dict:
-    return json.loads(Path(output.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+    return json.loads(summary_path(output).read_text())
 
 
 def test_torchrun(data, tmp_path):

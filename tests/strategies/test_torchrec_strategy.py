@@ -5,16 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import demo_args, dqrm
+from tests.test_cli import demo_args, dqrm, synth_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mp") / "data"
-    dqrm("data", "synth", "--preset", "demo", "--rows", "12000", "--seed", "3", "--out", str(out))
-    return out
+    return synth_demo(tmp_path_factory, "mp", 12000, 3)
 
 
 def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_path):
