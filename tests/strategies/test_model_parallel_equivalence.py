@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dqrm_lightning.comms.ddp_hook import CompressionState, compression_hook
 from dqrm_lightning.data.dataset import make_batch
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.sharding import EmbeddingLayout, _shard_index, gather_full
@@ -26,6 +27,8 @@ LAYOUTS = {
     ),
     "auto": EmbeddingLayout(sharding="auto"),
     "replicated": EmbeddingLayout(embeddings="replicated"),
+    "replicated_dense": EmbeddingLayout(embeddings="replicated", dense_embedding_gradients=True),
+    "replicated_batched_hook": EmbeddingLayout(embeddings="replicated"),  # our FP32 hook instead of DDP's buckets
 }
 
 
@@ -33,11 +36,13 @@ def _module() -> DLRMModule:
     return DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
 
 
-def _train(module: DLRMModule, rank: int, world: int) -> list[float]:
+def _train(module: DLRMModule, rank: int, world: int, hook: bool = False) -> list[float]:
     optimizer = module.configure_optimizers()
     forward = module
     if module.layout.embeddings == "replicated" and world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(module)  # sparse table gradients, averaged by DDP
+        if hook:
+            forward.register_comm_hook(CompressionState(None, list(module.named_parameters())), compression_hook)
     losses = []
     local = GLOBAL_BATCH // world
     for step in range(STEPS):
@@ -72,7 +77,7 @@ def _rank(rank: int, store: str, out: str, init: str) -> None:
         module = _module()
         module.layout = layout
         module.load_state_dict(torch.load(init, weights_only=True))  # the same initial weights as the 1-process run
-        losses = _train(module, rank, 2)
+        losses = _train(module, rank, 2, hook=name.endswith("_hook"))
         pieces = []  # (key, index into the full table, local values)
         for key, value in module.state_dict().items():
             if not key.startswith("model.sparse_arch."):
