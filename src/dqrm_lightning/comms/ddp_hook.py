@@ -92,7 +92,7 @@ class CompressionState:
 
     def flush(self) -> None:
         queue, self._queue = self._queue, []
-        sparse = [buffer for buffer, _, _, _ in queue if buffer.is_sparse]
+        sparse = [buffer.coalesce() for buffer, _, _, _ in queue if buffer.is_sparse]  # repeated ids merged
         names, grads = [], []
         for buffer, params, views, _ in queue:
             if buffer.is_sparse:
