@@ -4,9 +4,10 @@ A raw Criteo row is one line of 40 tab-separated fields::
 
     label \t I1 ... I13 \t C1 ... C26 \n
 
-``label`` is 0 or 1, ``I1..I13`` are integer counts (empty = missing, may be negative), ``C1..C26`` are hashed
-categoricals written as hexadecimal strings of at most 8 digits (empty = missing). Both the Kaggle ``train.txt`` and
-the Terabyte ``day_N`` files use this format, plain or gzip-compressed.
+``label`` is 0 or 1, ``I1..I13`` are integer counts (empty = missing; ASCII digits with an optional minus sign, within
+the signed 64-bit range), ``C1..C26`` are hashed categoricals written as hexadecimal strings of at most 8 digits
+(empty = missing). Lines end with ``\n``, optionally preceded by one ``\r``; the last line may lack its newline. Both
+the Kaggle ``train.txt`` and the Terabyte ``day_N`` files use this format, plain or gzip-compressed.
 
 Parsing follows the DLRM reference preprocessing: missing -> 0, negative dense -> 0, dense -> ``log(x + 1)``,
 categorical hex -> unsigned 32-bit integer. Mapping categorical values to embedding ids happens later
@@ -15,6 +16,9 @@ categorical hex -> unsigned 32-bit integer. Mapping categorical values to embedd
 The fast path hands blocks of lines to pyarrow's multi-threaded CSV reader and decodes the hex columns with numpy.
 When pyarrow rejects a block, the block is re-read line by line in Python to name the exact line and column of the
 first problem, so a malformed file is never silently mis-parsed and never surfaces as a deep pyarrow traceback.
+pyarrow is more lenient than the format (it trims spaces around integers, reads ``0x10`` as 16, skips a byte-order mark
+and ends a row at a lone ``\r``), so only blocks of the format's bytes whose row count equals their line count take
+the fast path, and labels are checked as text.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ MAX_HEX_DIGITS = 8
 
 OnBadLine = Literal["error", "skip"]
 
-_INT64_MAX = 2**63 - 1
-_INT_RE = re.compile(rb"[+-]?[0-9]+")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT_RE = re.compile(rb"-?[0-9]+")
 _HEX_RE = re.compile(rb"[0-9a-fA-F]{1,8}")
 # ASCII byte -> nibble value; 255 marks a byte that is not a hex digit.
 _HEX_LUT = np.full(256, 255, dtype=np.uint8)
@@ -52,13 +56,15 @@ for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX_LUT[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
     _HEX_LUT[_c] = 10 + _i
+# The bytes a valid block can hold; a block with any other byte takes the line-by-line path.
+_FORMAT_BYTES = b"0123456789abcdefABCDEF-\t\r\n"
 
 _READ_OPTIONS = pacsv.ReadOptions(column_names=list(COLUMN_NAMES), use_threads=True, block_size=1 << 22)
 _PARSE_OPTIONS = pacsv.ParseOptions(
     delimiter="\t", quote_char=False, double_quote=False, escape_char=False, ignore_empty_lines=False
 )
 _CONVERT_OPTIONS = pacsv.ConvertOptions(
-    column_types={"label": pa.int64(), **dict.fromkeys(DEFAULT_INT_NAMES, pa.int64())}
+    column_types={"label": pa.string(), **dict.fromkeys(DEFAULT_INT_NAMES, pa.int64())}
     | dict.fromkeys(DEFAULT_CAT_NAMES, pa.string()),
     null_values=[""],
     strings_can_be_null=True,
@@ -125,6 +131,14 @@ def open_raw(path: str | Path) -> BinaryIO:
     return open(path, "rb")
 
 
+def read_chunk(stream: BinaryIO, size: int, path: str | Path, line: int | None) -> bytes:
+    """``stream.read(size)``, turning a corrupt or truncated gzip stream into :class:`CriteoFormatError`."""
+    try:
+        return stream.read(size)
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
+        raise CriteoFormatError(path, line, f"corrupt or truncated compressed stream ({err})") from None
+
+
 def iter_line_blocks(
     stream: BinaryIO, path: str | Path, block_bytes: int = 16 << 20, first_line: int = 1
 ) -> Iterator[tuple[bytes, int, int, int]]:
@@ -137,12 +151,7 @@ def iter_line_blocks(
     offset = 0
     line = first_line
     while True:
-        try:
-            chunk = stream.read(block_bytes)
-        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
-            raise CriteoFormatError(
-                path, line + carry.count(b"\n"), f"corrupt or truncated compressed stream ({err})"
-            ) from None
+        chunk = read_chunk(stream, block_bytes, path, line + carry.count(b"\n"))
         if not chunk:
             break
         data = carry + chunk
@@ -169,12 +178,21 @@ def _check_field(path: str | Path, line: int, index: int, field: bytes) -> None:
     elif index <= INT_FEATURE_COUNT:
         if field and not _INT_RE.fullmatch(field):
             raise CriteoFormatError(path, line, f"expected an integer or empty, got {field[:40]!r}", name)
-        if field and abs(int(field)) > _INT64_MAX:
+        if field and not _in_int64_range(field):
             raise CriteoFormatError(path, line, f"integer out of the 64-bit range: {field[:40]!r}", name)
     elif field and not _HEX_RE.fullmatch(field):
         raise CriteoFormatError(
             path, line, f"expected at most {MAX_HEX_DIGITS} hex digits or empty, got {field[:40]!r}", name
         )
+
+
+def _in_int64_range(field: bytes) -> bool:
+    """Whether a ``-?[0-9]+`` field is a signed 64-bit integer (leading zeros allowed, without Python's digit limit)."""
+    digits = field.lstrip(b"-").lstrip(b"0")
+    if len(digits) > 19:
+        return False
+    value = -int(digits or b"0") if field.startswith(b"-") else int(digits or b"0")
+    return _INT64_MIN <= value <= _INT64_MAX
 
 
 def check_line(path: str | Path, line_number: int, line: bytes) -> None:
@@ -195,13 +213,28 @@ def _split_lines(block: bytes) -> list[bytes]:
     return lines
 
 
+def _string_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets, data)`` of a string array; value ``i`` starts at ``data[offsets[i] - offsets[0]]``."""
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+    data_buffer = column.buffers()[2]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    return offsets, data[offsets[0] : offsets[-1]]
+
+
+def _decode_label(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the label column (text, no nulls) into uint8; returns ``(values, bad_mask)``: exactly "0" or "1"."""
+    offsets, data = _string_parts(column)
+    one_byte = np.diff(offsets) == 1
+    first = np.zeros(len(column), dtype=np.uint8)
+    first[one_byte] = data[offsets[:-1][one_byte] - offsets[0]]
+    bad = ~one_byte | ((first != ord("0")) & (first != ord("1")))
+    return (first == ord("1")).astype(np.uint8), bad
+
+
 def _decode_hex(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Decode a string column of hex values into uint32; returns ``(values, bad_mask)``."""
     n = len(column)
-    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + n + 1]
-    data_buffer = column.buffers()[2]
-    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
-    data = data[offsets[0] : offsets[-1]]
+    offsets, data = _string_parts(column)
     lengths = np.diff(offsets)
     full = lengths == MAX_HEX_DIGITS
     if np.count_nonzero(full) * MAX_HEX_DIGITS == len(data):
@@ -237,11 +270,14 @@ def _table_to_rows(
 ) -> ParsedRows:
     """Convert a parsed arrow table to arrays, validating label values and hex digits."""
     n = table.num_rows
-    labels = table.column("label").combine_chunks().to_numpy(zero_copy_only=False)  # no nulls: see _read_checked
-    bad = (labels != 0) & (labels != 1)
+    label_column = table.column("label").combine_chunks()  # no nulls: see _read_checked
+    labels, bad = _decode_label(label_column)
     reasons: dict[int, CriteoFormatError] = {}
     for i in np.flatnonzero(bad)[: None if on_bad_line == "skip" else 1]:
-        reasons[int(i)] = CriteoFormatError(path, int(lines[i]), f"label must be 0 or 1, got {labels[i]}", "label")
+        raw_label = label_column[int(i)].as_py().encode()
+        reasons[int(i)] = CriteoFormatError(
+            path, int(lines[i]), f"label must be 0 or 1, got {raw_label[:40]!r}", "label"
+        )
     cat = np.empty((n, CAT_FEATURE_COUNT), dtype=np.uint32)
     for j, name in enumerate(DEFAULT_CAT_NAMES):
         values, bad_hex = _decode_hex(table.column(name).combine_chunks())
@@ -272,7 +308,9 @@ def _table_to_rows(
         keep = ~bad
         labels, dense, cat, lines = labels[keep], dense[keep], cat[keep], lines[keep]
     contiguous = len(lines) == 0 or int(lines[-1] - lines[0]) + 1 == len(lines)
-    return ParsedRows(labels.astype(np.uint8), dense, cat, first_line, None if contiguous else lines)
+    if contiguous and len(lines):
+        first_line = int(lines[0])  # bad lines dropped at the start of the block shift the first row
+    return ParsedRows(labels, dense, cat, first_line, None if contiguous else lines)
 
 
 def _read_table(block: bytes) -> pa.Table:
@@ -281,8 +319,15 @@ def _read_table(block: bytes) -> pa.Table:
     )
 
 
+def _line_count(block: bytes) -> int:
+    return block.count(b"\n") + (not block.endswith(b"\n"))
+
+
 def _read_checked(block: bytes) -> pa.Table | Exception:
     """pyarrow's parse of a block, or the exception that sends the block to the line-by-line check."""
+    if block.translate(None, _FORMAT_BYTES):
+        # spaces, "x", "+", a byte-order mark, non-ASCII...: pyarrow accepts some of these in integers
+        return pa.ArrowInvalid("bytes outside the format")
     try:
         table = _read_table(block)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
@@ -290,6 +335,8 @@ def _read_checked(block: bytes) -> pa.Table | Exception:
     if table.column("label").null_count:
         # pyarrow reads an empty line as a row of nulls: let the line-by-line check name the problem
         return pa.ArrowInvalid("empty label or empty line")
+    if b"\r" in block and table.num_rows != _line_count(block):
+        return pa.ArrowInvalid("a lone carriage return inside a line")  # pyarrow ends a row there
     return table
 
 
@@ -350,7 +397,12 @@ def _slow_path(
         raise CriteoFormatError(path, first_line, f"unparseable block (lines {first_line}-{last}): {err}")
     if not good:
         return _empty_table(), np.zeros(0, dtype=np.int64)
-    return _read_table(b"\n".join(good) + b"\n"), np.asarray(good_lines, dtype=np.int64)
+    table = _read_checked(b"\n".join(good) + b"\n")
+    if isinstance(table, Exception):
+        # every line passes our check but pyarrow disagrees: never guess, report the block.
+        last = first_line + block.count(b"\n")
+        raise CriteoFormatError(path, first_line, f"unparseable block (lines {first_line}-{last}): {table}")
+    return table, np.asarray(good_lines, dtype=np.int64)
 
 
 def _empty_table() -> pa.Table:
@@ -401,7 +453,7 @@ def _finish(
 def _skip_bytes(stream: BinaryIO, count: int, path: str | Path) -> None:
     remaining = count
     while remaining > 0:
-        chunk = stream.read(min(remaining, 64 << 20))
+        chunk = read_chunk(stream, min(remaining, 64 << 20), path, None)
         if not chunk:
             raise CriteoFormatError(path, None, f"file is shorter than the resume offset {count}")
         remaining -= len(chunk)

@@ -34,7 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dqrm_lightning.data.criteo import CriteoFormatError, OnBadLine, ParsedRows, ParseStats, iter_parsed, open_raw
+from dqrm_lightning.data.criteo import (
+    CriteoFormatError,
+    OnBadLine,
+    ParsedRows,
+    ParseStats,
+    iter_parsed,
+    open_raw,
+    read_chunk,
+)
 
 SPLITS = ("train", "val", "test")
 ARRAYS = ("labels", "dense", "cat")
@@ -70,7 +78,7 @@ def count_lines(path: str | Path) -> int:
     count = 0
     last = b"\n"
     with open_raw(path) as stream:
-        while chunk := stream.read(64 << 20):
+        while chunk := read_chunk(stream, 64 << 20, path, count + 1):
             count += chunk.count(b"\n")
             last = chunk[-1:]
     return count + (last != b"\n")
