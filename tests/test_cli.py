@@ -97,6 +97,44 @@ def test_fit_on_real_criteo_rows(tmp_path, criteo_sample):
     assert fit["data"]["rows"]["train"] == 200
     assert "bayes_optimal" not in fit  # real data: the true click model is unknown
     assert len(fit["data"]["table_sizes"]) == 26
+    # the checkpoint's tables (sized by the vocabulary) do not fit tables sized by hashing: refused, named
+    hashed = ["--data.categorical_encoding", "hash", "--data.num_embeddings_per_feature", json.dumps([7] * 26)]
+    best = fit["checkpoints"]["best"]
+    result = run_cli("validate", *on_sample(tmp_path, criteo_sample), *root, *FAST, *hashed, "--ckpt_path", best)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    differ = [f"C{i + 1}: {size} vs 7" for i, size in enumerate(fit["data"]["table_sizes"]) if size != 7]
+    assert "dqrm validate: error: the checkpoint does not fit this model: " in result.stderr
+    expected = f"differs in {len(differ)} tables (saved vs this run: {', '.join(differ[:4])} (+{len(differ) - 4} more))"
+    assert f"`model.num_embeddings_per_feature` {expected}" in result.stderr
+
+
+TORCHREC = ["--trainer.strategy", "dqrm_lightning.strategies.TorchRecStrategy"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--qat.embedding_bits", "3"], "`qat.embedding_bits` must be one of (2, 4, 8, 16) or null, got 3"),
+        (["--qat.scale_period", "0"], "`qat.scale_period` must be a positive number of steps, got 0"),
+        (["--model.embedding_dim", "0"], "`model.embedding_dim` must be a positive integer, got 0"),
+        (["--qat.embedding_bits_per_table", "{t_C3: 2}"], "`qat.embedding_bits_per_table` names an unknown feature"),
+        ([*TORCHREC, "--trainer.strategy.sharding", "bogus"], "`trainer.strategy.sharding`: unknown sharding type"),
+        ([*TORCHREC, "--trainer.strategy.qcomm_forward", "int4"], "`trainer.strategy.qcomm_forward` must be one of"),
+        (
+            ["--model.num_embeddings_per_feature", json.dumps([7] * 26)],
+            "`model.num_embeddings_per_feature` is set from",
+        ),
+    ],
+    ids=["bits", "period", "dim", "per-table", "sharding", "qcomm", "table-sizes"],
+)
+def test_bad_settings_stop_the_run_at_startup_naming_the_argument(tmp_path, criteo_sample, args, message):
+    root = tmp_path / "r"
+    result = run_cli("fit", *on_sample(tmp_path, criteo_sample), "--trainer.default_root_dir", str(root), *FAST, *args)
+    assert result.returncode == 1
+    assert f"dqrm fit: error: {message}" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".dqrm_prepared").exists()  # stopped before the data was prepared (hours on Criteo)
 
 
 def test_bad_data_reports_file_and_line(tmp_path, criteo_sample):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from dqrm_lightning.checkpoint import CheckpointError
 from dqrm_lightning.data.dataset import make_batch
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.sharding import gather_full
@@ -124,6 +125,9 @@ def test_model_bytes_of_kaggle_config():
     ("kwargs", "message"),
     [
         ({"num_embeddings_per_feature": [10] * 25}, "26 sizes"),
+        ({"num_embeddings_per_feature": [10] * 25 + [0]}, "^`num_embeddings_per_feature` must be positive integers"),
+        ({"embedding_dim": 0, "dense_arch_layer_sizes": [16, 0]}, "^`embedding_dim` must be a positive integer"),
+        ({"over_arch_layer_sizes": [0, 1]}, r"^`over_arch_layer_sizes` must be positive integers, got \[0, 1\]"),
         ({"dense_arch_layer_sizes": [16, 4]}, "embedding_dim"),
         ({"over_arch_layer_sizes": [16, 2]}, "must be 1"),
         ({"optimizer": "adam"}, "optimizer"),
@@ -133,6 +137,20 @@ def test_bad_arguments_are_named(kwargs, message):
     args = {"num_embeddings_per_feature": [10] * 26, "embedding_dim": 8, "dense_arch_layer_sizes": [16, 8]} | kwargs
     with pytest.raises(ValueError, match=message):
         DLRMModule(**args)
+
+
+def _small(rows, dim=8):
+    return DLRMModule(rows, embedding_dim=dim, dense_arch_layer_sizes=[16, dim], over_arch_layer_sizes=[16, 1])
+
+
+def test_a_checkpoint_of_other_table_sizes_or_shape_is_refused_naming_the_argument():
+    saved = {"hyper_parameters": dict(_small([50] * 26).hparams)}
+    _small([50] * 26).on_load_checkpoint(saved)  # the same shape: fine
+    with pytest.raises(CheckpointError, match=r"`model\.num_embeddings_per_feature` differs in 2 tables") as info:
+        _small([50] * 24 + [40, 60]).on_load_checkpoint(saved)
+    assert "C25: 50 vs 40, C26: 50 vs 60" in str(info.value)
+    with pytest.raises(CheckpointError, match=r"`model\.embedding_dim` is 8 there, 4 in this run"):
+        _small([50] * 26, dim=4).on_load_checkpoint(saved)
 
 
 class _Batches(pl.LightningDataModule):

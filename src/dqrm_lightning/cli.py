@@ -1,17 +1,26 @@
 """The ``dqrm`` command: LightningCLI (fit/validate/test/predict) plus ``dqrm data synth|prepare``.
 
 Every run writes ``summary.json`` in its log directory and prints ``summary: <path>`` as its last line.
+
+Settings are checked when the classes are built, before any data is read or process started; a bad one stops the run
+with one line naming the argument (``dqrm fit: error: `qat.scale_period` must be ...``). Checkpoints load with
+``weights_only=True`` only (:mod:`dqrm_lightning.checkpoint`): a file whose loading would run code is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import importlib
+import inspect
 import json
 import logging
 import os
+import pickle
+import re
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,13 +29,29 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from dqrm_lightning.callbacks import CommunicationAccounting, QuantizationAwareTraining, RunSummary, StepTimer
 from dqrm_lightning.callbacks.predictions import PredictionWriter
+from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_error
 from dqrm_lightning.data.datamodule import CriteoDataModule
+from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.model import DLRMModule
-from dqrm_lightning.strategies import TorchRecStrategy  # noqa: F401  (registers --trainer.strategy torchrec)
+from dqrm_lightning.quant.config import QATConfig
+from dqrm_lightning.sharding import EmbeddingLayout
+from dqrm_lightning.strategies import TorchRecStrategy  # registers --trainer.strategy torchrec
+
+# Where each class's arguments live on the command line (errors raised while building them name `prefix.argument`).
+_ARGUMENT_PREFIXES: tuple[tuple[type, str], ...] = (
+    (DLRMModule, "model"),
+    (CriteoDataModule, "data"),
+    (QuantizationAwareTraining, "qat"),
+    (QATConfig, "qat"),
+    (StepTimer, "step_timer"),
+    (TorchRecStrategy, "trainer.strategy"),
+    (EmbeddingLayout, "trainer.strategy"),
+)
+_LINKED = "model.num_embeddings_per_feature"
 
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -84,13 +109,17 @@ class DQRMCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
             every = self._get(self.config, "checkpoint_every_n_steps")
             if every < 0:
-                raise ValueError(f"`--checkpoint_every_n_steps` must be >= 0, got {every}")
+                raise ConfigError(f"`checkpoint_every_n_steps` must be >= 0, got {every}")
             if every:
                 callbacks.append(ModelCheckpoint(every_n_train_steps=every, save_top_k=0, save_last=True))
-            kwargs.setdefault("plugins", []).append(AtomicCheckpointIO())
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(self._get(self.config, "predictions")))
         trainer_config = {**config, "default_root_dir": root, **kwargs}
+        plugins = trainer_config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(SafeCheckpointIO())  # single files: loaded weights-only, written atomically
+        trainer_config["plugins"] = plugins
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         return self._instantiate_trainer(trainer_config, extra + callbacks)
 
@@ -151,23 +180,102 @@ class DQRMCLI(LightningCLI):
                     f"no {which}.ckpt under {self.trainer.default_root_dir}: training from scratch", stacklevel=1
                 )
                 kwargs["ckpt_path"] = None
+        if kwargs.get("weights_only") is False:
+            raise ConfigError("`weights_only: false` is not supported: checkpoints load without unpickling objects")
+        if "weights_only" in inspect.signature(getattr(self.trainer, subcommand)).parameters:
+            kwargs["weights_only"] = True
         return kwargs
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if isinstance(args, list | tuple) and any(str(a).startswith(f"--{_LINKED}") for a in args):
+            raise ConfigError(
+                f"`{_LINKED}` is set from the data (`data.table_sizes`): give table sizes with "
+                "`--data.num_embeddings_per_feature` (hash encoding) or let the vocabulary size them (vocab encoding)"
+            )
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of `--ckpt_path` (torch.load with weights_only=True) before anything
+        # else: a refused or unreadable file stops the run with a one-line error.
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError) as err:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise load_error(path, err) from None
+
+    def instantiate_classes(self) -> None:
+        self._check_before_building()
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # the classes' own checks: every setting is validated when it is built
+            raise ConfigError(_name_arguments(err)) from err
+
+    def _check_before_building(self) -> None:
+        """Model and QAT settings, checked before any class is built: building the data module prepares the data
+        (vocabulary encoding: to size the tables), which takes hours on the full Criteo data."""
+        for key, check, prefix in (
+            ("model", DLRMModule.check_arguments, "model"),
+            ("qat", QuantizationAwareTraining, "qat"),
+        ):
+            config = self._get(self.config, key, default=None)
+            if config is None:
+                continue
+            values = config.as_dict() if hasattr(config, "as_dict") else dict(config)
+            names = set(inspect.signature(check).parameters)
+            try:
+                check(**{k: v for k, v in values.items() if k in names})
+            except ValueError as err:
+                raise ConfigError(_qualify(str(err), prefix, names)) from err
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        """A TorchRecStrategy's arguments, checked before jsonargparse builds it (it would bury the message)."""
+        strategy = self._get(self.config, "trainer", default={}).get("strategy")
+        class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+        if not isinstance(class_path, str) or "." not in class_path:
+            return
+        module, _, name = class_path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return  # jsonargparse reports it
+        if not (isinstance(cls, type) and issubclass(cls, TorchRecStrategy)):
+            return
+        init_args = strategy.get("init_args") or {}
+        names = inspect.signature(TorchRecStrategy.check_arguments).parameters
+        try:
+            TorchRecStrategy.check_arguments(**{k: init_args[k] for k in names if k in init_args})
+        except ValueError as err:
+            raise ConfigError(_qualify(str(err), "trainer.strategy", set(names))) from err
 
 
 def _table_sizes(datamodule: CriteoDataModule) -> list[int]:
     return datamodule.table_sizes
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Single-file checkpoints written to a temporary file and renamed into place, so a process killed while saving
-    leaves the previous checkpoint intact (``--ckpt_path last`` then resumes from it)."""
+def _name_arguments(err: BaseException) -> str:
+    """The error's message with each backquoted argument of the class that raised it written as on the command line
+    (`scale_period` -> `qat.scale_period`), found from the innermost frame of a class in ``_ARGUMENT_PREFIXES``."""
+    owner: tuple[type, str] | None = None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        instance = frame.f_locals.get("self")
+        for cls, prefix in _ARGUMENT_PREFIXES:
+            if isinstance(instance, cls):
+                owner = (cls, prefix)
+                break
+    if owner is None:
+        return str(err)
+    return _qualify(str(err), owner[1], set(inspect.signature(owner[0]).parameters))
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, target)
+
+def _qualify(message: str, prefix: str, names: set[str]) -> str:
+    """Write each backquoted argument in ``names`` as ``prefix.argument``."""
+
+    def qualify(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return f"`{prefix}.{name}" if name in names else match.group(0)
+
+    return re.sub(r"`(\w+)", qualify, message)
 
 
 def find_checkpoint(root: str | os.PathLike, which: str) -> str:
@@ -376,7 +484,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"dqrm data: error: {err}") from None
         print(f"summary: {path}", flush=True)
         return
-    DQRMCLI(args=argv)
+    from dqrm_lightning.export.artifact import ArtifactError
+
+    try:
+        DQRMCLI(args=argv)
+    except (ConfigError, CheckpointError, ArtifactError) as err:
+        command = f"dqrm {argv[0]}" if argv and not argv[0].startswith("-") else "dqrm"
+        raise SystemExit(f"{command}: error: {err}") from None
 
 
 if __name__ == "__main__":

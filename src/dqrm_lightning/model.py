@@ -23,7 +23,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from typing_extensions import override
 
 from dqrm_lightning._logging import logging_step
+from dqrm_lightning.checkpoint import CheckpointError
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
+from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.metrics import BestTracker, ClickMetrics, binary_auroc, binary_log_loss
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.embedding import EmbeddingQuantizer
@@ -70,22 +72,15 @@ class DLRMModule(pl.LightningModule):
         self.save_hyperparameters()
         if num_embeddings_per_feature is None:
             raise ValueError("`num_embeddings_per_feature` is required (the CLI links it from the data module)")
-        if len(num_embeddings_per_feature) != len(DEFAULT_CAT_NAMES):
-            raise ValueError(
-                f"`num_embeddings_per_feature` needs {len(DEFAULT_CAT_NAMES)} sizes, "
-                f"got {len(num_embeddings_per_feature)}"
-            )
-        if dense_arch_layer_sizes[-1] != embedding_dim:
-            raise ValueError(
-                f"the last `dense_arch_layer_sizes` entry must equal `embedding_dim` ({embedding_dim}), "
-                f"got {dense_arch_layer_sizes}"
-            )
-        if over_arch_layer_sizes[-1] != 1:
-            raise ValueError(f"the last `over_arch_layer_sizes` entry must be 1, got {over_arch_layer_sizes}")
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
-        if learning_rate <= 0 or (sparse_learning_rate is not None and sparse_learning_rate <= 0):
-            raise ValueError("learning rates must be positive")
+        self.check_arguments(
+            num_embeddings_per_feature,
+            embedding_dim,
+            dense_arch_layer_sizes,
+            over_arch_layer_sizes,
+            optimizer,
+            learning_rate,
+            sparse_learning_rate,
+        )
         self.model: nn.Module | None = None
         self.layout: EmbeddingLayout | None = None  # None: the strategy's (TorchRecStrategy) or the default
         self.qat_config: QATConfig | None = None
@@ -95,6 +90,55 @@ class DLRMModule(pl.LightningModule):
         self.val_metrics = ClickMetrics("val/")
         self.test_metrics = ClickMetrics("test/")
         self.val_best = BestTracker()
+
+    @staticmethod
+    def check_arguments(
+        num_embeddings_per_feature: list[int] | None = None,
+        embedding_dim: int = 16,
+        dense_arch_layer_sizes: list[int] | None = None,
+        over_arch_layer_sizes: list[int] | None = None,
+        optimizer: str = "sgd",
+        learning_rate: float = 0.1,
+        sparse_learning_rate: float | None = None,
+    ) -> None:
+        """Check the arguments (also before the module is built, by the CLI: table sizes may not be known yet).
+
+        Raises:
+            ValueError: naming the argument.
+        """
+        if num_embeddings_per_feature is not None:
+            if len(num_embeddings_per_feature) != len(DEFAULT_CAT_NAMES):
+                raise ValueError(
+                    f"`num_embeddings_per_feature` needs {len(DEFAULT_CAT_NAMES)} sizes, "
+                    f"got {len(num_embeddings_per_feature)}"
+                )
+            if not all(_positive_int(n) for n in num_embeddings_per_feature):
+                raise ValueError(
+                    f"`num_embeddings_per_feature` must be positive integers, got {num_embeddings_per_feature}"
+                )
+        if not _positive_int(embedding_dim):
+            raise ValueError(f"`embedding_dim` must be a positive integer, got {embedding_dim!r}")
+        dense_arch_layer_sizes = dense_arch_layer_sizes or [512, 256, 64, embedding_dim]
+        over_arch_layer_sizes = over_arch_layer_sizes or [512, 256, 1]
+        for name, sizes in (
+            ("dense_arch_layer_sizes", dense_arch_layer_sizes),
+            ("over_arch_layer_sizes", over_arch_layer_sizes),
+        ):
+            if not all(_positive_int(n) for n in sizes):
+                raise ValueError(f"`{name}` must be positive integers, got {sizes}")
+        if dense_arch_layer_sizes[-1] != embedding_dim:
+            raise ValueError(
+                f"the last `dense_arch_layer_sizes` entry must equal `embedding_dim` ({embedding_dim}), "
+                f"got {dense_arch_layer_sizes}"
+            )
+        if over_arch_layer_sizes[-1] != 1:
+            raise ValueError(f"the last `over_arch_layer_sizes` entry must be 1, got {over_arch_layer_sizes}")
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
+        if learning_rate <= 0:
+            raise ValueError(f"`learning_rate` must be positive, got {learning_rate}")
+        if sparse_learning_rate is not None and sparse_learning_rate <= 0:
+            raise ValueError(f"`sparse_learning_rate` must be positive or null, got {sparse_learning_rate}")
 
     # --------------------------------------------------------------------------------------------------- building
     def table_configs(self) -> list[EmbeddingBagConfig]:
@@ -131,10 +175,12 @@ class DLRMModule(pl.LightningModule):
         from dqrm_lightning.export.inference import load_inference_model
 
         model = load_inference_model(path, engine)
-        expected = list(self.hparams.num_embeddings_per_feature)
-        found = model.manifest["model"]["num_embeddings_per_feature"]
-        if found != expected:
-            raise ValueError(f"artifact {path} has table sizes {found[:4]}..., the data gives {expected[:4]}...")
+        differences = _shape_differences(model.manifest["model"], self.hparams)
+        if differences:
+            raise ConfigError(
+                f"the artifact {path} does not fit this model: {differences}; use the data (table sizes come from "
+                "`data`: `num_embeddings_per_feature` or the vocabulary) and model settings it was exported with"
+            )
         self.artifact_model = model
 
     @override
@@ -340,6 +386,12 @@ class DLRMModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        differences = _shape_differences(checkpoint.get("hyper_parameters") or {}, self.hparams)
+        if differences:
+            raise CheckpointError(
+                f"the checkpoint does not fit this model: {differences}; use the data (table sizes come from "
+                "`data`: `num_embeddings_per_feature` or the vocabulary) and model settings it was trained with"
+            )
         if "qat_config" in checkpoint:
             # a QAT checkpoint describes itself; a schedule given for this run (callback) is kept
             self.prepare_qat(QATConfig(**checkpoint["qat_config"]), update_schedule=False)
@@ -389,6 +441,35 @@ class DLRMModule(pl.LightningModule):
                 layers.append((width, out))
                 width = out
         return layers
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+_SHAPE_KEYS = ("num_embeddings_per_feature", "embedding_dim", "dense_arch_layer_sizes", "over_arch_layer_sizes")
+
+
+def _shape_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """The model-shape hyper-parameters that differ between a checkpoint (or artifact) and this model, in words."""
+    parts = []
+    for key in _SHAPE_KEYS:
+        if saved.get(key) is None:
+            continue
+        old, new = _plain(saved[key]), _plain(current[key])
+        if old == new:
+            continue
+        if key == "num_embeddings_per_feature" and len(old) == len(new):
+            tables = [f"{f}: {a} vs {b}" for f, a, b in zip(DEFAULT_CAT_NAMES, old, new, strict=True) if a != b]
+            shown = ", ".join(tables[:4]) + (f" (+{len(tables) - 4} more)" if len(tables) > 4 else "")
+            parts.append(f"`model.{key}` differs in {len(tables)} tables (saved vs this run: {shown})")
+        else:
+            parts.append(f"`model.{key}` is {old} there, {new} in this run")
+    return "; ".join(parts)
+
+
+def _plain(value: Any) -> Any:
+    return [int(v) for v in value] if isinstance(value, list | tuple) else value
 
 
 def _dlrm_init_(layer: nn.Linear) -> None:

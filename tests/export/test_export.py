@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dqrm_lightning.export.artifact import ArtifactError, load_artifact, pack_codes, unpack_codes
+from dqrm_lightning.errors import ConfigError
+from dqrm_lightning.export.artifact import ArtifactError, load_artifact, manifest_digest, pack_codes, unpack_codes
 from dqrm_lightning.export.exporter import export_checkpoint
 from dqrm_lightning.export.inference import load_inference_model
 from dqrm_lightning.model import DLRMModule
@@ -111,6 +112,84 @@ def test_tampered_truncated_or_foreign_artifacts_are_refused(tmp_path):
         load_artifact(tmp_path / "art")
     with pytest.raises(ArtifactError, match="no manifest"):
         load_artifact(tmp_path)
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    """An intact INT4 artifact."""
+    module = _trained(QATConfig(embedding_bits=4), steps=2)
+    _save(module, tmp_path / "m.ckpt")
+    export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
+    load_artifact(tmp_path / "art")  # intact: fine
+    return tmp_path / "art"
+
+
+def _edit_manifest(art, edit, sign: bool = True):
+    """Apply ``edit`` to the manifest; ``sign`` recomputes its digest (an edit made to look consistent)."""
+    path = art / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    if sign:
+        manifest["digest"] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_missing_file_or_an_edited_or_cut_manifest_is_refused_naming_it(artifact):
+    art = artifact
+    original = (art / "manifest.json").read_text()
+    (art / "tables" / "C5.bin").rename(art / "C5.bin.away")
+    with pytest.raises(ArtifactError, match=r"tables/C5\.bin: missing"):
+        load_artifact(art)
+    (art / "C5.bin.away").rename(art / "tables" / "C5.bin")
+
+    def set_scale(manifest):
+        manifest["tables"][2]["scale"] *= 2
+
+    _edit_manifest(art, set_scale, sign=False)  # e.g. a scale edited by hand: the values would silently change
+    with pytest.raises(ArtifactError, match=r"manifest\.json: digest mismatch \(the manifest was modified\)"):
+        load_artifact(art)
+    (art / "manifest.json").write_text(original[: len(original) // 2])
+    with pytest.raises(ArtifactError, match=r"manifest\.json: unreadable manifest"):
+        load_artifact(art)
+    (art / "manifest.json").write_text(original)
+    _edit_manifest(art, lambda m: m.update(version=1))
+    with pytest.raises(ArtifactError, match=r"v1 unsupported .*export the checkpoint again"):
+        load_artifact(art)
+
+
+def _other_file(manifest, name):
+    manifest["files"][name] = manifest["files"].pop("tables/C1.bin")
+    manifest["tables"][0]["file"] = name
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: _other_file(m, "../m.ckpt"), r"refused: the file '\.\./m\.ckpt' lies outside the artifact"),
+        (lambda m: _other_file(m, "/etc/hostname"), "refused: the file '/etc/hostname' lies outside the artifact"),
+        (lambda m: m["files"]["tables/C1.bin"].update(dtype="|O"), r"C1\.bin: unsupported dtype '\|O'"),
+        (lambda m: m["files"]["tables/C1.bin"].update(shape=[1, 1]), r"C1\.bin: shape \[1, 1\] of uint8 does not fill"),
+        (lambda m: m["tables"][0].update(bits=8), r"C1\.bin: holds uint8 \[40, 4\], its table entry needs uint8 \[40"),
+        (lambda m: m["files"].pop("tables/C1.bin"), "table C1 names the file 'tables/C1.bin', which the manifest"),
+        (lambda m: m.pop("tables"), r"incomplete manifest \(KeyError: 'tables'\)"),
+    ],
+    ids=["parent-dir", "absolute", "object-dtype", "shape", "bits", "unlisted", "no-tables"],
+)
+def test_a_consistently_edited_manifest_is_still_refused_naming_the_file(artifact, edit, message):
+    art = artifact
+    _edit_manifest(art, edit)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(art)
+
+
+def test_an_artifact_of_other_table_sizes_is_refused_naming_the_argument(artifact):
+    art = artifact
+    other = DLRMModule([ROWS + 1] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    with pytest.raises(ConfigError, match=r"`model\.num_embeddings_per_feature` differs in 26 tables"):
+        other.use_artifact(str(art), "plain")
+    same = DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    same.use_artifact(str(art), "plain")
+    assert same.artifact_model is not None
 
 
 def test_ptq_of_an_fp32_checkpoint_trained_vs_init_scales(tmp_path):

@@ -134,15 +134,34 @@ def test_mixed_precision_policy():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"embedding_bits": 3}, "bit width"),
-        ({"scale_period": 0}, "scale_period"),
-        ({"mlp_bits": 2}, "mlp_bits"),
-        ({"embedding_mode": "log"}, "embedding_mode"),
+        ({"embedding_bits": 3}, r"^`embedding_bits` must be one of \(2, 4, 8, 16\) or null, got 3$"),
+        ({"embedding_bits": True}, "^`embedding_bits` must be one of"),
+        ({"embedding_bits_per_table": {"C3": 5}}, "^`embedding_bits_per_table`: C3 must be one of"),
+        ({"embedding_bits_per_table": {"t_C3": 2}}, "^`embedding_bits_per_table` names an unknown feature 't_C3'"),
+        ({"embedding_bits_by_rows": [[1000, 3]]}, r"^`embedding_bits_by_rows`: bits must be one of .*\[1000, 3\]"),
+        ({"embedding_bits_by_rows": [[-1, 4]]}, r"^`embedding_bits_by_rows` entries are \[min_rows, bits\]"),
+        ({"scale_period": 0}, "^`scale_period` must be a positive number of steps, got 0$"),
+        ({"scale_period": -200}, "^`scale_period` must be a positive"),
+        ({"warmup_epochs": -1}, "^`warmup_epochs`"),
+        ({"mlp_bits": 2}, "^`mlp_bits` must be 4, 8 or null"),
+        ({"mlp_bits": 4, "mlp_activation_bits": 3}, "^`mlp_activation_bits` must be"),
+        ({"mlp_activation_bits": 8}, "^`mlp_activation_bits` needs `mlp_bits`"),
+        ({"embedding_mode": "log"}, "^`embedding_mode`"),
     ],
 )
 def test_bad_config_names_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QATConfig(**kwargs)
+
+
+def test_every_supported_bit_width_is_accepted_per_table_and_by_rows():
+    for bits in (2, 4, 8, 16):
+        config = QATConfig(
+            embedding_bits=None, embedding_bits_per_table={"C26": bits}, embedding_bits_by_rows=[[5, bits]]
+        )
+        assert config.table_bits("C26", 1) == bits
+        assert config.table_bits("C1", 5) == bits
+        assert config.table_bits("C1", 4) is None
 
 
 def test_quantized_model_bytes_kaggle_int4_is_an_eighth():

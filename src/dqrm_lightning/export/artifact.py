@@ -2,7 +2,8 @@
 
 Layout of an artifact directory::
 
-    manifest.json          format, model shape, QAT settings, one entry per table and MLP layer, sha256 of each file
+    manifest.json          format, model shape, QAT settings, one entry per table and MLP layer, sha256 of each file,
+                           and the sha256 of the manifest itself (``digest``)
     tables/C1.bin ...      table codes, row-major, packed: INT2 four per byte, INT4 two per byte (element 2k in the low
                            nibble, as FBGEMM), INT8 one byte, INT16 two bytes (little endian), FP32 four bytes
     mlp/<layer>.w.bin      MLP weight codes (INT4 packed two per byte, INT8) or float32 weights
@@ -12,13 +13,16 @@ Layout of an artifact directory::
 Codes are stored unsigned: ``u = q + 2^(b-1)`` for the symmetric grid (``q`` signed), ``u = q`` for the asymmetric
 one; each table's value is ``u * scale + offset`` with a float16-exact ``scale`` and ``offset`` (``offset =
 -2^(b-1) * scale`` for symmetric tables), which is exactly FBGEMM's row-wise INT-N format with the same scale and bias
-on every row. Loading checks every file's size and sha256 before use and refuses a tampered or truncated artifact.
+on every row. Loading checks the manifest's own digest, every file's size and sha256, that file names stay inside the
+artifact, and that each table's and layer's file has the shape its entry describes, before use: a tampered,
+truncated or incomplete artifact is refused with a message naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -29,7 +33,8 @@ import numpy as np
 import torch
 
 FORMAT = "dqrm-artifact"
-VERSION = 1
+VERSION = 2  # 2: the manifest carries its own sha256 (``digest``)
+_DTYPES = ("|u1", "<f4")  # what the writer stores: packed codes (bytes) and float32 arrays
 
 
 class ArtifactError(ValueError):
@@ -114,6 +119,7 @@ class ArtifactWriter:
 
     def finish(self, manifest: dict[str, Any]) -> Path:
         manifest = {"format": FORMAT, "version": VERSION, **manifest, "files": self.files}
+        manifest["digest"] = manifest_digest(manifest)
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if self.out.exists():
             shutil.rmtree(self.out)
@@ -121,11 +127,25 @@ class ArtifactWriter:
         return self.out
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest without its ``digest`` entry (keys sorted): any edit of the manifest changes it."""
+    content = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def row_bytes(bits: int, dim: int) -> int:
+    """Bytes of one packed row of ``dim`` codes at ``bits`` (rows are padded to whole bytes)."""
+    return dim * bits // 8 if bits >= 8 else -(-dim // (8 // bits))
+
+
 def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
     """Read and verify an artifact; never executes code from it.
 
+    ``verify=False`` skips only the sha256 of the data files (sizes, shapes and the manifest are always checked).
+
     Raises:
-        ArtifactError: missing manifest, unknown format, missing, truncated or modified file (sha256 mismatch).
+        ArtifactError: missing or modified manifest, unknown format, a file missing, truncated, modified (sha256
+            mismatch), outside the artifact, or not of the shape its entry describes.
     """
     root = Path(path)
     manifest_path = root / "manifest.json"
@@ -133,29 +153,74 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
         raise ArtifactError(f"{root}: not a DQRM artifact (no manifest.json)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{manifest_path}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path}: unreadable manifest (not a JSON object)")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ArtifactError(
-            f"{manifest_path}: format {manifest.get('format')!r} v{manifest.get('version')} unsupported"
+            f"{manifest_path}: format {manifest.get('format')!r} v{manifest.get('version')} unsupported "
+            f"(this version reads {FORMAT!r} v{VERSION}; export the checkpoint again)"
         )
-    arrays: dict[str, np.ndarray] = {}
-    for name, meta in manifest["files"].items():
-        file = root / name
-        if not file.exists():
-            raise ArtifactError(f"{file}: missing")
-        size = file.stat().st_size
-        if size != meta["bytes"]:
-            raise ArtifactError(f"{file}: {size} bytes, the manifest says {meta['bytes']} (truncated or modified)")
-        if verify and _sha256(file) != meta["sha256"]:
-            raise ArtifactError(f"{file}: sha256 mismatch (the file was modified)")
-        arrays[name] = np.memmap(file, dtype=np.dtype(meta["dtype"]), mode="r", shape=tuple(meta["shape"]))
-    artifact = Artifact(root, manifest)
-    for table in manifest["tables"]:
-        artifact.tables[table["feature"]] = arrays[table["file"]]
-    for layer in manifest["mlp"]:
-        artifact.mlp[layer["name"]] = {key: arrays[layer[key]] for key in ("weight", "scale", "bias") if layer.get(key)}
+    if manifest.get("digest") != manifest_digest(manifest):
+        raise ArtifactError(f"{manifest_path}: digest mismatch (the manifest was modified)")
+    try:
+        arrays = {name: _open_file(root, name, meta, verify) for name, meta in manifest["files"].items()}
+        artifact = Artifact(root, manifest)
+        for table in manifest["tables"]:
+            array = _entry_file(arrays, table["file"], manifest_path, f"table {table['feature']}")
+            _check_shape(root / table["file"], array, (table["rows"], row_bytes(table["bits"], table["dim"])))
+            artifact.tables[table["feature"]] = array
+        for layer in manifest["mlp"]:
+            files = {key: layer[key] for key in ("weight", "scale", "bias") if layer.get(key)}
+            artifact.mlp[layer["name"]] = {
+                key: _entry_file(arrays, name, manifest_path, f"layer {layer['name']} {key}")
+                for key, name in files.items()
+            }
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, ArtifactError):
+            raise
+        raise ArtifactError(f"{manifest_path}: incomplete manifest ({type(err).__name__}: {err})") from None
     return artifact
+
+
+def _open_file(root: Path, name: str, meta: dict[str, Any], verify: bool) -> np.ndarray:
+    """Memory-map one file of the artifact after checking its name, size, sha256, dtype and shape."""
+    relative = Path(name)
+    inside = not relative.is_absolute() and ".." not in relative.parts
+    if not inside or not (root / relative).resolve().is_relative_to(root.resolve()):  # also through a symlink
+        raise ArtifactError(f"{root}/manifest.json: refused: the file {name!r} lies outside the artifact")
+    file = root / name
+    if not file.is_file():
+        raise ArtifactError(f"{file}: missing")
+    size = file.stat().st_size
+    if size != meta["bytes"]:
+        raise ArtifactError(f"{file}: {size} bytes, the manifest says {meta['bytes']} (truncated or modified)")
+    if verify and _sha256(file) != meta["sha256"]:
+        raise ArtifactError(f"{file}: sha256 mismatch (the file was modified)")
+    if meta["dtype"] not in _DTYPES:
+        raise ArtifactError(f"{file}: unsupported dtype {meta['dtype']!r} (expected one of {_DTYPES})")
+    dtype = np.dtype(meta["dtype"])
+    shape = tuple(int(n) for n in meta["shape"])
+    if math.prod(shape) * dtype.itemsize != size:
+        raise ArtifactError(f"{file}: shape {list(shape)} of {dtype} does not fill its {size} bytes")
+    if size == 0:
+        return np.zeros(shape, dtype=dtype)  # a memory map cannot be empty
+    return np.memmap(file, dtype=dtype, mode="r", shape=shape)
+
+
+def _entry_file(arrays: dict[str, np.ndarray], name: str, manifest_path: Path, what: str) -> np.ndarray:
+    if name not in arrays:
+        raise ArtifactError(f"{manifest_path}: {what} names the file {name!r}, which the manifest does not list")
+    return arrays[name]
+
+
+def _check_shape(file: Path, array: np.ndarray, expected: tuple[int, int]) -> None:
+    if array.ndim == 2 and array.dtype == np.uint8 and tuple(array.shape) == expected:
+        return
+    raise ArtifactError(
+        f"{file}: holds {array.dtype} {list(array.shape)}, its table entry needs uint8 {list(expected)}"
+    )
 
 
 def dequantized_mlp_weight(layer: dict[str, Any], arrays: dict[str, np.ndarray]) -> torch.Tensor:

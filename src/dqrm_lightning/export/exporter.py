@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dqrm_lightning.checkpoint import load_file, read_dcp
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.export.artifact import ArtifactWriter, pack_codes
 from dqrm_lightning.quant.config import QATConfig
@@ -31,18 +31,19 @@ _LINEAR_KEY = re.compile(r"^model\.(dense_arch|over_arch)\.(.+)\.weight$")
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint as one dict of plain tensors: a single file, or a directory written by TorchRecStrategy
-    (torch.distributed.checkpoint shards of any world size, gathered into full tensors)."""
+    (torch.distributed.checkpoint shards of any world size, gathered into full tensors). Nothing is unpickled beyond
+    tensors and plain Python values.
+
+    Raises:
+        CheckpointError: a checkpoint whose loading would run code, or an unreadable one.
+    """
     path = Path(path)
     if not path.is_dir():
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+        return load_file(path, mmap=True)
     from dqrm_lightning.strategies.torchrec import META_FILE
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        dcp_to_torch_save(str(path), f"{tmp}/full.pt")
-        tensors = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=True)
-    return torch.load(path / META_FILE, map_location="cpu", weights_only=True) | tensors
+    rest = load_file(path / META_FILE)
+    return rest | read_dcp(path, ("state_dict",))
 
 
 def _linear_layers(state: dict[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor, torch.Tensor | None]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.quant.fake_quant import SUPPORTED_BITS, Mode, Ste
 
 MLPGranularity = Literal["per_row", "per_tensor"]
@@ -52,29 +53,38 @@ class QATConfig:
     mlp_activation_bits: int | None = None
 
     def __post_init__(self) -> None:
-        bits = [self.embedding_bits, *self.embedding_bits_per_table.values()]
-        bits += [rule[1] for rule in self.embedding_bits_by_rows if len(rule) == 2]
-        for value in bits:
-            if value is not None and value not in SUPPORTED_BITS:
-                raise ValueError(f"embedding bit widths must be one of {SUPPORTED_BITS}, got {value}")
+        if not _is_bits(self.embedding_bits, allow_none=True):
+            raise ValueError(f"`embedding_bits` must be one of {SUPPORTED_BITS} or null, got {self.embedding_bits!r}")
+        for feature, value in self.embedding_bits_per_table.items():
+            if feature not in DEFAULT_CAT_NAMES:
+                raise ValueError(
+                    f"`embedding_bits_per_table` names an unknown feature {feature!r}; features are "
+                    f"{DEFAULT_CAT_NAMES[0]}..{DEFAULT_CAT_NAMES[-1]}"
+                )
+            if not _is_bits(value):
+                raise ValueError(
+                    f"`embedding_bits_per_table`: {feature} must be one of {SUPPORTED_BITS}, got {value!r}"
+                )
         for rule in self.embedding_bits_by_rows:
-            if len(rule) != 2 or rule[0] < 0:
+            if len(rule) != 2 or isinstance(rule[0], bool) or not isinstance(rule[0], int) or rule[0] < 0:
                 raise ValueError(f"`embedding_bits_by_rows` entries are [min_rows, bits], got {rule}")
+            if not _is_bits(rule[1]):
+                raise ValueError(f"`embedding_bits_by_rows`: bits must be one of {SUPPORTED_BITS}, got {rule}")
         if self.embedding_mode not in ("symmetric", "asymmetric"):
             raise ValueError(f"`embedding_mode` must be 'symmetric' or 'asymmetric', got {self.embedding_mode!r}")
         if self.ste not in ("identity", "clipped"):
             raise ValueError(f"`ste` must be 'identity' or 'clipped', got {self.ste!r}")
-        if self.scale_period <= 0:
+        if isinstance(self.scale_period, bool) or not isinstance(self.scale_period, int) or self.scale_period <= 0:
             raise ValueError(f"`scale_period` must be a positive number of steps, got {self.scale_period}")
         if self.scale_tracking not in ("periodic", "exact"):
             raise ValueError(f"`scale_tracking` must be 'periodic' or 'exact', got {self.scale_tracking!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
-        if self.mlp_bits is not None and self.mlp_bits not in (4, 8):
+        if self.mlp_bits is not None and not _is_bits(self.mlp_bits, choices=(4, 8)):
             raise ValueError(f"`mlp_bits` must be 4, 8 or null, got {self.mlp_bits}")
         if self.mlp_granularity not in ("per_row", "per_tensor"):
             raise ValueError(f"`mlp_granularity` must be 'per_row' or 'per_tensor', got {self.mlp_granularity!r}")
-        if self.mlp_activation_bits is not None and self.mlp_activation_bits not in (4, 8, 16):
+        if self.mlp_activation_bits is not None and not _is_bits(self.mlp_activation_bits, choices=(4, 8, 16)):
             raise ValueError(f"`mlp_activation_bits` must be 4, 8, 16 or null, got {self.mlp_activation_bits}")
         if self.mlp_activation_bits is not None and self.mlp_bits is None:
             raise ValueError("`mlp_activation_bits` needs `mlp_bits` (activation quantization is part of MLP QAT)")
@@ -116,3 +126,10 @@ class QATConfig:
     def effective_period(self) -> int:
         """Optimizer steps between two refreshes."""
         return self.scale_period + (1 if self.period_off_by_one else 0)
+
+
+def _is_bits(value: object, allow_none: bool = False, choices: tuple[int, ...] = SUPPORTED_BITS) -> bool:
+    """Whether ``value`` is one of ``choices`` (an int: ``True`` or ``4.0`` are not bit widths)."""
+    if value is None:
+        return allow_none
+    return isinstance(value, int) and not isinstance(value, bool) and value in choices

@@ -10,7 +10,8 @@
 
 Checkpoints are written by every rank with ``torch.distributed.checkpoint`` (each rank its own shards) into a
 directory, plus the non-tensor training state (with the compression's per-rank error-feedback residuals); they load
-onto another world size (the tables are resharded).
+onto another world size (the tables are resharded). Loading never unpickles objects (:mod:`dqrm_lightning.checkpoint`):
+a checkpoint whose loading would run code is refused.
 
 Select it with ``--trainer.strategy torchrec`` (or its class path, with ``init_args``) and ``--trainer.devices N``;
 the process group backend is gloo on CPU and nccl on GPU.
@@ -31,8 +32,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import Module
 from typing_extensions import override
 
+from dqrm_lightning.checkpoint import SafeCheckpointIO, check_weights_only, load_dcp, load_file, read_dcp_metadata
 from dqrm_lightning.comms.compression import GradientCompressionConfig
 from dqrm_lightning.comms.ddp_hook import CompressionState, compression_hook
+from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.sharding import EmbeddingLayout
 
 _TENSORS = "state_dict"
@@ -56,18 +59,17 @@ def qcomm_registry(forward: str | None, backward: str | None, device: torch.devi
     (FP8 and INT8 on the CPU, with this FBGEMM) is refused with a message instead of silently replaced.
 
     Raises:
-        ValueError: unknown precision, or a codec this device cannot run.
+        ConfigError: unknown precision, or a codec this device cannot run.
     """
     if forward is None and backward is None:
         return None
     from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
     from torchrec.distributed.types import CommOp
 
+    _check_precisions(forward, backward)
     for name, value in (("qcomm_forward", forward), ("qcomm_backward", backward)):
-        if value is not None and value not in _PRECISIONS:
-            raise ValueError(f"`{name}` must be one of {_PRECISIONS} or null, got {value!r}")
         if value == "bf16" and device.type == "cpu":  # TorchRec would quietly send FP16 instead
-            raise ValueError(f"`{name}: bf16` is not supported on the CPU (gloo); use fp16")
+            raise ConfigError(f"`{name}: bf16` is not supported on the CPU (gloo); use fp16")
     config = QCommsConfig(
         forward_precision=getattr(CommType, (forward or "fp32").upper()),
         backward_precision=getattr(CommType, (backward or "fp32").upper()),
@@ -81,11 +83,22 @@ def qcomm_registry(forward: str | None, backward: str | None, device: torch.devi
             if error > 0.05:
                 raise ValueError(f"{direction} codec is off by {error:.3g} on a probe in [-3, 3]")
     except Exception as err:  # any failure of the codec means: not supported here
-        raise ValueError(
-            f"quantized all-to-all forward={forward} backward={backward} is not supported on {device.type} "
-            f"with this FBGEMM build ({type(err).__name__}: {err}); use fp16 or bf16, or leave it off"
+        raise ConfigError(
+            f"`qcomm_forward: {forward}`, `qcomm_backward: {backward}`: this quantized all-to-all is not supported "
+            f"on {device.type} with this FBGEMM build ({type(err).__name__}: {err}); use fp16 or bf16, or leave it off"
         ) from None
     return registry
+
+
+def _check_precisions(forward: str | None, backward: str | None) -> None:
+    for name, value in (("qcomm_forward", forward), ("qcomm_backward", backward)):
+        if value is not None and value not in _PRECISIONS:
+            raise ConfigError(f"`{name}` must be one of {_PRECISIONS} or null, got {value!r}")
+
+
+def _reduce_scatter_precision(forward: str | None, backward: str | None) -> str | None:
+    """A requested codec precision that TorchRec cannot use in the row-wise reduce-scatter (it would replace it)."""
+    return next((p for p in (forward, backward) if p in ("fp8", "int8")), None)
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -118,7 +131,34 @@ class TorchRecStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.layout = EmbeddingLayout(embeddings, sharding, dense_embedding_gradients)  # type: ignore[arg-type]
+        self.layout = self.check_arguments(
+            embeddings, sharding, qcomm_forward, qcomm_backward, gradient_compression, dense_embedding_gradients
+        )
+        self.qcomm_forward = qcomm_forward
+        self.qcomm_backward = qcomm_backward
+        self.reduce_scatter_precision = _reduce_scatter_precision(qcomm_forward, qcomm_backward)
+        self.qcomm_codecs_registry: dict | None = None
+        self.gradient_compression = gradient_compression
+        self.compression_state: CompressionState | None = None
+        self._pending_compression: dict[str, Any] | None = None
+
+    @staticmethod
+    def check_arguments(
+        embeddings: str = "sharded",
+        sharding: str | dict[str, str] = "table_wise",
+        qcomm_forward: str | None = None,
+        qcomm_backward: str | None = None,
+        gradient_compression: Any = None,
+        dense_embedding_gradients: bool = False,
+    ) -> EmbeddingLayout:
+        """Check this strategy's own arguments (also before it is built, by the CLI); returns the table layout.
+
+        Raises:
+            ValueError: naming the argument (unknown layout or sharding type, unknown all-to-all precision, or
+                settings of the other mode); the codecs themselves are probed on the device at setup.
+        """
+        _check_precisions(qcomm_forward, qcomm_backward)
+        layout = EmbeddingLayout(embeddings, sharding, dense_embedding_gradients)  # type: ignore[arg-type]
         if embeddings == "replicated" and (qcomm_forward or qcomm_backward):
             raise ValueError(
                 "`qcomm_forward`/`qcomm_backward` quantize the sharded all-to-all; replicated tables "
@@ -128,19 +168,14 @@ class TorchRecStrategy(DDPStrategy):
             raise ValueError("`gradient_compression` is the data-parallel mode's: set `embeddings: replicated`")
         if gradient_compression is not None and dense_embedding_gradients:
             raise ValueError("`gradient_compression` compresses sparse rows: unset `dense_embedding_gradients`")
-        self.reduce_scatter_precision = next((p for p in (qcomm_forward, qcomm_backward) if p in ("fp8", "int8")), None)
+        precision = _reduce_scatter_precision(qcomm_forward, qcomm_backward)
         row_wise = {"row_wise", "table_row_wise"} & set(sharding.values() if isinstance(sharding, dict) else [sharding])
-        if self.reduce_scatter_precision and row_wise:
+        if precision and row_wise:
             raise ValueError(
-                f"`qcomm_forward`/`qcomm_backward` {self.reduce_scatter_precision} cannot quantize the reduce-scatter "
-                f"of {sorted(row_wise)} sharding (TorchRec would replace it): use fp16/bf16 or another sharding type"
+                f"`qcomm_forward`/`qcomm_backward` {precision} cannot quantize the reduce-scatter of "
+                f"{sorted(row_wise)} sharding (TorchRec would replace it): use fp16/bf16 or another sharding type"
             )
-        self.qcomm_forward = qcomm_forward
-        self.qcomm_backward = qcomm_backward
-        self.qcomm_codecs_registry: dict | None = None
-        self.gradient_compression = gradient_compression
-        self.compression_state: CompressionState | None = None
-        self._pending_compression: dict[str, Any] | None = None
+        return layout
 
     @property
     def replicated(self) -> bool:
@@ -213,23 +248,30 @@ class TorchRecStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load a directory written by :meth:`save_checkpoint` (any world size), or a single-file checkpoint."""
+        """Load a directory written by :meth:`save_checkpoint` (any world size), or a single-file checkpoint.
+
+        Nothing is unpickled beyond tensors and plain Python values (``weights_only=False`` is refused).
+
+        Raises:
+            CheckpointError: a checkpoint whose loading would run code, or an unreadable one.
+        """
+        check_weights_only(weights_only, checkpoint_path)
         path = Path(checkpoint_path)
         if not path.is_dir():
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            checkpoint = SafeCheckpointIO().load_checkpoint(checkpoint_path)
             self._restore_compression(checkpoint)
             return checkpoint
-        rest = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+        rest = load_file(path / META_FILE)
+        saved = read_dcp_metadata(path).state_dict_metadata  # checked before anything is restored
         self._restore_compression(rest)
         module = self.lightning_module
         assert module is not None
         module.on_load_checkpoint(rest)  # prepares QAT first, so the target state has every key
         target = {_TENSORS: module.state_dict()}
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         fused = getattr(getattr(module, "model", None), "fused_optimizer", None)
         if fused is not None and any(k.startswith("sparse_optimizer.") for k in saved):
             target["sparse_optimizer"] = fused.state_dict()  # e.g. Adagrad's accumulators
-        dcp.load(target, checkpoint_id=str(path))
+        load_dcp(target, path)
         return rest | target
 
     def _restore_compression(self, checkpoint: dict[str, Any]) -> None:
