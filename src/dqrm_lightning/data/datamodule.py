@@ -33,17 +33,6 @@ from dqrm_lightning.data.prepare import (
 from dqrm_lightning.metrics import binary_auroc, binary_log_loss
 
 
-def _worker_context() -> Any:
-    """Loader workers start from a forkserver, not by forking this process: forking a process that runs threads
-    (gloo's, pyarrow's, the autograd engine's) can leave a worker deadlocked on a lock held by a thread that does not
-    exist in the child. The server preloads this module, so each worker starts in milliseconds."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dqrm_lightning.data.dataset"])
-    return context
-
-
 class _PositionedLoader(DataLoader):
     """A DataLoader that asks its owner where the epoch starts before every new iteration."""
 
@@ -229,10 +218,7 @@ class CriteoDataModule(pl.LightningDataModule):
         if dataset.total_rows == 0:
             raise ValueError(f"the {split} split is empty: give `{split}_files` (prepared dir: {self.prepared_dir})")
         workers = self.hparams.num_workers
-        context = _worker_context() if workers > 0 else None
-        return _PositionedLoader(
-            dataset, position, num_workers=workers, persistent_workers=False, multiprocessing_context=context
-        )
+        return _PositionedLoader(dataset, position, num_workers=workers, persistent_workers=False)
 
     @override
     def train_dataloader(self) -> DataLoader:
