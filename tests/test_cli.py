@@ -1,19 +1,22 @@
 """The `dqrm` command end to end, as a user runs it (subprocesses)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dqrm_lightning import threads as thread_policy
+from tests.helpers import process
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dqrm_lightning.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`dqrm ARGS` in a subprocess; the process tree is killed if it outlives ``timeout`` or the test."""
+    return process.run([sys.executable, "-m", "dqrm_lightning.cli", *args], timeout, cwd=REPO, env=env)
 
 
 def on_sample(tmp_path: Path, criteo_sample: Path) -> list[str]:
@@ -34,9 +37,9 @@ def summary_path(output: str) -> Path:
     return Path(last.removeprefix("summary: "))
 
 
-def dqrm(*args: str) -> tuple[str, dict]:
+def dqrm(*args: str, env: dict[str, str] | None = None) -> tuple[str, dict]:
     """Run `dqrm ARGS`; return its output and the summary.json named on its last line."""
-    result = run_cli(*args)
+    result = run_cli(*args, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     path = summary_path(result.stdout)
     return result.stdout, json.loads(path.read_text()) | {"_path": str(path)}
@@ -67,7 +70,16 @@ def test_synth_fit_test_predict(tmp_path):
     assert (data / "train.tsv").exists()
     assert (data / "train.tsv.truth.npy").exists()
     common = demo_args(data, tmp_path / "runs")
-    _, fit = dqrm("fit", *common, "--trainer.max_epochs", "2")
+    progress = ["--trainer.enable_progress_bar", "true", "--progress_every_n_steps", "10"]
+    out, fit = dqrm("fit", *common, "--trainer.max_epochs", "2", *progress)
+    # output to a pipe: plain progress lines (every 10 steps and one per epoch with validation), no redrawn bar
+    assert "\r" not in out
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert lines[0].startswith("epoch 0: 10/38 steps, ")
+    assert "samples/s, train/loss " in lines[0]
+    assert [line.split(":")[0] for line in lines if "val/auc" in line] == ["epoch 0", "epoch 1"]
+    # thread pools sized by the policy (one rank, no loader worker), reported in the summary
+    assert fit["threads"] == thread_policy.resolve(None, 1, 0).as_dict()
     assert fit["stage"] == "fit"
     assert fit["epochs_completed"] == 2
     assert set(fit["val"]["final"]) == {"val/auc", "val/accuracy", "val/log_loss"}
@@ -82,10 +94,13 @@ def test_synth_fit_test_predict(tmp_path):
     assert test["bayes_optimal"]["test"]["auc"] > test["test"]["test/auc"] - 0.05
     _, again = dqrm("test", *common, "--ckpt_path", "best")  # resolved under default_root_dir
     assert again["test"]["test/auc"] == pytest.approx(test["test"]["test/auc"], abs=1e-6)
-    _, validate = dqrm("validate", *common, "--ckpt_path", best)
+    user_threads = os.environ | {"OMP_NUM_THREADS": "1"}  # the usual environment variable wins over --threads
+    _, validate = dqrm("validate", *common, "--ckpt_path", best, "--threads", "2", env=user_threads)
+    assert (validate["threads"]["intra_op"], validate["threads"]["intra_op_from"]) == (1, "OMP_NUM_THREADS")
     assert validate["stage"] == "validate"
     assert validate["val"]["final"]["val/auc"] == pytest.approx(fit["val"]["best"]["val/auc"], abs=1e-6)
-    _, predict = dqrm("predict", *common, "--ckpt_path", best)
+    _, predict = dqrm("predict", *common, "--ckpt_path", best, "--threads", "1")
+    assert (predict["threads"]["intra_op"], predict["threads"]["intra_op_from"]) == (1, "--threads")
     predictions = Path(predict["predictions"]["path"]).read_text().splitlines()
     assert predictions[0] == "probability\tlabel"
     assert len(predictions) - 1 == fit["data"]["rows"]["test"]

@@ -10,6 +10,7 @@ with one line naming the argument (``dqrm fit: error: `qat.scale_period` must be
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import importlib
 import inspect
@@ -33,6 +34,8 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from dqrm_lightning.callbacks import CommunicationAccounting, QuantizationAwareTraining, RunSummary, StepTimer
 from dqrm_lightning.callbacks.predictions import PredictionWriter
+from dqrm_lightning.callbacks.progress import LineProgress, stdout_is_terminal
+from dqrm_lightning.callbacks.threads import ThreadPolicy
 from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_error
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.errors import ConfigError
@@ -40,6 +43,8 @@ from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.sharding import EmbeddingLayout
 from dqrm_lightning.strategies import TorchRecStrategy  # registers --trainer.strategy torchrec
+from dqrm_lightning.threads import apply as apply_threads
+from dqrm_lightning.threads import local_processes_from_env, remember_user_environment, resolve
 
 # Where each class's arguments live on the command line (errors raised while building them name `prefix.argument`).
 _ARGUMENT_PREFIXES: tuple[tuple[type, str], ...] = (
@@ -98,13 +103,31 @@ class DQRMCLI(LightningCLI):
             help="fit: also refresh last.ckpt every N training steps (0: at validations only); resume a killed run "
             "with --ckpt_path last",
         )
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="intra-op threads per rank (default: sized to this rank's share of the CPUs; OMP_NUM_THREADS wins)",
+        )
+        parser.add_argument(
+            "--progress_every_n_steps",
+            type=int,
+            default=0,
+            help="when output is not a terminal: a progress line every N training steps (0: one per epoch)",
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs"
         if config.get("logger") in (None, True):
             kwargs["logger"] = self._default_loggers(root)
-        callbacks: list[Any] = [RunSummary(), CommunicationAccounting()]
+        callbacks: list[Any] = [
+            RunSummary(),
+            CommunicationAccounting(),
+            ThreadPolicy(self._get(self.config, "threads")),
+        ]
+        if config.get("enable_progress_bar") is not False and not stdout_is_terminal():
+            callbacks.append(LineProgress(self._get(self.config, "progress_every_n_steps")))
         if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
             callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
             every = self._get(self.config, "checkpoint_every_n_steps")
@@ -205,6 +228,10 @@ class DQRMCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         self._check_before_building()
+        try:  # before the data module prepares the data (pyarrow); refined per rank by ThreadPolicy in `setup`
+            apply_threads(resolve(self._get(self.config, "threads"), local_processes_from_env()))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         try:
             super().instantiate_classes()
         except ValueError as err:  # the classes' own checks: every setting is validated when it is built
@@ -455,6 +482,7 @@ def export_main(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dqrm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    remember_user_environment()
     _quiet_known_warnings()
     if argv and argv[0] == "reproduce":
         from dqrm_lightning.reproduce import main as reproduce_main
@@ -491,6 +519,25 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, CheckpointError, ArtifactError) as err:
         command = f"dqrm {argv[0]}" if argv and not argv[0].startswith("-") else "dqrm"
         raise SystemExit(f"{command}: error: {err}") from None
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Shut the process group down before the interpreter exits.
+
+    gloo's worker threads free each finished collective's tensors, which needs the GIL; one that does so while the
+    interpreter finalizes aborts the process ("terminate called without an active exception") after the run has
+    finished. So every rank waits at a barrier, destroys the group, and lets those threads finish first.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+    time.sleep(0.2)  # the GIL is free: gloo's threads release what they hold
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def _brute_force(agreement: str, compensation: str):
 
 
 @pytest.mark.parametrize(("agreement", "compensation"), [("max", "local"), ("mean", "reference")])
+@pytest.mark.multiprocess
 def test_two_ranks_match_brute_force(tmp_path: Path, agreement, compensation):
     mp.start_processes(
         _rank,

@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -52,6 +53,7 @@ def _rank(rank: int, store_path: str, out_dir: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_hold_identical_scales_from_all_shards(tmp_path: Path):
     mp.start_processes(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]

@@ -23,6 +23,7 @@ def data(tmp_path_factory) -> Path:
     return synth_demo(tmp_path_factory, "dp", 50000, 5)
 
 
+@pytest.mark.multiprocess
 def test_int8_with_error_compensation_matches_fp32_data_parallel(data, tmp_path):
     common = [*demo_args(data, tmp_path / "r"), "--trainer.max_epochs", "2"]
     _, fp32 = dqrm("fit", *common, *DP)

@@ -1,6 +1,7 @@
 """TorchRecStrategy under the launchers users run it with besides Lightning's own: torchrun, and SLURM (two processes
 started with the environment srun gives each task)."""
 
+import contextlib
 import json
 import os
 import socket
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import process
 from tests.test_cli import demo_args, summary_path, synth_demo
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.multiprocess]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def _summary(output: str) -> dict:
 def test_torchrun(data, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "dqrm_lightning.cli"]
-    done = subprocess.run([*command, "fit", *_args(data, tmp_path)], capture_output=True, text=True, timeout=300)
+    done = process.run([*command, "fit", *_args(data, tmp_path)], 240)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _summary(done.stdout)
     assert summary["world_size"] == 2
@@ -55,34 +57,35 @@ def test_torchrun(data, tmp_path):
 
 def test_slurm_environment(data, tmp_path):
     port = str(_free_port())
-    processes = []
-    for rank in range(2):
-        env = os.environ | {
-            "SLURM_JOB_ID": "4242",
-            "SLURM_JOB_NAME": "dqrm",
-            "SLURM_NTASKS": "2",
-            "SLURM_NTASKS_PER_NODE": "2",
-            "SLURM_NNODES": "1",
-            "SLURM_NODEID": "0",
-            "SLURM_PROCID": str(rank),
-            "SLURM_LOCALID": str(rank),
-            "SLURM_NODELIST": "localhost",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "dqrm_lightning.cli", "fit", *_args(data, tmp_path)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+    with contextlib.ExitStack() as stack:
+        processes = []
+        for rank in range(2):
+            env = os.environ | {
+                "SLURM_JOB_ID": "4242",
+                "SLURM_JOB_NAME": "dqrm",
+                "SLURM_NTASKS": "2",
+                "SLURM_NTASKS_PER_NODE": "2",
+                "SLURM_NNODES": "1",
+                "SLURM_NODEID": "0",
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank),
+                "SLURM_NODELIST": "localhost",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            }
+            command = [sys.executable, "-m", "dqrm_lightning.cli", "fit", *_args(data, tmp_path)]
+            processes.append(
+                stack.enter_context(
+                    process.session(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                )
             )
-        )
-    outputs = [p.communicate(timeout=300) for p in processes]
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-3000:]
+        outputs = [p.communicate(timeout=240) for p in processes]
+    for rank_process, (_, err) in zip(processes, outputs, strict=True):
+        assert rank_process.returncode == 0, err[-3000:]
     summary = _summary(outputs[0][0])  # rank 0 prints the summary
     assert summary["world_size"] == 2
     assert summary["cluster_environment"] == "SLURMEnvironment"
+    # two ranks share this machine: each sizes its thread pools to its half of the cores
+    assert summary["threads"]["local_processes"] == 2
+    assert summary["threads"]["intra_op"] == max(1, len(os.sched_getaffinity(0)) // 2 - 1)
     assert "val/auc" in summary["val"]["final"]

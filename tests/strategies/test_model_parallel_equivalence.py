@@ -6,6 +6,7 @@ DDP both average over ranks, so N processes with batch B train like one with bat
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -93,6 +94,7 @@ def _rank(rank: int, store: str, out: str, init: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.multiprocess
 def test_two_process_training_equals_one_process_for_every_table_layout(tmp_path: Path):
     torch.manual_seed(0)
     single = _module()

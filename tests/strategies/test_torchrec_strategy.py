@@ -15,6 +15,7 @@ def data(tmp_path_factory) -> Path:
     return synth_demo(tmp_path_factory, "mp", 12000, 3)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_path):
     common = demo_args(data, tmp_path / "r")
     _, fit = dqrm(
@@ -48,6 +49,7 @@ def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_pa
     assert abs(val["val"]["final"]["val/auc"] - expected) < 0.02
 
 
+@pytest.mark.multiprocess
 def test_single_process_checkpoint_loads_on_two_processes(data, tmp_path):
     common = demo_args(data, tmp_path / "r")
     _, fit = dqrm("fit", *common, "--trainer.max_epochs", "1")
@@ -65,11 +67,12 @@ def test_single_process_checkpoint_loads_on_two_processes(data, tmp_path):
     assert val["val"]["final"]["val/auc"] == pytest.approx(fit["val"]["best"]["val/auc"], abs=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_a_dying_rank_stops_the_run_with_an_error_instead_of_a_hang(data, tmp_path):
-    import subprocess
     import sys
     import time
 
+    from tests.helpers import process
     from tests.test_cli import REPO
 
     args = [
@@ -83,13 +86,7 @@ def test_a_dying_rank_stops_the_run_with_an_error_instead_of_a_hang(data, tmp_pa
         "--trainer.callbacks+=tests.helpers.faults.DieAtStep",
     ]
     start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "dqrm_lightning.cli", "fit", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = process.run([sys.executable, "-m", "dqrm_lightning.cli", "fit", *args], 240, cwd=REPO)
     assert result.returncode != 0
     assert time.monotonic() - start < 120
     assert "summary:" not in result.stdout
@@ -113,6 +110,7 @@ def test_qcomm_codecs_are_probed_and_unsupported_ones_refused():
         qcomm_registry(None, "int4", cpu)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_train_with_quantized_all_to_all(data, tmp_path):
     strategy = [
         "--trainer.devices",

@@ -20,6 +20,7 @@ from typing_extensions import override
 from dqrm_lightning.callbacks.comm_accounting import CommunicationAccounting
 from dqrm_lightning.callbacks.qat import QuantizationAwareTraining
 from dqrm_lightning.callbacks.step_timer import StepTimer
+from dqrm_lightning.callbacks.threads import ThreadPolicy
 
 
 class RunSummary(pl.Callback):
@@ -76,6 +77,8 @@ class RunSummary(pl.Callback):
                 summary["speed"] = callback.summary()
             if isinstance(callback, CommunicationAccounting) and callback.summary():
                 summary["communication"] = callback.summary()
+            if isinstance(callback, ThreadPolicy) and callback.settings is not None:
+                summary["threads"] = callback.settings.as_dict()
             if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
                 summary["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path or None}
         if hasattr(pl_module, "model_bytes"):
