@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -77,7 +78,10 @@ def wandb_mode(requested: str) -> str:
 class DQRMCLI(LightningCLI):
     """LightningCLI for DLRM/DQRM with table sizes linked from the data and a run summary."""
 
+    last: DQRMCLI | None = None  # the CLI being run: `main` reads its launcher's ranks when the run fails
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        DQRMCLI.last = self
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
@@ -514,13 +518,29 @@ def main(argv: list[str] | None = None) -> None:
         return
     from dqrm_lightning.export.artifact import ArtifactError
 
+    command = f"dqrm {argv[0]}" if argv and not argv[0].startswith("-") else "dqrm"
     try:
         DQRMCLI(args=argv)
     except (ConfigError, CheckpointError, ArtifactError) as err:
-        command = f"dqrm {argv[0]}" if argv and not argv[0].startswith("-") else "dqrm"
         raise SystemExit(f"{command}: error: {err}") from None
-    finally:
-        _close_process_group()
+    except BaseException:
+        _name_dead_ranks(DQRMCLI.last, command)
+        raise
+    _close_process_group()  # after a run that succeeded on every rank (a failed one exits with its own error)
+
+
+def _name_dead_ranks(cli: DQRMCLI | None, command: str, wait_seconds: float = 5.0) -> None:
+    """Name the ranks that Lightning's launcher started and that died: rank 0 only sees a broken connection."""
+    trainer = getattr(cli, "trainer", None)
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    deadline = time.monotonic() + wait_seconds
+    for local_rank, process in enumerate(getattr(launcher, "procs", None) or [], start=1):
+        try:
+            code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            continue
+        if code:
+            print(f"{command}: error: rank {local_rank} terminated with code {code}; the run stopped", file=sys.stderr)
 
 
 def _close_process_group() -> None:

@@ -4,7 +4,8 @@ A training process runs three kinds of threads: torch's intra-op pool (OpenMP: F
 GEMMs), torch's inter-op pool, and pyarrow's CPU pool (raw-file parsing). Left at their defaults each one takes every
 core, in every rank and every data-loader worker. On a machine whose cores are shared (several ranks, loader workers,
 any other job) OpenMP teams then wait at every barrier for a thread that is not running, and throughput collapses
-(measured on 2 cores: 19x slower next to one other training run; benchmarks/results/contention.txt).
+(measured on 2 cores: from 29,000 samples/s alone to about 100 next to one other training run;
+benchmarks/results/contention.txt).
 
 The policy (:func:`resolve`):
 
@@ -15,15 +16,17 @@ The policy (:func:`resolve`):
   one core of the share while it decodes a batch, and at least one core of the share stays outside the OpenMP team.
   That spare core is what keeps a run steady: an OpenMP team as wide as the cores stalls at every barrier as soon as
   any other process (a loader worker, another job, the OS) takes one of them. Measured on 2 cores, demo config: one
-  thread trains at 38,000-41,000 samples/s alone and 39,500 next to a busy loop; two threads 38,000-41,000 alone
-  and 10,000-11,000 next to the busy loop. OpenMP passive waiting (``OMP_WAIT_POLICY=PASSIVE``) was measured too
-  and rejected: 24,000-26,000 next to the busy loop but 11,000-12,000 alone (every small parallel region pays a
-  thread wake-up).
+  thread trains at about 38,000 samples/s alone and 39,500 next to a busy loop; two threads at 38,000-41,000 alone
+  and 10,300-10,800 next to the busy loop. OpenMP passive waiting (``OMP_WAIT_POLICY=PASSIVE``) was measured too and
+  rejected: 24,000-26,000 next to the busy loop, but less than half the speed alone (every small parallel region
+  pays a thread wake-up). Figures: benchmarks/README.md, "Throughput when the cores are shared".
 * one inter-op thread (DLRM's graph is a chain: nothing runs on the inter-op pool).
-* pyarrow gets the rank's share (it parses while the model is not yet training).
+* pyarrow gets the rank's share (it parses raw files before training starts, when no other pool is busy).
 
-Overrides, strongest first: ``OMP_NUM_THREADS`` (the usual environment variable) > ``threads`` (``dqrm --threads N``)
-> the policy. The resolved numbers and where they came from go into ``summary.json`` (``threads``).
+Overrides, strongest first: ``OMP_NUM_THREADS`` (the usual environment variable; not when Lightning's launcher
+filled it in after ``dqrm`` started; torchrun sets it to 1 before, which counts) > ``threads`` (``dqrm --threads N``)
+> the policy; an override sets pyarrow's pool too. The resolved numbers and where they came from go into
+``summary.json`` (``threads``).
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ def resolve(
         loader_workers=max(0, loader_workers),
         intra_op=intra,
         inter_op=1,
-        arrow=min(share, intra) if intra_from == "policy" else intra,
+        arrow=share if intra_from == "policy" else intra,
         intra_op_from=intra_from,
     )
 

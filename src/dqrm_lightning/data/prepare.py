@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dqrm_lightning._progress import ProgressMeter
 from dqrm_lightning.data.criteo import (
     CriteoFormatError,
     OnBadLine,
@@ -272,7 +273,7 @@ def prepare(
         state = {"key": key, "files": {}, "shards": {s: [] for s in SPLITS}, "skipped": 0, "rows": 0, "seconds": 0.0}
     writers = {s: _SplitWriter(out / s, shards=list(state["shards"][s])) for s in SPLITS}
     total_bytes = sum(os.path.getsize(job.path) for job in jobs)
-    bar = _Bar(total_bytes, progress)
+    bar = ProgressMeter(total_bytes, "prepare", unit="MB", enabled=progress)
     start = time.perf_counter()
     writer_thread = _BackgroundWriter()
     try:
@@ -311,7 +312,7 @@ def _prepare_file(
     state: dict,
     progress_path: Path,
     done: dict,
-    bar: _Bar,
+    bar: ProgressMeter,
     writer_thread: _BackgroundWriter,
 ) -> None:
     stats = ParseStats()
@@ -378,23 +379,6 @@ def _hash_uniform(keys: np.ndarray, seed: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-class _Bar:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self._tqdm = None
-        if enabled:
-            from tqdm import tqdm
-
-            self._tqdm = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True)
-
-    def update(self, n: int) -> None:
-        if self._tqdm is not None and n > 0:
-            self._tqdm.update(n)
-
-    def close(self) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
 
 
 def load_meta(prepared_dir: str | Path) -> dict:

@@ -40,8 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +49,8 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+
+from dqrm_lightning._progress import ProgressMeter
 
 __all__ = [
     "BLOCK_ROWS",
@@ -891,22 +891,6 @@ def _remove_stale(out_dir: Path, plan: Sequence[_PlannedFile]) -> None:
                 path.unlink()
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def add(self, rows: int) -> None:
-        self.done += rows
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= 1.0 or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            end = "\n" if self.done == self.total else ""
-            print(f"\rsynthesize: {self.done:,}/{self.total:,} rows ({rate:,.0f} rows/s)", end=end, file=sys.stderr)
-
-
 def synthesize(
     preset: str | SyntheticPreset,
     rows: int,
@@ -956,7 +940,7 @@ def synthesize(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = {split: _BayesStats() for split in SPLITS}
-    _write_all(truth, plan, rows, out, stats, workers, _Progress(rows, progress))
+    _write_all(truth, plan, rows, out, stats, workers, ProgressMeter(rows, "synthesize", enabled=progress))
     _remove_stale(out, plan)
     text = json.dumps(_summary(truth, plan, rows, fractions, rows_per_file, stats), indent=2) + "\n"
     tmp = out / "truth.json.partial"
@@ -972,7 +956,7 @@ def _write_all(
     out: Path,
     stats: dict[str, _BayesStats],
     workers: int,
-    progress: _Progress,
+    progress: ProgressMeter,
 ) -> None:
     writers: dict[int, _FileWriter] = {}
     try:
@@ -987,7 +971,7 @@ def _write_all(
                     writer = writers[piece.file] = _FileWriter(out / planned.name, planned.rows)
                 writer.write(piece.text, piece.prob)
                 stats[planned.split].update(piece.labels, piece.logit)
-                progress.add(len(piece.labels))
+                progress.update(len(piece.labels))
                 if writer.written == planned.rows:
                     writers.pop(piece.file).commit()
     except BaseException:
