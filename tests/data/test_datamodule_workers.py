@@ -1,10 +1,17 @@
 """Data-loader workers: started from a forkserver (never forked from a multi-threaded training process), single-
 threaded, and reading exactly the batches the training process reads itself."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
 
-from dqrm_lightning.data.datamodule import CriteoDataModule
-from dqrm_lightning.threads import single_threaded_worker
+from dqrm_lightning.data.datamodule import CriteoDataModule, _worker_init
+from tests.helpers import process
 from tests.helpers.criteo import write_rows
 
 
@@ -30,10 +37,44 @@ def test_workers_start_from_a_forkserver_and_read_what_the_training_process_read
     assert in_process.num_workers == 0
     loader = _datamodule(tmp_path, 2).train_dataloader()
     assert loader.multiprocessing_context.get_start_method() == "forkserver"
-    assert loader.worker_init_fn is single_threaded_worker
+    assert loader.worker_init_fn.func is _worker_init
+    assert loader.worker_init_fn.keywords == {"rank_pid": os.getpid()}
     expected, got = list(in_process), list(loader)
     assert len(got) == len(expected) == 11
     for a, b in zip(expected, got, strict=True):
         assert torch.equal(a.dense_features, b.dense_features)
         assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
         assert torch.equal(a.labels, b.labels)
+
+
+_READER = """
+import sys, time
+from pathlib import Path
+from tests.data.test_datamodule_workers import _datamodule
+loader = iter(_datamodule(Path(sys.argv[1]), 1).train_dataloader())
+next(loader)
+print(" ".join(str(w.pid) for w in loader._workers), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_workers_exit_when_their_rank_is_killed(tmp_path):
+    command = [sys.executable, "-c", _READER, str(tmp_path)]
+    repo = Path(__file__).resolve().parents[2]
+    with process.session(command, cwd=repo, stdout=subprocess.PIPE, text=True) as reader:
+        workers = [int(pid) for pid in reader.stdout.readline().split()]
+        assert len(workers) == 1
+        assert _alive(workers[0])
+        os.kill(reader.pid, signal.SIGKILL)  # the rank only: its worker is not told
+        deadline = time.monotonic() + 15
+        while _alive(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(workers[0]), "the loader worker outlived its rank"

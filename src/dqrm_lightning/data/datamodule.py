@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import multiprocessing
 import os
+import select
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,12 +45,34 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     Forking a process that runs threads (the intra-op pool, gloo's, pyarrow's, the autograd engine's) copies locks
     that those threads may hold at that instant into a child where no thread will ever release them: a worker then
     hangs (seen in 2-process runs). The forkserver is a fresh single-threaded interpreter, started once per training
-    process, that has imported the dataset module; each worker is a fork of it (milliseconds). When the training
-    process dies the forkserver exits, and the workers' watchdog sees their parent gone and exits too.
+    process, that has imported the dataset module; each worker is a fork of it (milliseconds). A worker's parent is
+    then the forkserver, which itself lives as long as any worker does, so torch's watchdog (parent gone?) never
+    fires when the rank is killed: :func:`_worker_init` ties every worker to its rank instead.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["dqrm_lightning.data.dataset"])
     return context
+
+
+def _worker_init(worker_id: int, rank_pid: int) -> None:
+    """Loader worker start: single-threaded pools, and an exit as soon as the rank that reads from it is gone."""
+    single_threaded_worker(worker_id)
+    threading.Thread(target=_exit_when_gone, args=(rank_pid,), name="dqrm-rank-watch", daemon=True).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    """Block (no CPU) until process ``pid`` ends, then end this process."""
+    try:
+        handle = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel or platform): poll once a second
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            time.sleep(1.0)
+    select.select([handle], [], [])
+    os._exit(0)
 
 
 class _PositionedLoader(DataLoader):
@@ -244,7 +270,7 @@ class CriteoDataModule(pl.LightningDataModule):
             position,
             num_workers=workers,
             multiprocessing_context=_worker_context(),
-            worker_init_fn=single_threaded_worker,
+            worker_init_fn=functools.partial(_worker_init, rank_pid=os.getpid()),
         )
 
     @override
