@@ -451,6 +451,9 @@ def export_main(argv: list[str]) -> str:
         help="PTQ scales from the trained tables (honest) or the initial ones (the reference code's)",
     )
     parser.add_argument("--mlp", choices=("quantized", "fp32"), default="quantized", help="MLP weights in the artifact")
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out even if it holds files that are not a previous artifact"
+    )
     args = parser.parse_args(argv)
     from dqrm_lightning.export.exporter import export_checkpoint
 
@@ -462,6 +465,7 @@ def export_main(argv: list[str]) -> str:
         mlp_bits=args.mlp_bits,
         ptq_scales=args.ptq_scales,
         quantize_mlp=args.mlp == "quantized",
+        force=args.force,
     )
     sizes = manifest["bytes"]
     bits = sorted({t["bits"] for t in manifest["tables"]})

@@ -205,3 +205,36 @@ def test_ptq_of_an_fp32_checkpoint_trained_vs_init_scales(tmp_path):
     weight = weight.local_shards()[0].tensor if hasattr(weight, "local_shards") else weight
     assert trained["tables"][0]["scale"] >= float(weight.abs().max()) / 7
     assert init["tables"][0]["scale"] == pytest.approx((1 / ROWS**0.5) / 7, rel=1e-3)
+
+
+def test_export_never_overwrites_a_users_files_and_leaves_nothing_partial(artifact, monkeypatch):
+    checkpoint = artifact.parent / "m.ckpt"
+    notes = artifact.parent / "notes"
+    (notes / "tables").mkdir(parents=True)
+    (notes / "keep.txt").write_text("mine")
+    (notes / "tables" / "notes.txt").write_text("mine too")
+    with pytest.raises(
+        ArtifactError,
+        match=r"`--out .*notes` is a directory holding files that are not a dqrm artifact \(keep.txt, tables\); "
+        r".* --force",
+    ):
+        export_checkpoint(checkpoint, notes)
+    assert (notes / "keep.txt").read_text() == "mine"
+    assert (notes / "tables" / "notes.txt").read_text() == "mine too"
+    a_file = artifact.parent / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(ArtifactError, match="is an existing file"):
+        export_checkpoint(checkpoint, a_file)
+    assert a_file.read_text() == "mine"
+    export_checkpoint(checkpoint, artifact)  # a previous artifact is replaced
+    export_checkpoint(checkpoint, notes, force=True)  # and anything with --force
+    load_artifact(notes)
+    assert not (notes / "keep.txt").exists()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dqrm_lightning.export.exporter.pack_codes", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(checkpoint, artifact.parent / "new")
+    assert sorted(p.name for p in artifact.parent.iterdir()) == ["a_file", "art", "m.ckpt", "notes"]

@@ -94,15 +94,57 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class ArtifactWriter:
-    """Writes files under a temporary directory and moves it into place with its manifest at the end."""
+def check_output_dir(out: str | Path, force: bool = False) -> None:
+    """Refuse an output path that would lose a user's files: an existing file, or a non-empty directory that is not
+    a previous artifact (``force`` replaces it anyway). A previous artifact is replaced, as re-exporting expects.
 
-    def __init__(self, out: str | Path) -> None:
+    Raises:
+        ArtifactError: naming the path and what it holds.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"`--out {out}` is an existing file: give a directory path for the artifact")
+    if force or not any(out.iterdir()) or _is_artifact(out):
+        return
+    held = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(held[:3]) + (f" (+{len(held) - 3} more)" if len(held) > 3 else "")
+    raise ArtifactError(
+        f"`--out {out}` is a directory holding files that are not a dqrm artifact ({shown}); "
+        "choose another directory, or pass --force to replace it"
+    )
+
+
+def _is_artifact(path: Path) -> bool:
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class ArtifactWriter:
+    """Writes files under a temporary directory and moves it into place with its manifest at the end; on any error
+    the temporary directory is removed (use it as a context manager), so a failed export leaves nothing behind.
+
+    Args:
+        out: the artifact directory (checked with :func:`check_output_dir` before anything is written).
+        force: replace ``out`` even if it holds other files.
+    """
+
+    def __init__(self, out: str | Path, force: bool = False) -> None:
         self.out = Path(out)
+        check_output_dir(self.out, force)
         self.tmp = self.out.with_name(f".{self.out.name}.partial")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.files: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)  # already moved into place after `finish`
 
     def add(self, name: str, array: np.ndarray) -> str:
         path = self.tmp / name

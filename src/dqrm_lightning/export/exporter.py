@@ -13,7 +13,7 @@ import torch
 
 from dqrm_lightning.checkpoint import load_file, read_dcp
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
-from dqrm_lightning.export.artifact import ArtifactWriter, pack_codes
+from dqrm_lightning.export.artifact import ArtifactWriter, check_output_dir, pack_codes
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.fake_quant import (
     asymmetric_scale,
@@ -83,6 +83,7 @@ def export_checkpoint(
     mlp_bits: int | None = None,
     ptq_scales: PtqScales = "trained",
     quantize_mlp: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write the artifact of a checkpoint; returns its manifest.
 
@@ -93,7 +94,9 @@ def export_checkpoint(
 
     Args:
         quantize_mlp: ``False`` keeps MLP weights FP32 even when the model was trained with MLP QAT.
+        force: replace ``out`` even when it holds files that are not a previous artifact.
     """
+    check_output_dir(out, force)  # before reading the checkpoint: nothing of the user's is ever overwritten
     checkpoint = read_checkpoint(ckpt_path)
     hp = checkpoint.get("hyper_parameters")
     if not hp or "num_embeddings_per_feature" not in hp:
@@ -116,80 +119,82 @@ def export_checkpoint(
         else:
             config = QATConfig(embedding_bits=embedding_bits, mlp_bits=mlp_bits)
         ptq = ptq_scales
-    writer = ArtifactWriter(out)
-    tables = []
-    dim = int(hp["embedding_dim"])
-    for f, (feature, rows) in enumerate(zip(DEFAULT_CAT_NAMES, hp["num_embeddings_per_feature"], strict=True)):
-        weight = state[_TABLE_KEY.format(feature)].float()
-        bits = config.table_bits(feature, rows)
-        entry: dict[str, Any] = {"feature": feature, "rows": int(rows), "dim": dim, "mode": config.embedding_mode}
-        if bits is None:
-            entry |= {"bits": 32, "scale": 1.0, "offset": 0.0}
-            entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(weight.numpy(), 32))
-        else:
-            scale, offset = _table_grid(weight, bits, config, state, f, ptq)
-            low, high = qrange(bits, config.embedding_mode)
-            codes = _chunked_codes(weight, scale, offset, low, high)
-            if config.embedding_mode == "symmetric":  # unsigned codes u = q + 2^(b-1): value = u * s - 2^(b-1) * s
-                codes = codes + 2 ** (bits - 1)
-                offset = -(2 ** (bits - 1)) * scale
-            entry |= {"bits": bits, "scale": scale, "offset": offset}
-            entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
-        tables.append(entry)
-    layers = []
-    linears = _linear_layers(state)
-    for arch, name, weight, bias in linears:
-        bits = config.mlp_bits if quantize_mlp else None
-        layer: dict[str, Any] = {"name": f"{arch}.{name}", "arch": arch, "shape": list(weight.shape)}
-        base = f"mlp/{arch}.{name}"
-        if bits is None:
-            layer |= {"bits": 32, "weight": writer.add(f"{base}.w.bin", weight.float().numpy())}
-            used_bias = bias
-        else:
-            scale = weight_scale(weight.float(), bits, config.mlp_granularity).expand(weight.shape[0], 1)
-            low, high = qrange(bits)
-            codes = quantize_codes(weight, scale, torch.tensor(float(low)), torch.tensor(float(high))) + 2 ** (bits - 1)
-            layer |= {
-                "bits": bits,
-                "weight": writer.add(f"{base}.w.bin", pack_codes(codes.numpy(), bits)),
-                "scale": writer.add(f"{base}.s.bin", scale.reshape(-1).float().numpy()),
-            }
-            used_bias = bias
-            if bias is not None and config.mlp_bias == "reference":
-                used_bias = fake_quantize(
-                    bias.float(), scale.reshape(-1), torch.tensor(float(low)), torch.tensor(float(high))
+    with ArtifactWriter(out, force) as writer:
+        tables = []
+        dim = int(hp["embedding_dim"])
+        for f, (feature, rows) in enumerate(zip(DEFAULT_CAT_NAMES, hp["num_embeddings_per_feature"], strict=True)):
+            weight = state[_TABLE_KEY.format(feature)].float()
+            bits = config.table_bits(feature, rows)
+            entry: dict[str, Any] = {"feature": feature, "rows": int(rows), "dim": dim, "mode": config.embedding_mode}
+            if bits is None:
+                entry |= {"bits": 32, "scale": 1.0, "offset": 0.0}
+                entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(weight.numpy(), 32))
+            else:
+                scale, offset = _table_grid(weight, bits, config, state, f, ptq)
+                low, high = qrange(bits, config.embedding_mode)
+                codes = _chunked_codes(weight, scale, offset, low, high)
+                if config.embedding_mode == "symmetric":  # unsigned codes u = q + 2^(b-1): value = u * s - 2^(b-1) * s
+                    codes = codes + 2 ** (bits - 1)
+                    offset = -(2 ** (bits - 1)) * scale
+                entry |= {"bits": bits, "scale": scale, "offset": offset}
+                entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
+            tables.append(entry)
+        layers = []
+        linears = _linear_layers(state)
+        for arch, name, weight, bias in linears:
+            bits = config.mlp_bits if quantize_mlp else None
+            layer: dict[str, Any] = {"name": f"{arch}.{name}", "arch": arch, "shape": list(weight.shape)}
+            base = f"mlp/{arch}.{name}"
+            if bits is None:
+                layer |= {"bits": 32, "weight": writer.add(f"{base}.w.bin", weight.float().numpy())}
+                used_bias = bias
+            else:
+                scale = weight_scale(weight.float(), bits, config.mlp_granularity).expand(weight.shape[0], 1)
+                low, high = qrange(bits)
+                codes = quantize_codes(weight, scale, torch.tensor(float(low)), torch.tensor(float(high))) + 2 ** (
+                    bits - 1
                 )
-        if used_bias is not None:
-            layer["bias"] = writer.add(f"{base}.b.bin", used_bias.detach().float().numpy())
-        absmax = state.get(f"model.{arch}.{name}.act_absmax")
-        if bits is not None and config.mlp_activation_bits is not None and absmax is not None:
-            levels = 2 ** (config.mlp_activation_bits - 1) - 1
-            layer |= {
-                "activation_bits": config.mlp_activation_bits,
-                "activation_scale": float((absmax.float() / levels).clamp_min(1e-8)),
-            }
-        layers.append(layer)
-    payload = sum(meta["bytes"] for meta in writer.files.values())
-    fp32_bytes = sum(int(r) for r in hp["num_embeddings_per_feature"]) * dim * 4 + sum(
-        4 * (w.numel() + (b.numel() if b is not None else 0)) for _, _, w, b in linears
-    )
-    manifest = {
-        "model": {
-            "num_embeddings_per_feature": [int(r) for r in hp["num_embeddings_per_feature"]],
-            "embedding_dim": dim,
-            "dense_arch_layer_sizes": list(hp["dense_arch_layer_sizes"]),
-            "over_arch_layer_sizes": list(hp["over_arch_layer_sizes"]),
-            "feature_names": list(DEFAULT_CAT_NAMES),
-        },
-        "qat_config": asdict(config),
-        "quantization": "qat" if ptq is None else f"ptq ({ptq} scales)",
-        "source_checkpoint": str(ckpt_path),
-        "tables": tables,
-        "mlp": layers,
-        "bytes": {"payload": payload, "fp32_model": fp32_bytes, "ratio": payload / fp32_bytes},
-    }
-    writer.finish(manifest)
-    return manifest | {"files": writer.files}
+                layer |= {
+                    "bits": bits,
+                    "weight": writer.add(f"{base}.w.bin", pack_codes(codes.numpy(), bits)),
+                    "scale": writer.add(f"{base}.s.bin", scale.reshape(-1).float().numpy()),
+                }
+                used_bias = bias
+                if bias is not None and config.mlp_bias == "reference":
+                    used_bias = fake_quantize(
+                        bias.float(), scale.reshape(-1), torch.tensor(float(low)), torch.tensor(float(high))
+                    )
+            if used_bias is not None:
+                layer["bias"] = writer.add(f"{base}.b.bin", used_bias.detach().float().numpy())
+            absmax = state.get(f"model.{arch}.{name}.act_absmax")
+            if bits is not None and config.mlp_activation_bits is not None and absmax is not None:
+                levels = 2 ** (config.mlp_activation_bits - 1) - 1
+                layer |= {
+                    "activation_bits": config.mlp_activation_bits,
+                    "activation_scale": float((absmax.float() / levels).clamp_min(1e-8)),
+                }
+            layers.append(layer)
+        payload = sum(meta["bytes"] for meta in writer.files.values())
+        fp32_bytes = sum(int(r) for r in hp["num_embeddings_per_feature"]) * dim * 4 + sum(
+            4 * (w.numel() + (b.numel() if b is not None else 0)) for _, _, w, b in linears
+        )
+        manifest = {
+            "model": {
+                "num_embeddings_per_feature": [int(r) for r in hp["num_embeddings_per_feature"]],
+                "embedding_dim": dim,
+                "dense_arch_layer_sizes": list(hp["dense_arch_layer_sizes"]),
+                "over_arch_layer_sizes": list(hp["over_arch_layer_sizes"]),
+                "feature_names": list(DEFAULT_CAT_NAMES),
+            },
+            "qat_config": asdict(config),
+            "quantization": "qat" if ptq is None else f"ptq ({ptq} scales)",
+            "source_checkpoint": str(ckpt_path),
+            "tables": tables,
+            "mlp": layers,
+            "bytes": {"payload": payload, "fp32_model": fp32_bytes, "ratio": payload / fp32_bytes},
+        }
+        writer.finish(manifest)
+        return manifest | {"files": writer.files}
 
 
 def _chunked_codes(weight: torch.Tensor, scale: float, offset: float, low: int, high: int) -> np.ndarray:
