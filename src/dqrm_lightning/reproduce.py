@@ -235,6 +235,10 @@ def main(argv: list[str]) -> str:
     parser.add_argument("--only", nargs="*", default=None, help="run only these experiments")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: arguments for every fit, e.g. data paths")
     args = parser.parse_args(argv)
+    known = [exp.name for exp in EXPERIMENTS]
+    unknown = [name for name in args.only or [] if name not in known]
+    if unknown:  # before any data is generated or run started
+        parser.error(f"unknown experiment for --only: {', '.join(unknown)}; choose from {', '.join(known)}")
     out = Path(args.out)
     extra = [a for a in args.extra if a != "--"]
     base = ["-c", f"configs/{args.preset}.yaml", "--seed_everything", str(args.seed), *extra]
