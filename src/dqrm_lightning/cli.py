@@ -35,7 +35,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from dqrm_lightning.callbacks import CommunicationAccounting, QuantizationAwareTraining, RunSummary, StepTimer
 from dqrm_lightning.callbacks.predictions import PredictionWriter
-from dqrm_lightning.callbacks.progress import LineProgress, stdout_is_terminal
+from dqrm_lightning.callbacks.progress import LineProgress, TerminalProgress, stdout_is_terminal
 from dqrm_lightning.callbacks.threads import ThreadPolicy
 from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_error
 from dqrm_lightning.data.datamodule import CriteoDataModule
@@ -130,8 +130,9 @@ class DQRMCLI(LightningCLI):
             CommunicationAccounting(),
             ThreadPolicy(self._get(self.config, "threads")),
         ]
-        if config.get("enable_progress_bar") is not False and not stdout_is_terminal():
-            callbacks.append(LineProgress(self._get(self.config, "progress_every_n_steps")))
+        if config.get("enable_progress_bar") is not False:
+            every = self._get(self.config, "progress_every_n_steps")
+            callbacks.append(TerminalProgress() if stdout_is_terminal() else LineProgress(every))
         if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
             callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
             every = self._get(self.config, "checkpoint_every_n_steps")

@@ -1,5 +1,5 @@
 from dqrm_lightning.callbacks.comm_accounting import CommunicationAccounting
-from dqrm_lightning.callbacks.progress import LineProgress
+from dqrm_lightning.callbacks.progress import LineProgress, TerminalProgress
 from dqrm_lightning.callbacks.qat import QuantizationAwareTraining
 from dqrm_lightning.callbacks.step_timer import StepTimer
 from dqrm_lightning.callbacks.summary import RunSummary
@@ -11,5 +11,6 @@ __all__ = [
     "QuantizationAwareTraining",
     "RunSummary",
     "StepTimer",
+    "TerminalProgress",
     "ThreadPolicy",
 ]

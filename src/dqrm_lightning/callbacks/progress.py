@@ -1,4 +1,5 @@
-"""``LineProgress``: progress as plain lines, for output that goes to a file or a pipe.
+"""Progress output that fits where it goes: ``TerminalProgress`` (a live bar) on a terminal, ``LineProgress`` (plain
+lines) on a file or a pipe.
 
 A live bar redraws itself with carriage returns many times a second; in a log file that is megabytes of frames. When
 standard output is not a terminal ``dqrm`` uses this callback instead of Lightning's bar: one line per epoch (or every
@@ -15,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import TQDMProgressBar
 from typing_extensions import override
 
 
@@ -103,6 +105,18 @@ class LineProgress(ProgressBar):
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.print(f"predict: {sum(trainer.num_predict_batches)} batches")
+
+
+class TerminalProgress(TQDMProgressBar):
+    """Lightning's live bar; ``v_num`` is the run's version (``lightning_logs/version_N``), not the joined versions of
+    all loggers (Lightning shows the tail of ``"N_<wandb run id>"`` when wandb logs too)."""
+
+    @override
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        if trainer.loggers and "v_num" in items:
+            items["v_num"] = trainer.loggers[0].version
+        return items
 
 
 def stdout_is_terminal() -> bool:

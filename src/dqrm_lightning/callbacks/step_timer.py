@@ -18,6 +18,9 @@ class StepTimer(pl.Callback):
     * loop: batch end to the next batch end, data loading and logging included (intervals that contain a validation
       run are left out) -> ``loop_samples_per_s``, the end-to-end training throughput.
 
+    Logged on logging steps: ``train/step_ms`` (this step) and ``train/samples_per_s`` (end to end since the previous
+    logging step, the figure the progress bar shows: what the run really trains at, data loading included).
+
     Args:
         warmup_steps: steps left out of the averages (first steps pay for allocation and thread start-up).
     """
@@ -34,6 +37,8 @@ class StepTimer(pl.Callback):
         self._last_end: float | None = None
         self.loop_seconds = 0.0
         self.loop_samples = 0
+        self._window_start: float | None = None
+        self._window_samples = 0
 
     @override
     def on_train_batch_start(
@@ -57,17 +62,26 @@ class StepTimer(pl.Callback):
                 self.loop_seconds += now - self._last_end
                 self.loop_samples += samples
         self._last_end = now
+        if self._window_start is None:
+            self._window_start = self._start
+        self._window_samples += samples
         if seconds > 0 and logging_step(trainer):
-            pl_module.log("train/samples_per_s", samples / seconds, prog_bar=True, on_step=True, on_epoch=False)
+            window = max(now - self._window_start, 1e-9)
+            pl_module.log(
+                "train/samples_per_s", self._window_samples / window, prog_bar=True, on_step=True, on_epoch=False
+            )
             pl_module.log("train/step_ms", seconds * 1000.0, on_step=True, on_epoch=False)
+            self._window_start, self._window_samples = now, 0
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_end = None
+        self._last_end = self._window_start = None
+        self._window_samples = 0
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_end = None
+        self._last_end = self._window_start = None
+        self._window_samples = 0
 
     def summary(self) -> dict[str, float | int | None]:
         """Mean step time (ms) and samples per second over the timed steps (all ranks' samples)."""
