@@ -156,6 +156,8 @@ class DQRMCLI(LightningCLI):
         mode = wandb_mode(self._get(self.config, "wandb"))
         if mode != "disabled":
             version = loggers[0].version
+            loggers[0].experiment  # noqa: B018 - the CSV log directory first: wandb's files then land in it
+
             loggers.append(
                 WandbLogger(
                     project=self._get(self.config, "wandb_project"),
@@ -215,7 +217,8 @@ class DQRMCLI(LightningCLI):
         return kwargs
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        if isinstance(args, list | tuple) and any(str(a).startswith(f"--{_LINKED}") for a in args):
+        given = sys.argv[1:] if args is None else args
+        if isinstance(given, list | tuple) and any(str(a).startswith(f"--{_LINKED}") for a in given):
             raise ConfigError(
                 f"`{_LINKED}` is set from the data (`data.table_sizes`): give table sizes with "
                 "`--data.num_embeddings_per_feature` (hash encoding) or let the vocabulary size them (vocab encoding)"
@@ -436,6 +439,8 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
     for name in ("torch.fx._symbolic_trace", "torchrec.distributed.utils", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger("lightning.pytorch").handlers:  # Lightning's advertisement for its cloud logger
+        handler.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
 
 
 def export_main(argv: list[str]) -> str:
@@ -490,6 +495,7 @@ def export_main(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dqrm`` console script."""
+    from_command_line = argv is None  # LightningCLI then reads sys.argv itself (given both, it warns)
     argv = list(sys.argv[1:] if argv is None else argv)
     remember_user_environment()
     _quiet_known_warnings()
@@ -525,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
 
     command = f"dqrm {argv[0]}" if argv and not argv[0].startswith("-") else "dqrm"
     try:
-        DQRMCLI(args=argv)
+        DQRMCLI(args=None if from_command_line else argv)
     except (ConfigError, CheckpointError, ArtifactError) as err:
         raise SystemExit(f"{command}: error: {err}") from None
     except BaseException:
