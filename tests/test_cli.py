@@ -216,3 +216,16 @@ def test_qat_fit_export_predict(tmp_path, criteo_sample):
     for engine in ("torchrec", "plain"):
         _, from_artifact = dqrm("predict", *common, "--artifact", str(tmp_path / "art"), "--engine", engine)
         assert _predictions(from_artifact) == pytest.approx(_predictions(from_checkpoint), abs=1e-5)
+
+
+def test_help_lists_every_subcommand_and_each_has_its_own_help():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for command in ("fit", "validate", "test", "predict", "dqrm data synth|prepare", "dqrm export", "dqrm reproduce"):
+        assert command in text
+    assert "dqrm dashboard" in text
+    for command in ("data", "export", "reproduce", "dashboard"):
+        sub = run_cli(command, "--help")
+        assert sub.returncode == 0, sub.stderr[-2000:]
+        assert f"dqrm {command}" in sub.stdout

@@ -60,6 +60,11 @@ _ARGUMENT_PREFIXES: tuple[tuple[type, str], ...] = (
 _LINKED = "model.num_embeddings_per_feature"
 
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
+_MORE_COMMANDS = (
+    "more subcommands: `dqrm data synth|prepare` (synthetic Criteo data; raw files -> prepared shards), "
+    "`dqrm export` (checkpoint -> packed INT-N artifact), `dqrm reproduce` (the paper's tables), "
+    "`dqrm dashboard` (the wandb workspace); each takes --help"
+)
 
 
 def wandb_mode(requested: str) -> str:
@@ -84,7 +89,7 @@ class DQRMCLI(LightningCLI):
         DQRMCLI.last = self
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "epilog": _MORE_COMMANDS})
         super().__init__(DLRMModule, CriteoDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
