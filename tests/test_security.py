@@ -153,3 +153,43 @@ def test_the_cli_refuses_a_tampered_artifact_naming_the_file(tmp_path, criteo_sa
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"dqrm predict: error: {table}: sha256 mismatch (the file was modified)" in result.stderr
+
+
+def _flip_a_byte_inside_the_largest_tensor(path: Path) -> None:
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_length + extra_length
+    data[start + entry.file_size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_file(tmp_path):
+    checkpoint = {
+        "state_dict": {"t_C3.weight": torch.randn(64, 8), "bias": torch.zeros(3)},
+        "hyper_parameters": {"embedding_dim": 8},
+        "epoch": 2,
+    }
+    path = tmp_path / "last.ckpt"
+    SafeCheckpointIO().save_checkpoint(checkpoint, path)
+    loaded = SafeCheckpointIO().load_checkpoint(path)
+    assert "integrity" not in loaded
+    assert torch.equal(loaded["state_dict"]["t_C3.weight"], checkpoint["state_dict"]["t_C3.weight"])
+    _flip_a_byte_inside_the_largest_tensor(path)
+    assert torch.load(path, weights_only=True)["epoch"] == 2  # torch itself loads it: only the digest tells
+    for load in (SafeCheckpointIO().load_checkpoint, read_checkpoint):
+        with pytest.raises(CheckpointError, match=f"{path}: corrupt checkpoint: its content does not match"):
+            load(path)
+
+
+def test_the_cli_refuses_a_file_of_random_bytes_in_one_line(tmp_path, criteo_sample):
+    garbage = tmp_path / "random.ckpt"
+    garbage.write_bytes(os.urandom(4096))
+    common = [*on_sample(tmp_path, criteo_sample), "--trainer.default_root_dir", str(tmp_path / "runs"), *FAST]
+    result = run_cli("validate", *common, "--ckpt_path", str(garbage))
+    _refused(result, garbage, "validate")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

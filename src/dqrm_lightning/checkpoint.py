@@ -15,6 +15,7 @@ Checkpoints of this project hold tensors and plain Python values only, so every 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -55,14 +56,56 @@ def check_weights_only(weights_only: bool | None, path: _PATH) -> None:
         )
 
 
+_INTEGRITY = "integrity"
+
+
+def content_digest(checkpoint: Any) -> str:
+    """sha256 over a checkpoint's content: every tensor's key path, dtype, shape and bytes, and every other value's
+    ``repr`` (keys sorted), so a checkpoint written and read back hashes the same and one changed byte does not."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any, key: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        elif isinstance(value, dict):
+            for name in sorted(value, key=str):
+                visit(value[name], f"{key}/{name}")
+        elif isinstance(value, list | tuple):
+            for index, item in enumerate(value):
+                visit(item, f"{key}[{index}]")
+        else:
+            digest.update(f"{key}={value!r};".encode())
+
+    visit({k: v for k, v in checkpoint.items() if k != _INTEGRITY}, "")
+    return digest.hexdigest()
+
+
+def verify_integrity(checkpoint: Any, path: _PATH) -> Any:
+    """Check (and remove) the digest a checkpoint was written with; checkpoints without one load as they are."""
+    if not isinstance(checkpoint, dict) or _INTEGRITY not in checkpoint:
+        return checkpoint
+    expected = checkpoint.pop(_INTEGRITY)
+    recorded = expected.get("sha256") if isinstance(expected, dict) else None
+    if recorded != content_digest(checkpoint):
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint: its content does not match the sha256 digest written with it "
+            "(changed or damaged bytes); use another checkpoint (e.g. the previous last.ckpt or best.ckpt)"
+        )
+    return checkpoint
+
+
 def load_file(path: _PATH, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)``, with :class:`CheckpointError` naming the file when it is refused."""
+    """``torch.load(path, weights_only=True)``, with :class:`CheckpointError` naming the file when it is refused or
+    its content does not match its digest."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:
         raise load_error(path, err) from None
+    return verify_integrity(checkpoint, path)
 
 
 def load_error(path: _PATH, err: BaseException) -> CheckpointError:
@@ -80,13 +123,15 @@ def _describe(err: BaseException) -> str:
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO for single files, loading with ``weights_only=True`` whatever it is asked, and
     writing to a temporary name renamed into place, so a process killed while saving leaves the previous checkpoint
-    intact (``--ckpt_path last`` then resumes from it)."""
+    intact (``--ckpt_path last`` then resumes from it). Each file carries a sha256 digest of its content, checked on
+    every load: a damaged file is refused naming it, never loaded."""
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
+        checkpoint = {**checkpoint, _INTEGRITY: {"sha256": content_digest(checkpoint)}}
         super().save_checkpoint(checkpoint, partial, storage_options)
         os.replace(partial, target)
 

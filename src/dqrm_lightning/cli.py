@@ -235,7 +235,7 @@ class DQRMCLI(LightningCLI):
         # else: a refused or unreadable file stops the run with a one-line error.
         try:
             super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError) as err:
+        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as err:  # incl. decode errors
             path = self.config[self.config.subcommand].get("ckpt_path")
             raise load_error(path, err) from None
 
