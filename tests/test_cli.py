@@ -229,3 +229,21 @@ def test_help_lists_every_subcommand_and_each_has_its_own_help():
         sub = run_cli(command, "--help")
         assert sub.returncode == 0, sub.stderr[-2000:]
         assert f"dqrm {command}" in sub.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--data.train_files", "{dir}"], "'{dir}' names the directory {dir}: give the files in it"),
+        (["--data.val_files", "null"], "the val split is empty: give `--data.val_files`"),
+        (["--ckpt_path", "{dir}/missing.ckpt"], "`--ckpt_path {dir}/missing.ckpt`: no such file or directory"),
+    ],
+    ids=["directory-as-file", "no-val-split", "missing-ckpt"],
+)
+def test_newcomer_mistakes_are_one_line_naming_the_argument(tmp_path, criteo_sample, change, message):
+    args = [*on_sample(tmp_path, criteo_sample), *(a.format(dir=tmp_path) for a in change)]
+    result = run_cli("fit", *args, "--trainer.default_root_dir", str(tmp_path / "r"), *FAST)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dqrm fit: error: {message.format(dir=tmp_path)}"), result.stderr[-3000:]

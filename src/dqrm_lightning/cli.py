@@ -177,7 +177,19 @@ class DQRMCLI(LightningCLI):
     def _summary_callback(self) -> RunSummary:
         return next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
 
+    def _check_splits(self) -> None:
+        """Each split the subcommand reads holds rows (else one line naming the argument, before any run starts)."""
+        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[self.subcommand]
+        if self.subcommand == "fit" and self.trainer.limit_val_batches == 0:
+            needed = ["train"]
+        rows = self.datamodule.describe()["rows"]
+        for split in needed:
+            if rows[split] == 0:
+                hint = " (or `--trainer.limit_val_batches 0` to train without validation)" if split == "val" else ""
+                raise ConfigError(f"the {split} split is empty: give `--data.{split}_files`{hint}")
+
     def _before(self) -> None:
+        self._check_splits()
         artifact = self._get(self.config, "artifact")
         if artifact:
             if self.subcommand == "fit":
@@ -232,7 +244,10 @@ class DQRMCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the hyper-parameters of `--ckpt_path` (torch.load with weights_only=True) before anything
-        # else: a refused or unreadable file stops the run with a one-line error.
+        # else: a missing, refused or unreadable file stops the run with a one-line error.
+        path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if path and path not in ("best", "last", "hpc", "registry") and not Path(path).exists():
+            raise ConfigError(f"`--ckpt_path {path}`: no such file or directory")
         try:
             super()._parse_ckpt_path()
         except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as err:  # incl. decode errors
@@ -247,8 +262,11 @@ class DQRMCLI(LightningCLI):
             raise ConfigError(str(err)) from err
         try:
             super().instantiate_classes()
-        except ValueError as err:  # the classes' own checks: every setting is validated when it is built
-            raise ConfigError(_name_arguments(err)) from err
+        except (ValueError, OSError) as err:  # the classes' own checks and the data's: named, in one line
+            inner = _unlinked(err)
+            if isinstance(inner, OSError) and not isinstance(inner, FileNotFoundError | IsADirectoryError):
+                raise
+            raise ConfigError(_name_arguments(inner)) from err
 
     def _check_before_building(self) -> None:
         """Model and QAT settings, checked before any class is built: building the data module prepares the data
@@ -287,6 +305,13 @@ class DQRMCLI(LightningCLI):
             TorchRecStrategy.check_arguments(**{k: init_args[k] for k in names if k in init_args})
         except ValueError as err:
             raise ConfigError(_qualify(str(err), "trainer.strategy", set(names))) from err
+
+
+def _unlinked(err: BaseException) -> BaseException:
+    """The error inside jsonargparse's "Call to compute_fn of link ... failed" (whose text repeats the data module)."""
+    while str(err).startswith("Call to compute_fn of link") and err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def _table_sizes(datamodule: CriteoDataModule) -> list[int]:

@@ -413,5 +413,10 @@ def resolve_files(patterns: Iterable[str] | str | None) -> list[str]:
         matches = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if not p.endswith(".truth.npy"))
         if not matches:
             raise FileNotFoundError(f"no file matches {pattern!r}")
+        folders = [m for m in matches if os.path.isdir(m)]
+        if folders:
+            raise ValueError(
+                f"{pattern!r} names the directory {folders[0]}: give the files in it (e.g. '{folders[0]}/*.tsv')"
+            )
         files.extend(m for m in matches if m not in files)
     return files
