@@ -247,3 +247,14 @@ def test_newcomer_mistakes_are_one_line_naming_the_argument(tmp_path, criteo_sam
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"dqrm fit: error: {message.format(dir=tmp_path)}"), result.stderr[-3000:]
+
+
+def test_a_misspelled_key_is_one_line_with_the_closest_key(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("data:\n  batch_sise: 64\n")
+    result = run_cli("fit", "-c", "configs/demo.yaml", "-c", str(config), *FAST)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "dqrm fit: error: Subcommand 'fit' does not accept option 'data.batch_sise'; did you mean `data.batch_size`? "
+        "(`dqrm fit --help` lists the options)"
+    ]

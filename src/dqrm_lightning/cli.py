@@ -10,6 +10,7 @@ with one line naming the argument (``dqrm fit: error: `qat.scale_period` must be
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import glob
 import importlib
@@ -89,7 +90,8 @@ class DQRMCLI(LightningCLI):
         DQRMCLI.last = self
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False, "epilog": _MORE_COMMANDS})
+        # exit_on_error False: a bad option raises, and `main` reports it in one line (not ~90 lines of usage)
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "epilog": _MORE_COMMANDS, "exit_on_error": False})
         super().__init__(DLRMModule, CriteoDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -564,10 +566,27 @@ def main(argv: list[str] | None = None) -> None:
         DQRMCLI(args=None if from_command_line else argv)
     except (ConfigError, CheckpointError, ArtifactError) as err:
         raise SystemExit(f"{command}: error: {err}") from None
+    except argparse.ArgumentError as err:
+        raise SystemExit(f"{command}: error: {_option_error(err, DQRMCLI.last, argv)}") from None
     except BaseException:
         _name_dead_ranks(DQRMCLI.last, command)
         raise
     _close_process_group()  # after a run that succeeded on every rank (a failed one exits with its own error)
+
+
+def _option_error(err: argparse.ArgumentError, cli: DQRMCLI | None, argv: list[str]) -> str:
+    """A bad option or config key in one line, with the closest known key when there is one."""
+    message = str(err).strip().splitlines()[0]
+    bad = re.search(r"option '([\w.]+)'|unrecognized arguments: --([\w.]+)", message)
+    parser = getattr(cli, "parser", None)
+    subcommands = getattr(parser, "_subcommands_action", None)
+    if bad and subcommands is not None and argv and argv[0] in subcommands.choices:
+        keys = [action.dest for action in subcommands.choices[argv[0]]._actions]
+        close = difflib.get_close_matches(bad.group(1) or bad.group(2), keys, n=1, cutoff=0.8)
+        if close:
+            message += f"; did you mean `{close[0]}`?"
+    subcommand = argv[0] if argv and not argv[0].startswith("-") else ""
+    return f"{message} (`dqrm {subcommand} --help` lists the options)".replace("dqrm  --help", "dqrm --help")
 
 
 def _name_dead_ranks(cli: DQRMCLI | None, command: str, wait_seconds: float = 5.0) -> None:
