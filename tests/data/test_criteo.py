@@ -111,3 +111,15 @@ def test_empty_and_truncated_gzip(tmp_path, criteo_sample):
     with pytest.raises(CriteoFormatError, match="truncated") as info:
         parse_file(gz)
     assert info.value.path == str(gz)
+
+
+def test_a_truncated_gzip_names_where_the_readable_data_ends(tmp_path, criteo_sample):
+    import zlib
+
+    data = Path(criteo_sample).read_bytes() * 40  # 8,000 lines
+    gz = tmp_path / "cut.tsv.gz"
+    gz.write_bytes(gzip.compress(data)[: len(gzip.compress(data)) // 2])
+    readable = zlib.decompressobj(wbits=31).decompress(gz.read_bytes()).count(b"\n")  # what survives the cut
+    with pytest.raises(CriteoFormatError, match=r"truncated compressed stream after line \d+") as info:
+        parse_file(gz)
+    assert readable - 600 <= info.value.line <= readable + 1  # within a 64 KiB read of the break, not line 1

@@ -132,11 +132,28 @@ def open_raw(path: str | Path) -> BinaryIO:
 
 
 def read_chunk(stream: BinaryIO, size: int, path: str | Path, line: int | None) -> bytes:
-    """``stream.read(size)``, turning a corrupt or truncated gzip stream into :class:`CriteoFormatError`."""
-    try:
+    """``stream.read(size)``, turning a corrupt or truncated gzip stream into :class:`CriteoFormatError`.
+
+    ``line`` is the line the chunk starts with. A compressed stream is read in 64 KiB pieces, so the error names the
+    line where the readable data ends (within a few hundred lines), not the first line of the chunk.
+    """
+    if not isinstance(stream, gzip.GzipFile):
         return stream.read(size)
+    pieces: list[bytes] = []
+    remaining = size
+    try:
+        while remaining > 0:
+            piece = stream.read(min(remaining, 1 << 16))
+            if not piece:
+                break
+            pieces.append(piece)
+            remaining -= len(piece)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
-        raise CriteoFormatError(path, line, f"corrupt or truncated compressed stream ({err})") from None
+        complete = sum(piece.count(b"\n") for piece in pieces)
+        at = None if line is None else line + complete
+        where = f" after line {at - 1}" if at is not None and at > 1 else ""
+        raise CriteoFormatError(path, at, f"corrupt or truncated compressed stream{where} ({err})") from None
+    return b"".join(pieces)
 
 
 def iter_line_blocks(
