@@ -258,3 +258,16 @@ def test_a_misspelled_key_is_one_line_with_the_closest_key(tmp_path):
         "dqrm fit: error: Subcommand 'fit' does not accept option 'data.batch_sise'; did you mean `data.batch_size`? "
         "(`dqrm fit --help` lists the options)"
     ]
+
+
+def test_the_kaggle_config_on_a_small_file_sizes_tables_from_the_data_and_validates_each_epoch(tmp_path, criteo_sample):
+    sample = on_sample(tmp_path, criteo_sample)[2:]  # the file arguments, without configs/demo.yaml
+    result = run_cli(
+        "fit", "-c", "configs/kaggle.yaml", *sample, "--data.num_workers", "0", *ONE_EPOCH,
+        "--trainer.default_root_dir", str(tmp_path / "r"), *FAST,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(summary_path(result.stdout).read_text())
+    assert max(summary["data"]["table_sizes"]) <= 200  # from the vocabulary, not Kaggle's 33.76M rows
+    assert "`trainer.val_check_interval` 10240 is more than the 2 training batches" in result.stderr
+    assert "val/auc" in summary["val"]["final"]

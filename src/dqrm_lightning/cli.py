@@ -190,8 +190,28 @@ class DQRMCLI(LightningCLI):
                 hint = " (or `--trainer.limit_val_batches 0` to train without validation)" if split == "val" else ""
                 raise ConfigError(f"the {split} split is empty: give `--data.{split}_files`{hint}")
 
+    def _fit_validation_interval(self) -> None:
+        """A ``val_check_interval`` in steps longer than an epoch (a Kaggle-size config on a small file) validates at
+        each epoch end instead of stopping the run (Lightning refuses it)."""
+        interval, trainer = self.trainer.val_check_interval, self.trainer
+        if self.subcommand != "fit" or not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
+            return
+        rows = self.datamodule.describe()["rows"]["train"]
+        batches = -(-rows // (self.datamodule.hparams.batch_size * trainer.world_size))
+        if isinstance(trainer.limit_train_batches, int):
+            batches = min(batches, trainer.limit_train_batches)
+        if interval > batches:
+            if trainer.is_global_zero:
+                print(
+                    f"`trainer.val_check_interval` {interval} is more than the {batches} training batches of an epoch: "
+                    "validating at each epoch end",
+                    file=sys.stderr,
+                )
+            trainer.val_check_interval = 1.0
+
     def _before(self) -> None:
         self._check_splits()
+        self._fit_validation_interval()
         artifact = self._get(self.config, "artifact")
         if artifact:
             if self.subcommand == "fit":

@@ -232,12 +232,11 @@ class CriteoDataModule(pl.LightningDataModule):
                 with _file_lock(self.prepared_dir / ".vocab.lock"):
                     sizes = build_vocab(self.prepared_dir, hp.max_ind_range, hp.min_frequency)
                 bound = self.num_embeddings_per_feature
-                if bound is not None:
+                if bound is not None:  # an upper bound only: the tables are the vocabulary's size
                     over = [f"C{i + 1}: {s} > {b}" for i, (s, b) in enumerate(zip(sizes, bound, strict=True)) if s > b]
                     if over:
                         raise ValueError(f"vocabulary exceeds `num_embeddings_per_feature` ({', '.join(over)})")
-                    sizes = list(bound)
-                self._table_sizes = sizes
+                self._table_sizes = list(sizes)
         return self._table_sizes
 
     def encoder(self) -> CategoricalEncoder:

@@ -1,5 +1,6 @@
-"""Data-loader workers: started from a forkserver (never forked from a multi-threaded training process), single-
-threaded, and reading exactly the batches the training process reads itself."""
+"""CriteoDataModule: loader workers started from a forkserver (never forked from a multi-threaded training process),
+single-threaded, reading exactly the batches the training process reads itself, and tied to their rank; table sizes
+from the vocabulary."""
 
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dqrm_lightning.data.datamodule import CriteoDataModule, _worker_init
@@ -50,7 +52,7 @@ def test_workers_start_from_a_forkserver_and_read_what_the_training_process_read
 _READER = """
 import sys, time
 from pathlib import Path
-from tests.data.test_datamodule_workers import _datamodule
+from tests.data.test_datamodule import _datamodule
 loader = iter(_datamodule(Path(sys.argv[1]), 1).train_dataloader())
 next(loader)
 print(" ".join(str(w.pid) for w in loader._workers), flush=True)
@@ -78,3 +80,22 @@ def test_workers_exit_when_their_rank_is_killed(tmp_path):
         while _alive(workers[0]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(workers[0]), "the loader worker outlived its rank"
+
+
+def test_vocab_tables_are_sized_by_the_data_and_the_given_sizes_are_only_an_upper_bound(tmp_path):
+    files = {s: str(write_rows(tmp_path / f"{s}.tsv", 40, seed=i)) for i, s in enumerate(("train", "val", "test"))}
+    kaggle_like = CriteoDataModule(
+        **{f"{s}_files": f for s, f in files.items()},
+        categorical_encoding="vocab",
+        num_embeddings_per_feature=[10**7] * 26,
+    )
+    sizes = kaggle_like.table_sizes
+    assert all(1 <= size <= 120 for size in sizes)  # 120 rows cannot hold more distinct values: not 10**7 rows
+    tight = CriteoDataModule(
+        **{f"{s}_files": f for s, f in files.items()},
+        categorical_encoding="vocab",
+        num_embeddings_per_feature=[1] * 26,
+        cache_dir=str(tmp_path / "other"),
+    )
+    with pytest.raises(ValueError, match="vocabulary exceeds `num_embeddings_per_feature` \\(C1: "):
+        tight.table_sizes  # noqa: B018
