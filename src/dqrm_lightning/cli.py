@@ -402,6 +402,7 @@ def _data_parser() -> argparse.ArgumentParser:
 def data_main(argv: list[str]) -> str:
     """Run ``dqrm data ...``; returns the path of the summary it wrote."""
     args = _data_parser().parse_args(argv)
+    apply_threads(resolve(None, local_processes_from_env()))  # pyarrow's pool: this process's share of the CPUs
     out = Path(args.out)
     start = time.perf_counter()
     if args.command == "synth":

@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from dqrm_lightning._progress import ProgressMeter
+from dqrm_lightning.threads import available_cpus
 
 __all__ = [
     "BLOCK_ROWS",
@@ -862,9 +863,9 @@ def _iter_blocks(truth: GroundTruth, plan: list[_PlannedFile], total: int, worke
 
 # --------------------------------------------------------------------------------------------------- synthesize
 def _default_workers() -> int:
-    """One thread per usable CPU, at most 4 (formatting and writing do not scale further)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(usable, 4)
+    """One thread per usable CPU (affinity mask and cgroup quota), at most 4 (formatting and writing do not scale
+    further)."""
+    return min(available_cpus()[0], 4)
 
 
 def _check_arguments(rows: int, split_fractions: Sequence[float], rows_per_file: int | None) -> tuple[float, ...]:
