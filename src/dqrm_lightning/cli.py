@@ -40,6 +40,7 @@ from dqrm_lightning.callbacks.progress import LineProgress, TerminalProgress, st
 from dqrm_lightning.callbacks.threads import ThreadPolicy
 from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_error
 from dqrm_lightning.data.datamodule import CriteoDataModule
+from dqrm_lightning.data.dataset import rank_slices
 from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
@@ -179,25 +180,23 @@ class DQRMCLI(LightningCLI):
     def _summary_callback(self) -> RunSummary:
         return next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
 
-    def _check_splits(self) -> None:
+    def _check_splits(self, rows: dict[str, int]) -> None:
         """Each split the subcommand reads holds rows (else one line naming the argument, before any run starts)."""
         needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[self.subcommand]
         if self.subcommand == "fit" and self.trainer.limit_val_batches == 0:
             needed = ["train"]
-        rows = self.datamodule.describe()["rows"]
         for split in needed:
             if rows[split] == 0:
                 hint = " (or `--trainer.limit_val_batches 0` to train without validation)" if split == "val" else ""
                 raise ConfigError(f"the {split} split is empty: give `--data.{split}_files`{hint}")
 
-    def _fit_validation_interval(self) -> None:
+    def _fit_validation_interval(self, train_rows: int) -> None:
         """A ``val_check_interval`` in steps longer than an epoch (a Kaggle-size config on a small file) validates at
         each epoch end instead of stopping the run (Lightning refuses it)."""
         interval, trainer = self.trainer.val_check_interval, self.trainer
         if self.subcommand != "fit" or not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
             return
-        rows = self.datamodule.describe()["rows"]["train"]
-        batches = -(-rows // (self.datamodule.hparams.batch_size * trainer.world_size))
+        batches = len(rank_slices(train_rows, self.datamodule.hparams.batch_size, trainer.world_size, 0))
         if isinstance(trainer.limit_train_batches, int):
             batches = min(batches, trainer.limit_train_batches)
         if interval > batches:
@@ -210,8 +209,9 @@ class DQRMCLI(LightningCLI):
             trainer.val_check_interval = 1.0
 
     def _before(self) -> None:
-        self._check_splits()
-        self._fit_validation_interval()
+        rows = self.datamodule.describe()["rows"]
+        self._check_splits(rows)
+        self._fit_validation_interval(rows["train"])
         artifact = self._get(self.config, "artifact")
         if artifact:
             if self.subcommand == "fit":
@@ -273,7 +273,6 @@ class DQRMCLI(LightningCLI):
         try:
             super()._parse_ckpt_path()
         except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as err:  # incl. decode errors
-            path = self.config[self.config.subcommand].get("ckpt_path")
             raise load_error(path, err) from None
 
     def instantiate_classes(self) -> None:
@@ -606,8 +605,8 @@ def _option_error(err: argparse.ArgumentError, cli: DQRMCLI | None, argv: list[s
         close = difflib.get_close_matches(bad.group(1) or bad.group(2), keys, n=1, cutoff=0.8)
         if close:
             message += f"; did you mean `{close[0]}`?"
-    subcommand = argv[0] if argv and not argv[0].startswith("-") else ""
-    return f"{message} (`dqrm {subcommand} --help` lists the options)".replace("dqrm  --help", "dqrm --help")
+    prog = f"dqrm {argv[0]}" if argv and not argv[0].startswith("-") else "dqrm"
+    return f"{message} (`{prog} --help` lists the options)"
 
 
 def _name_dead_ranks(cli: DQRMCLI | None, command: str, wait_seconds: float = 5.0) -> None:

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
-# "1" when OMP_NUM_THREADS came from the user, "0" when a launcher set it after `dqrm` started (Lightning's and
-# torchrun's launchers fill it in for the ranks they start); inherited by every rank of the run.
+# "1" when OMP_NUM_THREADS came from the user, "0" when it was unset as `dqrm` started (Lightning's launcher then
+# fills it in for the ranks it starts); inherited by every rank of the run.
 _FROM_USER = "DQRM_OMP_NUM_THREADS_FROM_USER"
 
 
@@ -135,6 +135,12 @@ def local_processes_from_env(environ: dict[str, str] | os._Environ = os.environ)
     return 1
 
 
+def check_threads(threads: int | None) -> None:
+    """Raises ValueError unless ``threads`` is None (the policy decides) or at least 1."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"`threads` must be >= 1 or null (the policy decides), got {threads}")
+
+
 def resolve(
     threads: int | None = None,
     local_processes: int = 1,
@@ -154,8 +160,7 @@ def resolve(
     Raises:
         ValueError: ``threads`` below 1, or ``OMP_NUM_THREADS`` not a positive integer.
     """
-    if threads is not None and threads < 1:
-        raise ValueError(f"`threads` must be >= 1 or null (the policy decides), got {threads}")
+    check_threads(threads)
     cores, cores_from = cpus if cpus is not None else available_cpus()
     local_processes = max(1, local_processes)
     share = max(1, cores // local_processes)

@@ -5,7 +5,7 @@ A live bar redraws itself with carriage returns many times a second; in a log fi
 standard output is not a terminal ``dqrm`` uses this callback instead of Lightning's bar: one line per epoch (or every
 N training steps) with the same figures, e.g.::
 
-    epoch 1: 1250/1250 steps, 41.3 s, 3,874 samples/s, train/loss 0.4981, val/auc 0.7112, val/log_loss 0.5126
+    epoch 1: 1250/1250 steps, 4.9 s training, 32,595 samples/s, train/loss 0.5446, val/auc 0.7112, val/log_loss 0.5126
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ class ThreadPolicy(pl.Callback):
     """
 
     def __init__(self, threads: int | None = None) -> None:
-        thread_policy.resolve(threads, cpus=(1, "check"), environ={})  # the argument check, before any work
+        thread_policy.check_threads(threads)
         self.threads = threads
         self.settings: thread_policy.ThreadSettings | None = None
 
