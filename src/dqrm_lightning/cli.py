@@ -18,7 +18,6 @@ import inspect
 import json
 import logging
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from dqrm_lightning.callbacks import CommunicationAccounting, QuantizationAwareT
 from dqrm_lightning.callbacks.predictions import PredictionWriter
 from dqrm_lightning.callbacks.progress import LineProgress, TerminalProgress, stdout_is_terminal
 from dqrm_lightning.callbacks.threads import ThreadPolicy
-from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_error
+from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_file
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.data.dataset import rank_slices
 from dqrm_lightning.errors import ConfigError
@@ -272,8 +271,12 @@ class DQRMCLI(LightningCLI):
             raise ConfigError(f"`--ckpt_path {path}`: no such file or directory")
         try:
             super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as err:  # incl. decode errors
-            raise load_error(path, err) from None
+        except Exception:
+            # garbage fails inside torch.load with almost any exception type: if the file itself does not load
+            # (safely, by our loader), that is the error to report; otherwise the failure is about something else
+            if path and Path(path).is_file():
+                load_file(path, mmap=True)
+            raise
 
     def instantiate_classes(self) -> None:
         self._check_before_building()
