@@ -181,9 +181,10 @@ def test_wandb_offline_without_credentials_writes_a_syncable_run(tmp_path, crite
     assert result.returncode == 0, result.stderr[-3000:]
     fit = json.loads(summary_path(result.stdout).read_text()) | {"_path": str(summary_path(result.stdout))}
     # no warning a user must learn to ignore: LightningCLI's args/command line, the CSV directory "not empty"
-    # (wandb wrote into it first), Lightning's cloud-logger tip
-    for noise in ("LightningCLI's args parameter", "exists and is not empty", "Tip:"):
+    # (wandb wrote into it first), Lightning's cloud-logger tip, wandb's "anonymous setting has no effect"
+    for noise in ("LightningCLI's args parameter", "exists and is not empty", "Tip:", "anonymous"):
         assert noise not in result.stdout + result.stderr
+    assert [line for line in (result.stdout + result.stderr).splitlines() if "warn" in line.lower()] == []
     runs = list(Path(fit["_path"]).parent.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     assert runs[0].stat().st_size > 0
@@ -245,11 +246,35 @@ def test_help_lists_every_subcommand_and_each_has_its_own_help(capsys, monkeypat
 )
 def test_newcomer_mistakes_are_one_line_naming_the_argument(tmp_path, criteo_sample, change, message):
     args = [*on_sample(tmp_path, criteo_sample), *(a.format(dir=tmp_path) for a in change)]
-    result = run_cli("fit", *args, "--trainer.default_root_dir", str(tmp_path / "r"), *FAST)
+    # wandb offline: the CSV log directory is created before the data is checked
+    result = run_cli("fit", *args, "--trainer.default_root_dir", str(tmp_path / "r"), *FAST, "--wandb", "offline")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"dqrm fit: error: {message.format(dir=tmp_path)}"), result.stderr[-3000:]
+    assert not list((tmp_path / "r").glob("lightning_logs/version_*"))  # a failed run leaves no empty run directory
+
+
+def test_best_checkpoint_of_a_root_without_runs_is_one_line(tmp_path, criteo_sample):
+    args = [*on_sample(tmp_path, criteo_sample), "--trainer.default_root_dir", str(tmp_path / "r"), *FAST]
+    result = run_cli("test", *args, "--ckpt_path", "best")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dqrm test: error: no best.ckpt under {tmp_path / 'r'}/lightning_logs/*/checkpoints; pass --ckpt_path PATH"
+    )
+
+
+def test_prepared_dir_on_the_command_line_works_with_any_base_config(tmp_path, criteo_sample):
+    sample = str(tmp_path / "sample.tsv")
+    Path(sample).write_bytes(Path(criteo_sample).read_bytes())
+    prepared = tmp_path / "prepared"
+    dqrm("data", "prepare", "--train-files", sample, "--val-files", sample, "--test-files", sample,
+         "--out", str(prepared), "--no-progress")  # fmt: skip
+    # configs/demo.yaml names its own raw files (data/demo/...): the prepared directory replaces them
+    common = ["-c", "configs/demo.yaml", "--data.prepared_dir", str(prepared), *FAST]
+    _, fit = dqrm("fit", *common, *ONE_EPOCH, "--trainer.default_root_dir", str(tmp_path / "r"))
+    assert fit["data"]["rows"] == {"train": 200, "val": 200, "test": 200}
+    assert fit["config"]["data"].get("train_files") is None
 
 
 def test_a_misspelled_key_is_one_line_with_the_closest_key(tmp_path):
@@ -272,5 +297,16 @@ def test_the_kaggle_config_on_a_small_file_sizes_tables_from_the_data_and_valida
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(summary_path(result.stdout).read_text())
     assert max(summary["data"]["table_sizes"]) <= 200  # from the vocabulary, not Kaggle's 33.76M rows
-    assert "`trainer.val_check_interval` 10240 is more than the 2 training batches" in result.stderr
+    note = "an epoch has 2 training batches: `trainer.val_check_interval` 10240: validating at each epoch end; "
+    assert note + "`trainer.log_every_n_steps` 1024: logging every 2 steps" in result.stderr
+    assert "smaller than the logging interval" not in result.stderr  # Lightning's warning
+    assert "train/loss" in summary_path(result.stdout).with_name("metrics.csv").read_text()
     assert "val/auc" in summary["val"]["final"]
+
+
+def test_the_full_traceback_of_a_one_line_error_on_request(tmp_path, criteo_sample):
+    args = [*on_sample(tmp_path, criteo_sample), "--data.val_files", "null", *FAST]
+    result = run_cli("fit", *args, "--trainer.default_root_dir", str(tmp_path / "r"), env={"DQRM_TRACEBACK": "1"})
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("dqrm fit: error: the val split is empty")

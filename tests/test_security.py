@@ -196,3 +196,32 @@ def test_the_cli_refuses_a_file_of_random_bytes_in_one_line(tmp_path, criteo_sam
         assert result.returncode != 0
         assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
         assert result.stderr.startswith(f"dqrm validate: error: {garbage}: "), result.stderr
+
+
+def test_a_distributed_checkpoint_directory_is_checked_file_by_file(tmp_path):
+    from dqrm_lightning.checkpoint import DIGESTS_FILE, verify_directory, write_directory_digests
+
+    path = dcp_dir(tmp_path / "ok", {"hyper_parameters": {}})
+    before = read_dcp(path)  # written before digests existed: loads as it is
+    write_directory_digests(path)
+    assert sorted(__import__("json").loads((path / DIGESTS_FILE).read_text())["sha256"]) == sorted(
+        p.name for p in path.iterdir() if p.name != DIGESTS_FILE
+    )
+    torch.testing.assert_close(read_dcp(path), before)
+    shard = max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{shard}: corrupt checkpoint: the file does not match"):
+        read_dcp(path)
+    damaged = shard.read_bytes()
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard}: missing from the checkpoint directory"):
+        verify_directory(path)
+    shard.write_bytes(damaged)
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))  # restored
+    verify_directory(path)
+    (path / "extra.distcp").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"extra\.distcp: not part of the checkpoint"):
+        verify_directory(path)

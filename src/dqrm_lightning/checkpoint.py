@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -94,6 +95,50 @@ def verify_integrity(checkpoint: Any, path: _PATH) -> Any:
             "(changed or damaged bytes); use another checkpoint (e.g. the previous last.ckpt or best.ckpt)"
         )
     return checkpoint
+
+
+DIGESTS_FILE = "digests.json"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_directory_digests(path: _PATH) -> None:
+    """Record the sha256 of every file of a checkpoint directory in its ``digests.json`` (after all are written)."""
+    directory = Path(path)
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != DIGESTS_FILE)
+    digests = {name: _file_sha256(directory / name) for name in files}
+    (directory / DIGESTS_FILE).write_text(json.dumps({"sha256": digests}, indent=1, sort_keys=True))
+
+
+def verify_directory(path: _PATH) -> None:
+    """Check a checkpoint directory's files against its ``digests.json``: a changed, missing or added file is refused
+    naming it. Directories written before digests existed (no ``digests.json``) load as they are."""
+    directory = Path(path)
+    record = directory / DIGESTS_FILE
+    if not record.exists():
+        return
+    try:
+        expected = json.loads(record.read_text())["sha256"]
+        assert isinstance(expected, dict)
+    except Exception:
+        raise CheckpointError(f"{record}: corrupt checkpoint digests (not the JSON written with it)") from None
+    present = {p.name for p in directory.iterdir() if p.is_file() and p.name != DIGESTS_FILE}
+    for name in sorted(set(expected) | present):
+        if name not in present:
+            raise CheckpointError(f"{directory / name}: missing from the checkpoint directory")
+        if name not in expected:
+            raise CheckpointError(f"{directory / name}: not part of the checkpoint (not in its {DIGESTS_FILE})")
+        if _file_sha256(directory / name) != expected[name]:
+            raise CheckpointError(
+                f"{directory / name}: corrupt checkpoint: the file does not match the sha256 digest written with it "
+                "(changed or damaged bytes); use another checkpoint (e.g. the previous last.ckpt or best.ckpt)"
+            )
 
 
 def load_file(path: _PATH, map_location: Any = "cpu", mmap: bool = False) -> Any:
@@ -253,6 +298,7 @@ def load_dcp(state_dict: dict[str, Any], path: _PATH, no_dist: bool = False) -> 
 
 def read_dcp(path: _PATH, top_level: tuple[str, ...] = ("state_dict",)) -> dict[str, Any]:
     """The entries under ``top_level`` keys of a distributed checkpoint as full tensors (any world size wrote it)."""
+    verify_directory(path)
     metadata = read_dcp_metadata(path)
     mappings = metadata.planner_data or {}
     target: dict[str, Any] = {}

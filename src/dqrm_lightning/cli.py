@@ -10,6 +10,7 @@ with one line naming the argument (``dqrm fit: error: `qat.scale_period` must be
 from __future__ import annotations
 
 import argparse
+import csv
 import difflib
 import gc
 import glob
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from dqrm_lightning.callbacks import CommunicationAccounting, QuantizationAwareTraining, RunSummary, StepTimer
+from dqrm_lightning.callbacks.interrupt import ContinuedMetrics, RunInterrupted, StopOnSignal
 from dqrm_lightning.callbacks.predictions import PredictionWriter
 from dqrm_lightning.callbacks.progress import LineProgress, TerminalProgress, stdout_is_terminal
 from dqrm_lightning.callbacks.threads import ThreadPolicy
@@ -59,6 +62,7 @@ _ARGUMENT_PREFIXES: tuple[tuple[type, str], ...] = (
     (EmbeddingLayout, "trainer.strategy"),
 )
 _LINKED = "model.num_embeddings_per_feature"
+_RAW_INPUTS = ("train_files", "val_files", "test_files", "kaggle_train_txt", "terabyte_dir")
 
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
 _MORE_COMMANDS = (
@@ -88,6 +92,9 @@ class DQRMCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         DQRMCLI.last = self
+        self._checkpoint: str | None = None  # --ckpt_path, `best`/`last` resolved
+        self._new_log_dir: Path | None = None  # the log directory this run created
+        self._argv: list[str] = []
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # exit_on_error False: a bad option raises, and `main` reports it in one line (not ~90 lines of usage)
@@ -130,16 +137,22 @@ class DQRMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs"
-        if config.get("logger") in (None, True):
-            kwargs["logger"] = self._default_loggers(root)
+        self._checkpoint = self._resolve_checkpoint(root)
         callbacks: list[Any] = [
             RunSummary(),
             CommunicationAccounting(),
             ThreadPolicy(self._get(self.config, "threads")),
         ]
+        if config.get("logger") in (None, True):
+            version = _run_version(self._checkpoint, root) if self.subcommand == "fit" else None
+            kwargs["logger"], previous_metrics = self._default_loggers(root, version)
+            if previous_metrics:
+                callbacks.append(ContinuedMetrics(previous_metrics))
         if config.get("enable_progress_bar") is not False:
             every = self._get(self.config, "progress_every_n_steps")
             callbacks.append(TerminalProgress() if stdout_is_terminal() else LineProgress(every))
+        if self.subcommand == "fit":
+            callbacks.append(StopOnSignal())
         if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
             callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
             every = self._get(self.config, "checkpoint_every_n_steps")
@@ -158,23 +171,53 @@ class DQRMCLI(LightningCLI):
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         return self._instantiate_trainer(trainer_config, extra + callbacks)
 
-    def _default_loggers(self, root: str) -> list[Logger]:
-        loggers: list[Logger] = [CSVLogger(save_dir=root, name="lightning_logs")]
+    def _resolve_checkpoint(self, root: str) -> str | None:
+        """``--ckpt_path``, with ``best``/``last`` resolved to the newest such file under ``root``."""
+        which = self._get(self.config, "ckpt_path")
+        if which not in ("best", "last"):
+            return which
+        try:
+            return find_checkpoint(root, which)
+        except FileNotFoundError as err:
+            if self.subcommand != "fit":
+                raise ConfigError(str(err)) from None
+            # a restart loop (`dqrm fit ... --ckpt_path last`) whose first run died before any checkpoint
+            print(f"no {which}.ckpt under {root}: training from scratch", file=sys.stderr)
+            return None
+
+    def _default_loggers(self, root: str, version: int | None) -> tuple[list[Logger], list[dict[str, str]]]:
+        """CSV (and wandb) loggers; ``version``: continue that run (its directory, metrics and wandb run).
+
+        Returns the loggers and the metrics rows the continued run had logged (Lightning's CSV logger starts
+        ``metrics.csv`` afresh; :class:`ContinuedMetrics` logs them again)."""
+        csv_logger = CSVLogger(save_dir=root, name="lightning_logs", version=version)
+        previous: list[dict[str, str]] = []
+        wandb_id = None
+        if version is not None:
+            run_dir = Path(csv_logger.log_dir)
+            previous = _read_metrics(run_dir / "metrics.csv")
+            wandb_id = _wandb_run_id(run_dir)
+            for message in ("Experiment logs directory", "Checkpoint directory"):  # expected: continuing in place
+                warnings.filterwarnings("ignore", message=f".*{message} .* exists and is not empty.*")
+        else:
+            self._new_log_dir = Path(csv_logger.log_dir)  # removed again if the run fails before writing anything
+        loggers: list[Logger] = [csv_logger]
         mode = wandb_mode(self._get(self.config, "wandb"))
         if mode != "disabled":
-            version = loggers[0].version
-            loggers[0].experiment  # noqa: B018 - the CSV log directory first: wandb's files then land in it
-
-            loggers.append(
-                WandbLogger(
-                    project=self._get(self.config, "wandb_project"),
-                    save_dir=os.path.join(root, "lightning_logs", f"version_{version}"),
-                    offline=mode == "offline",
-                    name=f"{self.subcommand}-v{version}",
-                )
+            version = csv_logger.version
+            csv_logger.experiment  # noqa: B018 - the CSV log directory first: wandb's files then land in it
+            wandb_logger = WandbLogger(
+                project=self._get(self.config, "wandb_project"),
+                save_dir=os.path.join(root, "lightning_logs", f"version_{version}"),
+                offline=mode == "offline",
+                name=f"{self.subcommand}-v{version}",
+                id=wandb_id,
             )
+            # Lightning passes `anonymous=None`, which wandb (>= 0.19) warns about on every run: leave it unset
+            wandb_logger._wandb_init.pop("anonymous", None)
+            loggers.append(wandb_logger)
             os.environ.setdefault("WANDB_SILENT", "true")
-        return loggers
+        return loggers, previous
 
     def _summary_callback(self) -> RunSummary:
         return next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
@@ -189,28 +232,31 @@ class DQRMCLI(LightningCLI):
                 hint = " (or `--trainer.limit_val_batches 0` to train without validation)" if split == "val" else ""
                 raise ConfigError(f"the {split} split is empty: give `--data.{split}_files`{hint}")
 
-    def _fit_validation_interval(self, train_rows: int) -> None:
-        """A ``val_check_interval`` in steps longer than an epoch (a Kaggle-size config on a small file) validates at
-        each epoch end instead of stopping the run (Lightning refuses it)."""
-        interval, trainer = self.trainer.val_check_interval, self.trainer
-        if self.subcommand != "fit" or not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
+    def _fit_intervals(self, train_rows: int) -> None:
+        """Step intervals longer than an epoch (a Kaggle-size config on a small file): ``val_check_interval`` validates
+        at each epoch end instead of stopping the run (Lightning refuses it), ``log_every_n_steps`` logs the last step
+        of each epoch instead of never logging training metrics (Lightning warns)."""
+        trainer = self.trainer
+        if self.subcommand != "fit":
             return
         batches = len(rank_slices(train_rows, self.datamodule.hparams.batch_size, trainer.world_size, 0))
         if isinstance(trainer.limit_train_batches, int):
             batches = min(batches, trainer.limit_train_batches)
-        if interval > batches:
-            if trainer.is_global_zero:
-                print(
-                    f"`trainer.val_check_interval` {interval} is more than the {batches} training batches of an epoch: "
-                    "validating at each epoch end",
-                    file=sys.stderr,
-                )
+        notes = []
+        interval = trainer.val_check_interval
+        if isinstance(interval, int) and trainer.check_val_every_n_epoch is not None and interval > batches:
+            notes.append(f"`trainer.val_check_interval` {interval}: validating at each epoch end")
             trainer.val_check_interval = 1.0
+        if 0 < batches < trainer.log_every_n_steps:
+            notes.append(f"`trainer.log_every_n_steps` {trainer.log_every_n_steps}: logging every {batches} steps")
+            trainer.log_every_n_steps = batches
+        if notes and trainer.is_global_zero:
+            print(f"an epoch has {batches} training batches: {'; '.join(notes)}", file=sys.stderr)
 
     def _before(self) -> None:
         rows = self.datamodule.describe()["rows"]
         self._check_splits(rows)
-        self._fit_validation_interval(rows["train"])
+        self._fit_intervals(rows["train"])
         artifact = self._get(self.config, "artifact")
         if artifact:
             if self.subcommand == "fit":
@@ -236,18 +282,8 @@ class DQRMCLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        which = kwargs.get("ckpt_path")
-        if which in ("best", "last"):
-            try:
-                kwargs["ckpt_path"] = find_checkpoint(self.trainer.default_root_dir, which)
-            except FileNotFoundError:
-                if subcommand != "fit":
-                    raise
-                # a restart loop (`dqrm fit ... --ckpt_path last`) whose first run died before any checkpoint
-                warnings.warn(
-                    f"no {which}.ckpt under {self.trainer.default_root_dir}: training from scratch", stacklevel=1
-                )
-                kwargs["ckpt_path"] = None
+        if "ckpt_path" in kwargs:
+            kwargs["ckpt_path"] = self._checkpoint
         if kwargs.get("weights_only") is False:
             raise ConfigError("`weights_only: false` is not supported: checkpoints load without unpickling objects")
         if "weights_only" in inspect.signature(getattr(self.trainer, subcommand)).parameters:
@@ -261,7 +297,22 @@ class DQRMCLI(LightningCLI):
                 f"`{_LINKED}` is set from the data (`data.table_sizes`): give table sizes with "
                 "`--data.num_embeddings_per_feature` (hash encoding) or let the vocabulary size them (vocab encoding)"
             )
+        self._argv = [str(a) for a in given] if isinstance(given, list | tuple) else []
         super().parse_arguments(parser, args)
+        self._prepared_dir_replaces_raw_inputs()
+
+    def _prepared_dir_replaces_raw_inputs(self) -> None:
+        """``--data.prepared_dir`` on the command line reads that prepared data with any base config: the raw inputs
+        set by config files (configs/demo.yaml's file globs) are dropped, unless the command line names raw inputs
+        too (then they are prepared into that directory, as in a config file)."""
+        given = {a.split("=", 1)[0] for a in self._argv if a.startswith("--data.")}
+        if "--data.prepared_dir" not in given or given & {f"--data.{key}" for key in _RAW_INPUTS}:
+            return
+        subcommand = self.config.get("subcommand")
+        data = (self.config.get(subcommand) if subcommand else self.config).get("data")
+        if data is not None:
+            for key in _RAW_INPUTS:
+                data[key] = None
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the hyper-parameters of `--ckpt_path` (torch.load with weights_only=True) before anything
@@ -365,6 +416,42 @@ def _qualify(message: str, prefix: str, names: set[str]) -> str:
         return f"`{prefix}.{name}" if name in names else match.group(0)
 
     return re.sub(r"`(\w+)", qualify, message)
+
+
+def _run_version(checkpoint: str | None, root: str) -> int | None:
+    """N when ``checkpoint`` is ``<root>/lightning_logs/version_N/checkpoints/*``: a run to continue in place."""
+    if not checkpoint:
+        return None
+    path = Path(checkpoint).resolve()
+    run_dir = path.parent.parent
+    match = re.fullmatch(r"version_(\d+)", run_dir.name)
+    if path.parent.name != "checkpoints" or match is None:
+        return None
+    return int(match.group(1)) if run_dir.parent == (Path(root) / "lightning_logs").resolve() else None
+
+
+def _read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the newest wandb run under ``run_dir/wandb`` (directories ``[offline-]run-<time>-<id>``)."""
+    runs = sorted(run_dir.glob("wandb/*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
+    return runs[-1].name.rsplit("-", 1)[1] if runs else None
+
+
+def _remove_unused_log_dir(cli: DQRMCLI | None) -> None:
+    """A run that failed before it logged or saved anything leaves no ``version_N`` directory behind."""
+    path = getattr(cli, "_new_log_dir", None)
+    trainer = getattr(cli, "trainer", None)
+    if path is None or not path.is_dir() or (trainer is not None and not trainer.is_global_zero):
+        return
+    kept = ("metrics.csv", "summary.json", "checkpoints")
+    if not any((path / name).exists() for name in kept):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def find_checkpoint(root: str | os.PathLike, which: str) -> str:
@@ -570,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             path = export_main(argv[1:])
         except (ArtifactError, FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"dqrm export: error: {err}") from None
+            raise _one_line("dqrm export", err) from None
         print(f"summary: {path}", flush=True)
         return
     if argv and argv[0] == "data":
@@ -579,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             path = data_main(argv[1:])
         except (CriteoFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
-            raise SystemExit(f"dqrm data: error: {err}") from None
+            raise _one_line("dqrm data", err) from None
         print(f"summary: {path}", flush=True)
         return
     from dqrm_lightning.export.artifact import ArtifactError
@@ -587,14 +674,37 @@ def main(argv: list[str] | None = None) -> None:
     command = f"dqrm {argv[0]}" if argv and not argv[0].startswith("-") else "dqrm"
     try:
         DQRMCLI(args=None if from_command_line else argv)
-    except (ConfigError, CheckpointError, ArtifactError) as err:
-        raise SystemExit(f"{command}: error: {err}") from None
-    except argparse.ArgumentError as err:
-        raise SystemExit(f"{command}: error: {_option_error(err, DQRMCLI.last, argv)}") from None
-    except BaseException:
+    except RunInterrupted as stop:
+        _report_interrupted(stop, DQRMCLI.last, command)
+    except BaseException as err:
+        _remove_unused_log_dir(DQRMCLI.last)
+        if isinstance(err, ConfigError | CheckpointError | ArtifactError):
+            raise _one_line(command, err) from None
+        if isinstance(err, argparse.ArgumentError):
+            raise _one_line(command, err, _option_error(err, DQRMCLI.last, argv)) from None
         _name_dead_ranks(DQRMCLI.last, command)
         raise
     _close_process_group()  # after a run that succeeded on every rank (a failed one exits with its own error)
+
+
+def _one_line(command: str, err: BaseException, message: str | None = None) -> SystemExit:
+    """The exit for a user's mistake: one line naming the argument or file. With ``DQRM_TRACEBACK=1`` in the
+    environment the full traceback is printed first (for bug reports)."""
+    if os.environ.get("DQRM_TRACEBACK", "") not in ("", "0"):
+        traceback.print_exception(err)
+    return SystemExit(f"{command}: error: {message if message is not None else err}")
+
+
+def _report_interrupted(stop: RunInterrupted, cli: DQRMCLI | None, command: str) -> None:
+    """One line saying where the run stopped and how to continue it; the summary line last; exit 128 + signal."""
+    if stop.global_zero:
+        hint = "; continue with the same command and `--ckpt_path last`" if stop.checkpoint else ""
+        print(f"{command}: {stop}{hint}", file=sys.stderr, flush=True)
+        summary = cli._summary_callback().path if cli is not None else None
+        if summary is not None:
+            print(f"summary: {summary}", flush=True)
+    _close_process_group()
+    raise SystemExit(stop.exit_code)
 
 
 def _option_error(err: argparse.ArgumentError, cli: DQRMCLI | None, argv: list[str]) -> str:

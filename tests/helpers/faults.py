@@ -15,3 +15,17 @@ class DieAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             os._exit(17)
+
+
+class SignalAtStep(pl.Callback):
+    """Send ``signum`` to this process (rank ``rank`` only) as training step ``step`` starts, as Ctrl-C or a
+    scheduler's SIGTERM would; the run handles it like any other delivery of the signal."""
+
+    def __init__(self, step: int = 3, signum: int = 2, rank: int = 0) -> None:
+        self.step = step
+        self.signum = signum
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

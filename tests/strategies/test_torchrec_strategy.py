@@ -1,11 +1,12 @@
 """TorchRecStrategy through the CLI with 2 gloo processes: training, distributed checkpoints, 2 -> 1 and 1 -> 2."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_cli import demo_args, dqrm, synth_demo
+from tests.test_cli import demo_args, dqrm, run_cli, synth_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -29,6 +30,7 @@ def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_pa
     best = Path(fit["checkpoints"]["best"])
     assert best.is_dir()
     assert len(list(best.glob("*.distcp"))) == 2
+    assert (best / "digests.json").is_file()  # every file's sha256, checked on load
     expected = fit["val"]["final"]["val/auc"]
     for devices in ("2", "1"):
         _, val = dqrm(
@@ -43,6 +45,16 @@ def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_pa
         )
         assert val["world_size"] == int(devices)
         assert val["val"]["final"]["val/auc"] == pytest.approx(expected, abs=1e-6)
+    damaged = tmp_path / "damaged.ckpt"
+    shutil.copytree(best, damaged)
+    shard = next(damaged.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    strategy = ["--trainer.strategy", "torchrec"]
+    result = run_cli("validate", *common, *strategy, "--ckpt_path", str(damaged))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"dqrm validate: error: {shard}: corrupt checkpoint")
     _, export = dqrm("export", "--ckpt", str(best), "--out", str(tmp_path / "art"), "--embedding-bits", "4")
     assert export["quantization"] == "ptq (trained scales)"  # the sharded FP32 checkpoint, gathered and quantized
     _, val = dqrm("validate", *common, "--artifact", str(tmp_path / "art"))

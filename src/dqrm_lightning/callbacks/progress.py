@@ -72,6 +72,10 @@ class LineProgress(ProgressBar):
         return f"{line}, {figures}" if figures else line
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch does not start that epoch again
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
         self._samples = 0

@@ -18,13 +18,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
 from dqrm_lightning.callbacks.comm_accounting import CommunicationAccounting
+from dqrm_lightning.callbacks.interrupt import RunInterrupted
 from dqrm_lightning.callbacks.qat import QuantizationAwareTraining
 from dqrm_lightning.callbacks.step_timer import StepTimer
 from dqrm_lightning.callbacks.threads import ThreadPolicy
 
 
 class RunSummary(pl.Callback):
-    """Writes ``<log_dir>/summary.json`` at the end of fit, validate, test and predict (rank 0 only).
+    """Writes ``<log_dir>/summary.json`` at the end of fit, validate, test and predict (rank 0 only), and when a
+    signal stops training (:class:`~dqrm_lightning.callbacks.interrupt.StopOnSignal`).
 
     Args:
         filename: name of the file in the trainer's log directory.
@@ -106,6 +108,17 @@ class RunSummary(pl.Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.write(trainer, pl_module, "fit")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, RunInterrupted):  # every rank stopped at the same step: a summary of the run so far
+            self.extra["interrupted"] = {
+                "signal": exception.signal_name,
+                "step": exception.step,
+                "epoch": exception.epoch,
+                "checkpoint": exception.checkpoint,
+            }
+            self.write(trainer, pl_module, "fit")
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

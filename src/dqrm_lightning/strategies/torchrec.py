@@ -32,7 +32,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import Module
 from typing_extensions import override
 
-from dqrm_lightning.checkpoint import SafeCheckpointIO, check_weights_only, load_dcp, load_file, read_dcp_metadata
+from dqrm_lightning.checkpoint import (
+    SafeCheckpointIO,
+    check_weights_only,
+    load_dcp,
+    load_file,
+    read_dcp_metadata,
+    verify_directory,
+    write_directory_digests,
+)
 from dqrm_lightning.comms.compression import GradientCompressionConfig
 from dqrm_lightning.comms.ddp_hook import CompressionState, compression_hook
 from dqrm_lightning.errors import ConfigError
@@ -239,6 +247,7 @@ class TorchRecStrategy(DDPStrategy):
             torch.save(rest, partial / META_FILE)
         self.barrier("torchrec_checkpoint_written")
         if self.is_global_zero:
+            write_directory_digests(partial)  # every file is complete: checked on each load
             old = path.with_name(path.name + ".old")
             if path.exists():
                 path.rename(old)
@@ -261,6 +270,7 @@ class TorchRecStrategy(DDPStrategy):
             checkpoint = SafeCheckpointIO().load_checkpoint(checkpoint_path)
             self._restore_compression(checkpoint)
             return checkpoint
+        verify_directory(path)
         rest = load_file(path / META_FILE)
         saved = read_dcp_metadata(path).state_dict_metadata  # checked before anything is restored
         self._restore_compression(rest)
