@@ -104,7 +104,7 @@ def test_synth_fit_test_predict(tmp_path):
     _, predict = dqrm("predict", *common, "--ckpt_path", best, "--threads", "1")
     assert (predict["threads"]["intra_op"], predict["threads"]["intra_op_from"]) == (1, "--threads")
     predictions = Path(predict["predictions"]["path"]).read_text().splitlines()
-    assert predictions[0] == "probability\tlabel"
+    assert predictions[0] == "row\tprobability\tlabel"
     assert len(predictions) - 1 == fit["data"]["rows"]["test"]
 
 
@@ -191,8 +191,56 @@ def test_wandb_offline_without_credentials_writes_a_syncable_run(tmp_path, crite
 
 
 def _predictions(summary: dict) -> list[float]:
-    lines = Path(summary["predictions"]["path"]).read_text().splitlines()[1:]
-    return [float(line.split("\t")[0]) for line in lines]
+    header, *lines = Path(summary["predictions"]["path"]).read_text().splitlines()
+    column = header.split("\t").index("probability")
+    return [float(line.split("\t")[column]) for line in lines]
+
+
+def unlabeled_copy(source: Path, target: Path) -> Path:
+    """``source`` without its label column (39 fields per line): logs to score, as Kaggle's test.txt."""
+    lines = Path(source).read_text().splitlines(keepends=True)
+    target.write_text("".join(line.split("\t", 1)[1] for line in lines))
+    return target
+
+
+def test_predict_scores_unlabeled_logs_with_row_ids(tmp_path, criteo_sample):
+    common = [*on_sample(tmp_path, criteo_sample), "--data.batch_size", "32", "--data.eval_batch_size", "64"]
+    common += ["--trainer.default_root_dir", str(tmp_path / "r"), *FAST]
+    _, fit = dqrm("fit", *common, *ONE_EPOCH)
+    best = fit["checkpoints"]["best"]
+    out, labeled = dqrm("predict", *common, "--ckpt_path", best)
+    # the output names the file (absolute) and its rows just before the summary line
+    path = Path(labeled["predictions"]["path"])
+    assert path.is_absolute()
+    assert out.strip().splitlines()[-2] == f"predictions: {path} (200 rows)"
+    assert labeled["predictions"]["labels"] is True
+    lines = [line.split("\t") for line in path.read_text().splitlines()]
+    assert lines[0] == ["row", "probability", "label"]
+    assert [int(row) for row, _, _ in lines[1:]] == list(range(200))
+    sample_labels = [int(line[0]) for line in Path(criteo_sample).read_text().splitlines()]
+    assert [int(label) for _, _, label in lines[1:]] == sample_labels
+    # the same rows without labels (39 fields): the same probabilities, no label column
+    logs = str(unlabeled_copy(criteo_sample, tmp_path / "logs.tsv"))
+    out, unlabeled = dqrm("predict", *common, "--data.test_files", logs, "--ckpt_path", best)
+    path = Path(unlabeled["predictions"]["path"])
+    assert out.strip().splitlines()[-2] == f"predictions: {path} (200 rows)"
+    assert unlabeled["predictions"]["labels"] is False
+    assert unlabeled["data"]["labeled"] == {"train": True, "val": True, "test": False}
+    lines = [line.split("\t") for line in path.read_text().splitlines()]
+    assert lines[0] == ["row", "probability"]
+    assert [int(row) for row, _ in lines[1:]] == list(range(200))
+    assert _predictions(unlabeled) == pytest.approx(_predictions(labeled), abs=1e-7)
+    # a subcommand that needs labels stops with one line naming the split and the argument
+    for command, change, message in (
+        ("test", ["--data.test_files", logs], "the test split (`--data.test_files`) has no labels (39-field lines): "
+         "score it with `dqrm predict`"),
+        ("fit", ["--data.train_files", logs], "the train split (`--data.train_files`) has no labels (39-field "
+         "lines): training needs labeled (40-field) lines"),
+    ):  # fmt: skip
+        result = run_cli(command, *common, *change)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == f"dqrm {command}: error: {message}", result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
 
 
 def test_qat_fit_export_predict(tmp_path, criteo_sample):
@@ -218,6 +266,12 @@ def test_qat_fit_export_predict(tmp_path, criteo_sample):
     for engine in ("torchrec", "plain"):
         _, from_artifact = dqrm("predict", *common, "--artifact", str(tmp_path / "art"), "--engine", engine)
         assert _predictions(from_artifact) == pytest.approx(_predictions(from_checkpoint), abs=1e-5)
+    # the exported model scores unlabeled logs (39 fields) as well
+    logs = str(unlabeled_copy(criteo_sample, tmp_path / "logs.tsv"))
+    out, unlabeled = dqrm("predict", *common, "--data.test_files", logs, "--artifact", str(tmp_path / "art"))
+    assert out.strip().splitlines()[-2] == f"predictions: {unlabeled['predictions']['path']} (200 rows)"
+    assert Path(unlabeled["predictions"]["path"]).read_text().splitlines()[0] == "row\tprobability"
+    assert _predictions(unlabeled) == pytest.approx(_predictions(from_checkpoint), abs=1e-5)
 
 
 def test_help_lists_every_subcommand_and_each_has_its_own_help(capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """The ``dqrm`` command: LightningCLI (fit/validate/test/predict) plus ``dqrm data synth|prepare``.
 
-Every run writes ``summary.json`` in its log directory and prints ``summary: <path>`` as its last line.
+Every run writes ``summary.json`` in its log directory and prints ``summary: <path>`` as its last line; ``predict``
+prints ``predictions: <path> (<rows> rows)`` just before it.
 
 Settings are checked when the classes are built, before any data is read or process started; a bad one stops the run
 with one line naming the argument (``dqrm fit: error: `qat.scale_period` must be ...``). Checkpoints load with
@@ -222,15 +223,29 @@ class DQRMCLI(LightningCLI):
     def _summary_callback(self) -> RunSummary:
         return next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
 
-    def _check_splits(self, rows: dict[str, int]) -> None:
-        """Each split the subcommand reads holds rows (else one line naming the argument, before any run starts)."""
+    def _check_splits(self, data: dict[str, Any]) -> None:
+        """Each split the subcommand reads holds rows, and labels unless it is predicted (else one line naming the
+        argument, before any run starts)."""
         needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[self.subcommand]
         if self.subcommand == "fit" and self.trainer.limit_val_batches == 0:
             needed = ["train"]
         for split in needed:
-            if rows[split] == 0:
+            if data["rows"][split] == 0:
                 hint = " (or `--trainer.limit_val_batches 0` to train without validation)" if split == "val" else ""
                 raise ConfigError(f"the {split} split is empty: give `--data.{split}_files`{hint}")
+        if self.subcommand == "predict":
+            return  # scoring needs no labels
+        for split in needed:
+            if data.get("labeled", {}).get(split, True):
+                continue
+            if self.subcommand == "fit":
+                need = "training" if split == "train" else "validation"
+                hint = " (or `--trainer.limit_val_batches 0` to train without validation)" if split == "val" else ""
+                advice = f"{need} needs labeled (40-field) lines{hint}"
+            else:
+                advice = "score it with `dqrm predict`" + (" (as `--data.test_files`)" if split != "test" else "")
+            argument = self.datamodule.split_argument(split)
+            raise ConfigError(f"the {split} split (`--{argument}`) has no labels (39-field lines): {advice}")
 
     def _fit_intervals(self, train_rows: int) -> None:
         """Step intervals longer than an epoch (a Kaggle-size config on a small file): ``val_check_interval`` validates
@@ -254,9 +269,12 @@ class DQRMCLI(LightningCLI):
             print(f"an epoch has {batches} training batches: {'; '.join(notes)}", file=sys.stderr)
 
     def _before(self) -> None:
-        rows = self.datamodule.describe()["rows"]
-        self._check_splits(rows)
-        self._fit_intervals(rows["train"])
+        try:  # prepares the data unless building the classes did (vocabulary encoding)
+            data = self.datamodule.describe()
+        except (ValueError, FileNotFoundError, IsADirectoryError) as err:  # bad input data: named, in one line
+            raise ConfigError(_name_arguments(err)) from err
+        self._check_splits(data)
+        self._fit_intervals(data["rows"]["train"])
         artifact = self._get(self.config, "artifact")
         if artifact:
             if self.subcommand == "fit":
@@ -275,7 +293,12 @@ class DQRMCLI(LightningCLI):
 
     def _after(self) -> None:
         summary = self._summary_callback()
-        if self.trainer.is_global_zero and summary.path is not None:
+        if not self.trainer.is_global_zero:
+            return
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionWriter) and callback.path is not None:
+                print(f"predictions: {callback.describe()}", flush=True)
+        if summary.path is not None:
             print(f"summary: {summary.path}", flush=True)
 
     after_fit = after_validate = after_test = after_predict = _after
@@ -577,6 +600,10 @@ def _quiet_known_warnings() -> None:
         # the data module stores and restores the loader position itself (CriteoDataModule.state_dict)
         ".*resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.*",
         ".*You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a.*",
+        # the predictions writer numbers rows by their positions in the split, not by Lightning's batch indices
+        ".*Couldn't infer the batch indices fetched from your dataloader.*",
+        # Lightning's all_gather (the predictions writer's row counts, several processes) calls a deprecated torch API
+        ".*torch.distributed.nn.functional.all_gather is deprecated.*",
     ):
         warnings.filterwarnings("ignore", message=message)
     for name in ("torch.fx._symbolic_trace", "torchrec.distributed.utils", "root"):

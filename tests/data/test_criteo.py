@@ -1,5 +1,6 @@
 import gzip
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,77 @@ def test_a_truncated_gzip_names_where_the_readable_data_ends(tmp_path, criteo_sa
     with pytest.raises(CriteoFormatError, match=r"truncated compressed stream after line \d+") as info:
         parse_file(gz)
     assert readable - 600 <= info.value.line <= readable + 1  # within a 64 KiB read of the break, not line 1
+
+
+def _unlabeled_copy(source: Path, target: Path) -> Path:
+    """The file without its label column: 39 fields per line, as Kaggle's test.txt or logs to score."""
+    lines = Path(source).read_bytes().splitlines(keepends=True)
+    target.write_bytes(b"".join(line.split(b"\t", 1)[1] for line in lines))
+    return target
+
+
+def test_unlabeled_file_parses_on_the_fast_path_like_the_labeled_one(tmp_path, criteo_sample, monkeypatch):
+    from dqrm_lightning.data import criteo
+
+    unlabeled = _unlabeled_copy(criteo_sample, tmp_path / "logs.tsv")
+    gz = tmp_path / "logs.tsv.gz"
+    gz.write_bytes(gzip.compress(unlabeled.read_bytes().replace(b"\n", b"\r\n")))
+    labeled = parse_file(criteo_sample)
+    monkeypatch.setattr(criteo, "_slow_path", None)  # valid blocks never leave pyarrow's reader
+    assert criteo.is_labeled(criteo_sample)
+    assert not criteo.is_labeled(unlabeled)
+    assert not criteo.is_labeled(gz)
+    assert labeled.labeled
+    for path in (unlabeled, gz):
+        rows = parse_file(path)
+        assert not rows.labeled
+        np.testing.assert_array_equal(rows.labels, np.zeros(200, dtype=np.uint8))
+        np.testing.assert_array_equal(rows.dense, labeled.dense)
+        np.testing.assert_array_equal(rows.cat, labeled.cat)
+
+
+UNLABELED_BAD_LINES = [
+    (raw_line(), "expected 39 tab-separated fields (an unlabeled file: line 1 has 39), found 40", None),
+    (raw_line()[2:] + "\t", "expected 39 tab-separated fields (an unlabeled file: line 1 has 39), found 40", None),
+    (raw_line(cat=["0"] * 25 + ["zz"])[2:], "hex digits", "C26"),
+    (raw_line(dense=["x"] + ["0"] * 12)[2:], "integer", "I1"),
+    ("", "found 1", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("line", "message", "column"), UNLABELED_BAD_LINES, ids=["labeled", "41", "C26", "I1", "empty"]
+)
+def test_bad_line_of_an_unlabeled_file_names_file_line_and_field(tmp_path, line, message, column):
+    path = tmp_path / "logs.tsv"
+    good = raw_line()[2:]  # without "0\t": 39 fields
+    path.write_text("\n".join([good, good, line, good]) + "\n")
+    with pytest.raises(CriteoFormatError, match=re.escape(message)) as info:
+        parse_file(path)
+    assert (info.value.path, info.value.line, info.value.column) == (str(path), 3, column)
+    stats = ParseStats()
+    rows = [r for r, _, _ in iter_parsed(path, on_bad_line="skip", stats=stats)]
+    assert (sum(len(r) for r in rows), stats.skipped) == (3, 1)
+
+
+def test_a_labeled_file_with_an_unlabeled_line_names_it(tmp_path):
+    path = tmp_path / "mixed.tsv"
+    path.write_text("\n".join([raw_line(), raw_line(1), raw_line()[2:], raw_line()]) + "\n")
+    with pytest.raises(
+        CriteoFormatError, match=r"expected 40 tab-separated fields, found 39 \(a line without label"
+    ) as info:
+        parse_file(path)
+    assert (info.value.path, info.value.line) == (str(path), 3)
+
+
+def test_a_resumed_parse_keeps_the_kind_of_the_files_first_line(tmp_path):
+    path = tmp_path / "logs.tsv"
+    good = raw_line()[2:]
+    path.write_text("\n".join([good, good, raw_line(), good]) + "\n")
+    offset = 2 * (len(good) + 1)  # resume at line 3, a labeled line: still a bad line of an unlabeled file
+    stats = ParseStats()
+    rows = [r for r, _, _ in iter_parsed(path, "skip", stats, start_offset=offset, first_line=3)]
+    assert [r.labeled for r in rows] == [False]
+    assert (sum(len(r) for r in rows), stats.skipped) == (1, 1)
+    assert stats.examples is not None
+    assert f"{path}:3" in stats.examples[0]

@@ -31,6 +31,7 @@ from dqrm_lightning.data.criteo import (
     COLUMN_NAMES,
     FIELD_COUNT,
     INT_FEATURE_COUNT,
+    UNLABELED_FIELD_COUNT,
     CriteoFormatError,
     ParseStats,
     iter_parsed,
@@ -47,6 +48,7 @@ FEW = settings(
 
 ROW_1 = b"\t".join([b"1", *[b"7"] * INT_FEATURE_COUNT, *[b"0a"] * CAT_FEATURE_COUNT])
 ROW_0 = b"\t".join([b"0", *[b""] * INT_FEATURE_COUNT, *[b"DEADBEEF"] * CAT_FEATURE_COUNT])
+UNLABELED = b"\t".join([*[b"3"] * INT_FEATURE_COUNT, *[b"0b"] * CAT_FEATURE_COUNT])  # 39 fields
 
 
 def _with(row: bytes, column: str, value: bytes) -> bytes:
@@ -82,6 +84,7 @@ def _to_int(field: bytes) -> int:
 
 
 def _bad_field(fields: list[bytes]) -> str | None:
+    """The first bad field of a 40-field row (an unlabeled row is checked with a label "0" put in front)."""
     if fields[0] not in (b"0", b"1"):
         return "label"
     for j in range(1, 1 + INT_FEATURE_COUNT):
@@ -95,16 +98,21 @@ def _bad_field(fields: list[bytes]) -> str | None:
 
 
 def reference(data: bytes) -> Expected:
-    """Lines end with ``\\n`` (the last may lack it), one ``\\r`` before it is dropped; 40 tab-separated fields."""
+    """Lines end with ``\\n`` (the last may lack it), one ``\\r`` before it is dropped; 40 tab-separated fields, or 39
+    (no label, read as 0) in every line when the first line has 39."""
     expected = Expected([], [], [], [], [], empty=not data)
     lines = data.split(b"\n")
     if data.endswith(b"\n"):
         lines.pop()
+    first = (lines[0][:-1] if lines[0].endswith(b"\r") else lines[0]).split(b"\t") if lines else []
+    labeled = len(first) != UNLABELED_FIELD_COUNT
     for number, line in enumerate(lines, start=1):
         fields = (line[:-1] if line.endswith(b"\r") else line).split(b"\t")
-        if len(fields) != FIELD_COUNT:
+        if len(fields) != (FIELD_COUNT if labeled else UNLABELED_FIELD_COUNT):
             expected.bad.append((number, None))
             continue
+        if not labeled:
+            fields = [b"0", *fields]
         column = _bad_field(fields)
         if column is not None:
             expected.bad.append((number, column))
@@ -136,6 +144,9 @@ _hex = st.one_of(
 )
 valid_row = st.tuples(_label, st.tuples(*[_int] * INT_FEATURE_COUNT), st.tuples(*[_hex] * CAT_FEATURE_COUNT)).map(
     lambda r: b"\t".join([r[0], *r[1], *r[2]])
+)
+valid_unlabeled_row = st.tuples(st.tuples(*[_int] * INT_FEATURE_COUNT), st.tuples(*[_hex] * CAT_FEATURE_COUNT)).map(
+    lambda r: b"\t".join([*r[0], *r[1]])
 )
 
 # Field values that are wrong somewhere in the format, and a few right ones, to splice into valid rows.
@@ -186,18 +197,19 @@ _odd_values = st.one_of(
 
 @st.composite
 def mutated_row(draw: st.DrawFn) -> bytes:
-    """A valid row with one change: a field replaced, a field added or dropped, a byte inserted, or a BOM."""
-    row = draw(valid_row)
+    """A valid (labeled or unlabeled) row with one change: a field replaced, a field added or dropped, a byte
+    inserted, or a BOM."""
+    row = draw(st.one_of(valid_row, valid_unlabeled_row))
     kind = draw(st.sampled_from(["field", "field", "add", "drop", "insert", "bom", "trailing_tab"]))
     fields = row.split(b"\t")
     if kind == "field":
-        fields[draw(st.integers(0, FIELD_COUNT - 1))] = draw(_odd_values)
+        fields[draw(st.integers(0, len(fields) - 1))] = draw(_odd_values)
         return b"\t".join(fields)
     if kind == "add":
-        fields.insert(draw(st.integers(0, FIELD_COUNT)), draw(_odd_values))
+        fields.insert(draw(st.integers(0, len(fields))), draw(_odd_values))
         return b"\t".join(fields)
     if kind == "drop":
-        del fields[draw(st.integers(0, FIELD_COUNT - 1))]
+        del fields[draw(st.integers(0, len(fields) - 1))]
         return b"\t".join(fields)
     if kind == "insert":
         at = draw(st.integers(0, len(row)))
@@ -212,11 +224,14 @@ def _join(rows: list[bytes], newline: bytes, final_newline: bool) -> bytes:
 
 
 valid_file = st.builds(
-    _join, st.lists(valid_row, min_size=1, max_size=12), st.sampled_from([b"\n", b"\r\n"]), st.booleans()
+    _join,
+    st.one_of(st.lists(valid_row, min_size=1, max_size=12), st.lists(valid_unlabeled_row, min_size=1, max_size=12)),
+    st.sampled_from([b"\n", b"\r\n"]),
+    st.booleans(),
 )
 mixed_file = st.builds(
     _join,
-    st.lists(st.one_of(valid_row, mutated_row(), st.just(b"")), min_size=0, max_size=10),
+    st.lists(st.one_of(valid_row, valid_unlabeled_row, mutated_row(), st.just(b"")), min_size=0, max_size=10),
     st.sampled_from([b"\n", b"\r\n", b"\r"]),
     st.booleans(),
 )
@@ -301,6 +316,7 @@ def check_against_reference(path: Path, data: bytes, blocks: int) -> None:
 @FUZZ
 @given(data=valid_file, blocks=block_bytes)
 @example(data=ROW_1 + b"\n" + ROW_0, blocks=1)  # last line without its newline
+@example(data=UNLABELED + b"\n" + b"\t" * 38, blocks=16 << 20)  # an unlabeled row of empty fields is valid
 @example(data=_with(ROW_1, "I1", b"-9223372036854775808"), blocks=16 << 20)  # int64's minimum is an int64
 @example(data=_with(ROW_1, "I1", b"0" * 5000 + b"7"), blocks=16 << 20)  # leading zeros beyond Python's digit limit
 def test_valid_rows_parse_like_the_reference_on_both_paths(tmp_path, data, blocks):
@@ -336,6 +352,13 @@ def test_valid_rows_parse_like_the_reference_on_both_paths(tmp_path, data, block
 @example(data=ROW_1 + b"\n\n", blocks=16 << 20)
 @example(data=ROW_1 + b"\r\r\n", blocks=16 << 20)
 @example(data=ROW_1 + b"\t\r\n", blocks=16 << 20)
+# an unlabeled file (its first line has 39 fields): an empty line is not a row of 39 empty fields, a labeled line is bad
+@example(data=UNLABELED + b"\n\n" + UNLABELED + b"\n", blocks=16 << 20)
+@example(data=UNLABELED + b"\r\n\r\n" + UNLABELED, blocks=16 << 20)
+@example(data=UNLABELED + b"\n" + UNLABELED + b"\n\r", blocks=16 << 20)
+@example(data=UNLABELED + b"\n" + ROW_1 + b"\n" + UNLABELED + b"\n", blocks=16 << 20)
+@example(data=ROW_1 + b"\n" + UNLABELED + b"\n", blocks=64)  # a labeled file: 39 fields are a bad line
+@example(data=b"\xef\xbb\xbf" + UNLABELED + b"\n" + UNLABELED, blocks=16 << 20)
 def test_any_input_parses_like_the_reference_or_names_the_bad_line(tmp_path, data, blocks):
     check_against_reference(_write(tmp_path, data, compressed=False), data, blocks)
 

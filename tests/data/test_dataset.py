@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,43 @@ def test_rank_slices_partition(total, batch, world):
     assert len({len(s) for s in slices}) == 1
     covered = sorted(i for s in slices for a, b in s for i in range(a, b))
     assert covered == list(range(total))
+
+
+def test_prediction_files_of_several_ranks_hold_global_row_ids(shards, tmp_path):
+    """Each rank's predictions file names its rows by their position in the split: merged, they are the input."""
+    from types import SimpleNamespace
+
+    from dqrm_lightning.callbacks.predictions import PredictionWriter
+
+    writers, datasets = [], []
+    for rank in range(2):
+        dataset = CriteoIterableDataset(shards, _encoder(), 64, rank=rank, world_size=2, labeled=False)
+        trainer = SimpleNamespace(
+            world_size=2, global_rank=rank, log_dir=str(tmp_path), default_root_dir=str(tmp_path), callbacks=[],
+            predict_dataloaders=DataLoader(dataset, batch_size=None), strategy=None,
+        )  # fmt: skip
+        writer = PredictionWriter()
+        writer.on_predict_start(trainer, None)
+        for j, batch in enumerate(dataset):
+            prob = torch.from_numpy(row_ids(batch.dense_features.numpy()) / ROWS)  # the true row, to check ids
+            writer.write_on_batch_end(trainer, None, {"prob": prob, "label": batch.labels}, None, batch, j)
+        writers.append((writer, trainer))
+        datasets.append(dataset)
+    counts = torch.tensor([writer.rows for writer, _ in writers])
+    for writer, trainer in writers:
+        trainer.strategy = SimpleNamespace(all_gather=lambda tensor, counts=counts: counts)
+        writer.on_predict_epoch_end(trainer, None)
+    assert [f["rows"] for f in writers[0][0].files] == counts.tolist()
+    assert sum(counts.tolist()) == ROWS
+    lines = []
+    for f in writers[0][0].files:
+        text = Path(f["path"]).read_text().splitlines()
+        assert text[0] == "row\tprobability"  # unlabeled input: no label column
+        lines += [line.split("\t") for line in text[1:]]
+    rows = np.array([int(row) for row, _ in lines])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(ROWS))
+    np.testing.assert_allclose([float(p) for _, p in lines], rows / ROWS, atol=1e-8)
+    assert (
+        writers[0][0].describe() == f"{tmp_path}/predictions.tsv.rank* ({ROWS} rows in 2 files, one per rank; "
+        "merge them by `row`)"
+    )

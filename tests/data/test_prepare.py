@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dqrm_lightning.data import prepare as prepare_mod
+from dqrm_lightning.data.criteo import CriteoFormatError
 from dqrm_lightning.data.prepare import PrepareOptions, explicit_jobs, kaggle_jobs, prepare, shard_paths
 from tests.helpers.criteo import row_ids, write_rows
 
@@ -87,3 +88,37 @@ def test_negative_subsampling_drops_only_training_negatives(tmp_path):
     negatives = 4000 - positives
     assert 0.08 * negatives < (labels == 0).sum() < 0.17 * negatives
     assert meta["splits"]["test"]["rows"] == 4000
+
+
+def _unlabeled(source, target):
+    target.write_text("".join(line.split("\t", 1)[1] for line in source.read_text().splitlines(keepends=True)))
+    return target
+
+
+def test_unlabeled_files_make_an_unlabeled_split(tmp_path):
+    raw = write_rows(tmp_path / "a.tsv", 300)
+    logs = _unlabeled(write_rows(tmp_path / "b.tsv", 120, seed=1), tmp_path / "logs.tsv")
+    jobs = explicit_jobs({"train": [str(raw)], "test": [str(logs)]})
+    # negatives are dropped from labeled rows only: unlabeled rows (label 0) are all kept
+    options = PrepareOptions(rows_per_shard=50, negative_subsample=0.5, subsample_splits=("train", "test"))
+    meta = prepare(jobs, tmp_path / "p", options)
+    assert {s: v["labeled"] for s, v in meta["splits"].items()} == {"train": True, "val": True, "test": False}
+    assert meta["splits"]["test"]["rows"] == 120
+    np.testing.assert_array_equal(_rows_of(tmp_path / "p", "test"), np.arange(120))
+    labels = np.concatenate([np.load(f"{p}.labels.npy") for p, _ in shard_paths(tmp_path / "p", "test")])
+    np.testing.assert_array_equal(labels, np.zeros(120, dtype=np.uint8))
+    assert prepare_mod.split_is_labeled(meta, "train")
+    assert not prepare_mod.split_is_labeled(meta, "test")
+    # a meta.json written before unlabeled input existed has no flag: its splits are labeled
+    old = {"splits": {"test": {k: v for k, v in meta["splits"]["test"].items() if k != "labeled"}}}
+    assert prepare_mod.split_is_labeled(old, "test")
+
+
+def test_a_split_mixing_labeled_and_unlabeled_files_is_refused_naming_both(tmp_path):
+    raw = write_rows(tmp_path / "a.tsv", 30)
+    logs = _unlabeled(write_rows(tmp_path / "b.tsv", 30, seed=1), tmp_path / "logs.tsv")
+    jobs = explicit_jobs({"train": [str(raw)], "test": [str(raw), str(logs)]})
+    with pytest.raises(CriteoFormatError, match="the files of a split are all labeled or all unlabeled") as info:
+        prepare(jobs, tmp_path / "p")
+    assert f"{logs}:1: 39 fields (unlabeled), but {raw} of the same test split is labeled" in str(info.value)
+    assert not (tmp_path / "p").exists()  # refused before any parsing

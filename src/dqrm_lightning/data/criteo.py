@@ -4,10 +4,16 @@ A raw Criteo row is one line of 40 tab-separated fields::
 
     label \t I1 ... I13 \t C1 ... C26 \n
 
-``label`` is 0 or 1, ``I1..I13`` are integer counts (empty = missing; ASCII digits with an optional minus sign, within
-the signed 64-bit range), ``C1..C26`` are hashed categoricals written as hexadecimal strings of at most 8 digits
-(empty = missing). Lines end with ``\n``, optionally preceded by one ``\r``; the last line may lack its newline. Both
-the Kaggle ``train.txt`` and the Terabyte ``day_N`` files use this format, plain or gzip-compressed.
+or, in an unlabeled file (Kaggle's ``test.txt``, production logs to score), of the 39 fields without the label::
+
+    I1 ... I13 \t C1 ... C26 \n
+
+``label`` is 0 or 1, ``I1..I13`` are integer counts (empty = missing; ASCII digits with an optional minus sign,
+within the signed 64-bit range), ``C1..C26`` are hashed categoricals written as hexadecimal strings of at most 8 digits
+(empty = missing). A file is labeled or unlabeled throughout, as its first line: 39 fields there make the file
+unlabeled (its rows get label 0), anything else labeled; a line of the other kind is a bad line like any other.
+Lines end with ``\n``, optionally preceded by one ``\r``; the last line may lack its newline. Both the Kaggle
+``train.txt`` and the Terabyte ``day_N`` files use this format, plain or gzip-compressed.
 
 Parsing follows the DLRM reference preprocessing: missing -> 0, negative dense -> 0, dense -> ``log(x + 1)``,
 categorical hex -> unsigned 32-bit integer. Mapping categorical values to embedding ids happens later
@@ -40,9 +46,11 @@ import pyarrow.csv as pacsv
 INT_FEATURE_COUNT = 13
 CAT_FEATURE_COUNT = 26
 FIELD_COUNT = 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT
+UNLABELED_FIELD_COUNT = INT_FEATURE_COUNT + CAT_FEATURE_COUNT
 DEFAULT_INT_NAMES = tuple(f"I{i}" for i in range(1, INT_FEATURE_COUNT + 1))
 DEFAULT_CAT_NAMES = tuple(f"C{i}" for i in range(1, CAT_FEATURE_COUNT + 1))
 COLUMN_NAMES = ("label", *DEFAULT_INT_NAMES, *DEFAULT_CAT_NAMES)
+UNLABELED_COLUMN_NAMES = COLUMN_NAMES[1:]
 MAX_HEX_DIGITS = 8
 
 OnBadLine = Literal["error", "skip"]
@@ -60,12 +68,21 @@ for _i, _c in enumerate(b"ABCDEF"):
 _FORMAT_BYTES = b"0123456789abcdefABCDEF-\t\r\n"
 
 _READ_OPTIONS = pacsv.ReadOptions(column_names=list(COLUMN_NAMES), use_threads=True, block_size=1 << 22)
+_UNLABELED_READ_OPTIONS = pacsv.ReadOptions(
+    column_names=list(UNLABELED_COLUMN_NAMES), use_threads=True, block_size=1 << 22
+)
 _PARSE_OPTIONS = pacsv.ParseOptions(
     delimiter="\t", quote_char=False, double_quote=False, escape_char=False, ignore_empty_lines=False
 )
 _CONVERT_OPTIONS = pacsv.ConvertOptions(
     column_types={"label": pa.string(), **dict.fromkeys(DEFAULT_INT_NAMES, pa.int64())}
     | dict.fromkeys(DEFAULT_CAT_NAMES, pa.string()),
+    null_values=[""],
+    strings_can_be_null=True,
+    quoted_strings_can_be_null=False,
+)
+_UNLABELED_CONVERT_OPTIONS = pacsv.ConvertOptions(
+    column_types=dict.fromkeys(DEFAULT_INT_NAMES, pa.int64()) | dict.fromkeys(DEFAULT_CAT_NAMES, pa.string()),
     null_values=[""],
     strings_can_be_null=True,
     quoted_strings_can_be_null=False,
@@ -90,11 +107,12 @@ class ParsedRows:
     """A block of parsed rows. N: rows in the block.
 
     Attributes:
-        labels: ``(N,)`` uint8 click labels.
+        labels: ``(N,)`` uint8 click labels (0 for every row of an unlabeled file).
         dense: ``(N, 13)`` float32, ``log(max(x, 0) + 1)`` with missing -> 0.
         cat: ``(N, 26)`` uint32 raw categorical values (missing -> 0).
         first_line: 1-based line number of the first row in its file.
         line_numbers: ``(N,)`` int64 1-based line numbers, set only when bad lines were skipped.
+        labeled: whether the file has labels (40 fields per line) or not (39).
     """
 
     labels: np.ndarray
@@ -102,6 +120,7 @@ class ParsedRows:
     cat: np.ndarray
     first_line: int
     line_numbers: np.ndarray | None = None
+    labeled: bool = True
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -156,6 +175,34 @@ def read_chunk(stream: BinaryIO, size: int, path: str | Path, line: int | None) 
     return b"".join(pieces)
 
 
+def line_is_labeled(first_line: bytes) -> bool:
+    """Whether a file whose first line (without its newline) is ``first_line`` is labeled: not 39 fields there."""
+    if first_line.endswith(b"\r"):
+        first_line = first_line[:-1]
+    return first_line.count(b"\t") != UNLABELED_FIELD_COUNT - 1
+
+
+def _first_line(data: bytes) -> bytes:
+    end = data.find(b"\n")
+    return data if end < 0 else data[:end]
+
+
+def is_labeled(path: str | Path) -> bool:
+    """Whether a raw file is labeled (40 fields per line) or unlabeled (39), read from its first line.
+
+    An empty file counts as labeled (parsing it fails anyway). Reading stops at the first newline, or as soon as the
+    line has more tabs than an unlabeled row.
+    """
+    head = b""
+    with open_raw(path) as stream:
+        while b"\n" not in head and head.count(b"\t") < UNLABELED_FIELD_COUNT:
+            piece = read_chunk(stream, 1 << 16, path, 1)
+            if not piece:
+                break
+            head += piece
+    return line_is_labeled(_first_line(head))
+
+
 def iter_line_blocks(
     stream: BinaryIO, path: str | Path, block_bytes: int = 16 << 20, first_line: int = 1
 ) -> Iterator[tuple[bytes, int, int, int]]:
@@ -187,7 +234,7 @@ def iter_line_blocks(
 
 
 def _check_field(path: str | Path, line: int, index: int, field: bytes) -> None:
-    """Validate one field of a line against the format (the slow path used to locate errors)."""
+    """Validate field ``index`` (in :data:`COLUMN_NAMES`) of a line against the format (the slow path)."""
     name = COLUMN_NAMES[index]
     if index == 0:
         if field not in (b"0", b"1"):
@@ -212,15 +259,29 @@ def _in_int64_range(field: bytes) -> bool:
     return _INT64_MIN <= value <= _INT64_MAX
 
 
-def check_line(path: str | Path, line_number: int, line: bytes) -> None:
-    """Raise :class:`CriteoFormatError` if one raw line (without its newline) is not a valid Criteo row."""
+def check_line(path: str | Path, line_number: int, line: bytes, labeled: bool = True) -> None:
+    """Raise :class:`CriteoFormatError` if one raw line (without its newline) is not a valid row of a labeled (40
+    fields) or unlabeled (39 fields) file."""
     if line.endswith(b"\r"):
         line = line[:-1]
     fields = line.split(b"\t")
-    if len(fields) != FIELD_COUNT:
-        raise CriteoFormatError(path, line_number, f"expected {FIELD_COUNT} tab-separated fields, found {len(fields)}")
+    if labeled and len(fields) != FIELD_COUNT:
+        hint = ""
+        if len(fields) == UNLABELED_FIELD_COUNT and line_number > 1:
+            hint = " (a line without label in a labeled file: line 1 does not have 39 fields)"
+        raise CriteoFormatError(
+            path, line_number, f"expected {FIELD_COUNT} tab-separated fields, found {len(fields)}{hint}"
+        )
+    if not labeled and len(fields) != UNLABELED_FIELD_COUNT:
+        raise CriteoFormatError(
+            path,
+            line_number,
+            f"expected {UNLABELED_FIELD_COUNT} tab-separated fields (an unlabeled file: line 1 has 39), "
+            f"found {len(fields)}",
+        )
+    first = 0 if labeled else 1
     for index, field in enumerate(fields):
-        _check_field(path, line_number, index, field)
+        _check_field(path, line_number, first + index, field)
 
 
 def _split_lines(block: bytes) -> list[bytes]:
@@ -283,18 +344,27 @@ def _decode_packed_hex(data: np.ndarray, full: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _table_to_rows(
-    table: pa.Table, path: str | Path, first_line: int, on_bad_line: OnBadLine, stats: ParseStats, lines: np.ndarray
+    table: pa.Table,
+    path: str | Path,
+    first_line: int,
+    on_bad_line: OnBadLine,
+    stats: ParseStats,
+    lines: np.ndarray,
+    labeled: bool = True,
 ) -> ParsedRows:
-    """Convert a parsed arrow table to arrays, validating label values and hex digits."""
+    """Convert a parsed arrow table to arrays, validating label values and hex digits (unlabeled: labels are 0)."""
     n = table.num_rows
-    label_column = table.column("label").combine_chunks()  # no nulls: see _read_checked
-    labels, bad = _decode_label(label_column)
     reasons: dict[int, CriteoFormatError] = {}
-    for i in np.flatnonzero(bad)[: None if on_bad_line == "skip" else 1]:
-        raw_label = label_column[int(i)].as_py().encode()
-        reasons[int(i)] = CriteoFormatError(
-            path, int(lines[i]), f"label must be 0 or 1, got {raw_label[:40]!r}", "label"
-        )
+    if labeled:
+        label_column = table.column("label").combine_chunks()  # no nulls: see _read_checked
+        labels, bad = _decode_label(label_column)
+        for i in np.flatnonzero(bad)[: None if on_bad_line == "skip" else 1]:
+            raw_label = label_column[int(i)].as_py().encode()
+            reasons[int(i)] = CriteoFormatError(
+                path, int(lines[i]), f"label must be 0 or 1, got {raw_label[:40]!r}", "label"
+            )
+    else:
+        labels, bad = np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=bool)
     cat = np.empty((n, CAT_FEATURE_COUNT), dtype=np.uint32)
     for j, name in enumerate(DEFAULT_CAT_NAMES):
         values, bad_hex = _decode_hex(table.column(name).combine_chunks())
@@ -327,12 +397,15 @@ def _table_to_rows(
     contiguous = len(lines) == 0 or int(lines[-1] - lines[0]) + 1 == len(lines)
     if contiguous and len(lines):
         first_line = int(lines[0])  # bad lines dropped at the start of the block shift the first row
-    return ParsedRows(labels, dense, cat, first_line, None if contiguous else lines)
+    return ParsedRows(labels, dense, cat, first_line, None if contiguous else lines, labeled)
 
 
-def _read_table(block: bytes) -> pa.Table:
+def _read_table(block: bytes, labeled: bool = True) -> pa.Table:
     return pacsv.read_csv(
-        io.BytesIO(block), read_options=_READ_OPTIONS, parse_options=_PARSE_OPTIONS, convert_options=_CONVERT_OPTIONS
+        io.BytesIO(block),
+        read_options=_READ_OPTIONS if labeled else _UNLABELED_READ_OPTIONS,
+        parse_options=_PARSE_OPTIONS,
+        convert_options=_CONVERT_OPTIONS if labeled else _UNLABELED_CONVERT_OPTIONS,
     )
 
 
@@ -340,16 +413,30 @@ def _line_count(block: bytes) -> int:
     return block.count(b"\n") + (not block.endswith(b"\n"))
 
 
-def _read_checked(block: bytes) -> pa.Table | Exception:
+def _has_empty_line(block: bytes) -> bool:
+    """Whether a block of lines holds an empty line (``\n`` or ``\r\n`` alone, or a last line of just ``\r``)."""
+    return (
+        block.startswith((b"\n", b"\r\n"))
+        or b"\n\n" in block
+        or b"\n\r\n" in block
+        or block == b"\r"
+        or block.endswith(b"\n\r")
+    )
+
+
+def _read_checked(block: bytes, labeled: bool = True) -> pa.Table | Exception:
     """pyarrow's parse of a block, or the exception that sends the block to the line-by-line check."""
     if block.translate(None, _FORMAT_BYTES):
         # spaces, "x", "+", a byte-order mark, non-ASCII...: pyarrow accepts some of these in integers
         return pa.ArrowInvalid("bytes outside the format")
+    if not labeled and _has_empty_line(block):
+        # pyarrow reads an empty line as a row of nulls, which is also a valid unlabeled row of 39 empty fields
+        return pa.ArrowInvalid("empty line")
     try:
-        table = _read_table(block)
+        table = _read_table(block, labeled)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         return err
-    if table.column("label").null_count:
+    if labeled and table.column("label").null_count:
         # pyarrow reads an empty line as a row of nulls: let the line-by-line check name the problem
         return pa.ArrowInvalid("empty label or empty line")
     if b"\r" in block and table.num_rows != _line_count(block):
@@ -364,6 +451,7 @@ def parse_block(
     on_bad_line: OnBadLine = "error",
     stats: ParseStats | None = None,
     parsed: pa.Table | Exception | None = None,
+    labeled: bool | None = None,
 ) -> ParsedRows:
     """Parse a block of whole raw lines.
 
@@ -374,25 +462,35 @@ def parse_block(
         on_bad_line: ``"error"`` raises :class:`CriteoFormatError` at the first bad line; ``"skip"`` drops bad lines
             and counts them in ``stats``.
         stats: counters updated in place.
-        parsed: the result of ``_read_checked(block)`` when already computed (e.g. in a prefetch thread).
+        parsed: the result of ``_read_checked(block, labeled)`` when already computed (e.g. in a prefetch thread).
+        labeled: whether the file is labeled (40 fields) or not (39); ``None``: from the block's first line (the
+            file's first line when ``first_line`` is 1).
 
     Raises:
         CriteoFormatError: with file, line and field of the first problem (``on_bad_line="error"``).
     """
     stats = stats if stats is not None else ParseStats()
-    parsed = _read_checked(block) if parsed is None else parsed
+    if labeled is None:
+        labeled = line_is_labeled(_first_line(block))
+    parsed = _read_checked(block, labeled) if parsed is None else parsed
     if isinstance(parsed, Exception):
-        table, lines = _slow_path(block, path, first_line, on_bad_line, stats, parsed)
+        table, lines = _slow_path(block, path, first_line, on_bad_line, stats, parsed, labeled)
     else:
         table = parsed
         lines = np.arange(first_line, first_line + table.num_rows, dtype=np.int64)
-    rows = _table_to_rows(table, path, first_line, on_bad_line, stats, lines)
+    rows = _table_to_rows(table, path, first_line, on_bad_line, stats, lines, labeled)
     stats.rows += len(rows)
     return rows
 
 
 def _slow_path(
-    block: bytes, path: str | Path, first_line: int, on_bad_line: OnBadLine, stats: ParseStats, err: Exception
+    block: bytes,
+    path: str | Path,
+    first_line: int,
+    on_bad_line: OnBadLine,
+    stats: ParseStats,
+    err: Exception,
+    labeled: bool = True,
 ) -> tuple[pa.Table, np.ndarray]:
     """Locate bad lines of a block pyarrow rejected; raise, or re-parse the good lines (skip mode)."""
     good: list[bytes] = []
@@ -400,7 +498,7 @@ def _slow_path(
     for offset, line in enumerate(_split_lines(block)):
         number = first_line + offset
         try:
-            check_line(path, number, line)
+            check_line(path, number, line, labeled)
         except CriteoFormatError as bad:
             if on_bad_line == "error":
                 raise bad from None
@@ -413,8 +511,8 @@ def _slow_path(
         last = first_line + block.count(b"\n")
         raise CriteoFormatError(path, first_line, f"unparseable block (lines {first_line}-{last}): {err}")
     if not good:
-        return _empty_table(), np.zeros(0, dtype=np.int64)
-    table = _read_checked(b"\n".join(good) + b"\n")
+        return _empty_table(labeled), np.zeros(0, dtype=np.int64)
+    table = _read_checked(b"\n".join(good) + b"\n", labeled)
     if isinstance(table, Exception):
         # every line passes our check but pyarrow disagrees: never guess, report the block.
         last = first_line + block.count(b"\n")
@@ -422,9 +520,9 @@ def _slow_path(
     return table, np.asarray(good_lines, dtype=np.int64)
 
 
-def _empty_table() -> pa.Table:
-    types = _CONVERT_OPTIONS.column_types
-    return pa.table({name: pa.array([], type=types[name]) for name in COLUMN_NAMES})
+def _empty_table(labeled: bool = True) -> pa.Table:
+    types = (_CONVERT_OPTIONS if labeled else _UNLABELED_CONVERT_OPTIONS).column_types
+    return pa.table({name: pa.array([], type=types[name]) for name in types})
 
 
 def iter_parsed(
@@ -437,6 +535,7 @@ def iter_parsed(
 ) -> Iterator[tuple[ParsedRows, int, int]]:
     """Parse a whole raw file block by block; yields ``(rows, end_offset, next_line)``.
 
+    Whether the file is labeled (40 fields) or unlabeled (39) is read from its first line (``rows.labeled``).
     ``start_offset``/``first_line`` resume a previous parse at a block boundary (offsets count decompressed bytes).
 
     Raises:
@@ -444,27 +543,36 @@ def iter_parsed(
     """
     stats = stats if stats is not None else ParseStats()
     empty = True
+    labeled = is_labeled(path) if start_offset else None
     # pyarrow parses block i+1 in a second thread (it releases the GIL) while block i is decoded here.
     with open_raw(path) as stream, ThreadPoolExecutor(max_workers=1) as pool:
         _skip_bytes(stream, start_offset, path)
         pending: tuple[Future, bytes, int, int, int] | None = None
         for block, line, end, lines in iter_line_blocks(stream, path, block_bytes, first_line):
             empty = False
-            future = pool.submit(_read_checked, block)
+            if labeled is None:  # the file's first line decides
+                labeled = line_is_labeled(_first_line(block))
+            future = pool.submit(_read_checked, block, labeled)
             if pending is not None:
-                yield _finish(pending, path, on_bad_line, stats, start_offset)
+                yield _finish(pending, path, on_bad_line, stats, start_offset, labeled)
             pending = (future, block, line, end, lines)
         if pending is not None:
-            yield _finish(pending, path, on_bad_line, stats, start_offset)
+            yield _finish(pending, path, on_bad_line, stats, start_offset, labeled)
     if empty and start_offset == 0:
         raise CriteoFormatError(path, None, "file is empty")
 
 
 def _finish(
-    pending: tuple[Future, bytes, int, int, int], path: str | Path, on_bad_line: OnBadLine, stats: ParseStats, base: int
+    pending: tuple[Future, bytes, int, int, int],
+    path: str | Path,
+    on_bad_line: OnBadLine,
+    stats: ParseStats,
+    base: int,
+    labeled: bool | None,
 ) -> tuple[ParsedRows, int, int]:
     future, block, line, end, lines = pending
-    return parse_block(block, path, line, on_bad_line, stats, future.result()), base + end, line + lines
+    rows = parse_block(block, path, line, on_bad_line, stats, future.result(), labeled)
+    return rows, base + end, line + lines
 
 
 def _skip_bytes(stream: BinaryIO, count: int, path: str | Path) -> None:
@@ -484,4 +592,5 @@ def parse_file(path: str | Path, on_bad_line: OnBadLine = "error") -> ParsedRows
         dense=np.concatenate([b.dense for b in blocks]),
         cat=np.concatenate([b.cat for b in blocks]),
         first_line=1,
+        labeled=blocks[0].labeled,
     )

@@ -33,6 +33,7 @@ from dqrm_lightning.data.prepare import (
     prepare,
     resolve_files,
     shard_paths,
+    split_is_labeled,
     terabyte_jobs,
 )
 from dqrm_lightning.metrics import binary_auroc, binary_log_loss
@@ -94,7 +95,8 @@ class CriteoDataModule(pl.LightningDataModule):
 
     Give the raw files one way: ``train_files``/``val_files``/``test_files`` (glob patterns, plain or ``.gz``),
     ``kaggle_train_txt`` (DLRM's 7-day split of ``train.txt``), ``terabyte_dir`` (``day_0`` .. ``day_23``), or an
-    already prepared directory (``prepared_dir`` alone, see ``dqrm data prepare``).
+    already prepared directory (``prepared_dir`` alone, see ``dqrm data prepare``). Files without labels (39 fields
+    per line, e.g. Kaggle's ``test.txt``) can make up a split to predict: the test split, which ``predict`` reads.
 
     Args:
         train_files: glob pattern(s) of training files.
@@ -118,6 +120,8 @@ class CriteoDataModule(pl.LightningDataModule):
         on_bad_line: ``"error"`` stops at the first malformed line, ``"skip"`` drops and counts bad lines.
         rows_per_shard: rows per prepared shard.
     """
+
+    predict_split = "test"  # the split `predict` scores
 
     def __init__(
         self,
@@ -255,7 +259,9 @@ class CriteoDataModule(pl.LightningDataModule):
             shards = shard_paths(self.prepared_dir, split, meta)
             batch = hp.batch_size if split == "train" else hp.eval_batch_size
             shuffle = hp.shuffle and split == "train"
-            self._datasets[split] = CriteoIterableDataset(shards, encoder, batch, shuffle, hp.seed, rank, world)
+            self._datasets[split] = CriteoIterableDataset(
+                shards, encoder, batch, shuffle, hp.seed, rank, world, labeled=split_is_labeled(meta, split)
+            )
 
     def _loader(self, split: str, position: Any = None) -> DataLoader:
         dataset = self._datasets[split]
@@ -286,7 +292,18 @@ class CriteoDataModule(pl.LightningDataModule):
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(self.predict_split)
+
+    def split_argument(self, split: str) -> str:
+        """The argument that gives a split's files, as on the command line (``data.test_files``)."""
+        hp = self.hparams
+        if hp.kaggle_train_txt:
+            return "data.kaggle_train_txt"
+        if hp.terabyte_dir:
+            return "data.terabyte_dir"
+        if not self._has_raw():
+            return "data.prepared_dir"
+        return f"data.{split}_files"
 
     # --------------------------------------------------------------------------------------- resume and truth
     def _train_position(self, batches: int) -> tuple[int, int]:
@@ -322,7 +339,7 @@ class CriteoDataModule(pl.LightningDataModule):
         result = {}
         for split in ("val", "test"):
             shards = shard_paths(self.prepared_dir, split, meta)
-            if not shards:
+            if not shards or not split_is_labeled(meta, split):
                 continue
             prob = torch.from_numpy(np.concatenate([np.load(f"{p}.prob.npy") for p, _ in shards]).astype(np.float64))
             labels = torch.from_numpy(
@@ -337,6 +354,7 @@ class CriteoDataModule(pl.LightningDataModule):
         return {
             "prepared_dir": str(self.prepared_dir),
             "rows": {s: meta["splits"][s]["rows"] for s in ("train", "val", "test")},
+            "labeled": {s: split_is_labeled(meta, s) for s in ("train", "val", "test")},
             "skipped_lines": meta.get("skipped_lines", 0),
             "table_sizes": self.table_sizes,
         }

@@ -88,6 +88,7 @@ class CriteoIterableDataset(IterableDataset):
         seed: base seed of the shuffle.
         rank: this process's rank.
         world_size: number of ranks.
+        labeled: whether the rows have labels (unlabeled rows, from 39-field files, carry label 0).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class CriteoIterableDataset(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        labeled: bool = True,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -110,6 +112,7 @@ class CriteoIterableDataset(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.labeled = labeled
         self.epoch = 0
         self.start = 0
         self.total_rows = sum(rows for _, rows in shards)
@@ -123,6 +126,11 @@ class CriteoIterableDataset(IterableDataset):
 
     def __len__(self) -> int:
         return len(rank_slices(self.total_rows, self.batch_size, self.world_size, self.rank))
+
+    def batch_positions(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each batch of this rank in the epoch's row sequence; without ``shuffle`` these are
+        the rows' 0-based positions in the split (its files in order, each file's rows in line order)."""
+        return rank_slices(self.total_rows, self.batch_size, self.world_size, self.rank)
 
     def _shard_order(self) -> np.ndarray:
         if not self.shuffle:

@@ -2,8 +2,8 @@
 
 Layout of a prepared directory::
 
-    meta.json                        splits, shards, row counts, sources, skipped lines
-    train/part-00000.labels.npy      (N,) uint8
+    meta.json                        splits (rows, shards, labeled), sources, skipped lines
+    train/part-00000.labels.npy      (N,) uint8 (zeros in a split of unlabeled, 39-field files)
     train/part-00000.dense.npy       (N, 13) float32, log(x + 1)
     train/part-00000.cat.npy         (N, 26) uint32 raw categorical values
     train/part-00000.prob.npy        (N,) float32 true click probability (synthetic data only)
@@ -19,6 +19,9 @@ Split layouts (DLRM's preprocessing):
 * explicit: each file belongs wholly to one split (``train_files``, ``val_files``, ``test_files``);
 * Kaggle ``train.txt``: cut into 7 near-equal "days"; days 1-6 train; day 7's first half test, second half val;
 * Terabyte ``day_0`` .. ``day_23``: days 0-22 train; day 23's first half test, second half val.
+
+A split holds labeled files (40 fields per line) or unlabeled ones (39, no label: logs to score), never both;
+``meta.json`` records which per split (``labeled``; a ``meta.json`` without it predates unlabeled input: labeled).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from dqrm_lightning.data.criteo import (
     OnBadLine,
     ParsedRows,
     ParseStats,
+    is_labeled,
     iter_parsed,
     open_raw,
     read_chunk,
@@ -226,6 +230,33 @@ class _BackgroundWriter:
             self._pool.shutdown()
 
 
+def split_labels(jobs: Sequence[FileJob]) -> dict[str, bool]:
+    """Whether each split is labeled, from the first line of its files (a split without files counts as labeled).
+
+    Raises:
+        CriteoFormatError: a split with both labeled (40 fields) and unlabeled (39 fields) files, naming one of each.
+    """
+    kinds: dict[str, dict[bool, str]] = {split: {} for split in SPLITS}
+    for job in jobs:
+        labeled = is_labeled(job.path)
+        for split, _, _ in job.ranges:
+            kinds[split].setdefault(labeled, job.path)
+    for split, found in kinds.items():
+        if len(found) == 2:
+            raise CriteoFormatError(
+                found[False],
+                1,
+                f"39 fields (unlabeled), but {found[True]} of the same {split} split is labeled (40 fields): "
+                "the files of a split are all labeled or all unlabeled",
+            )
+    return {split: False not in found for split, found in kinds.items()}
+
+
+def split_is_labeled(meta: dict, split: str) -> bool:
+    """Whether a prepared split has labels (``meta.json`` written before unlabeled input existed: labeled)."""
+    return bool(meta["splits"][split].get("labeled", True))
+
+
 def _atomic_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
@@ -266,6 +297,7 @@ def prepare(
         if meta.get("key") == key:
             return meta
         raise FileExistsError(f"{out} holds data prepared from other inputs or options; choose another directory")
+    labeled = split_labels(jobs)  # before any parsing: a mixed split is refused at once
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / _PROGRESS_FILE
     state = json.loads(progress_path.read_text()) if progress_path.exists() else None
@@ -292,7 +324,10 @@ def prepare(
         "key": key,
         "sources": [asdict(job) for job in jobs],
         "options": asdict(options),
-        "splits": {s: {"rows": sum(x["rows"] for x in w.shards), "shards": w.shards} for s, w in writers.items()},
+        "splits": {
+            s: {"rows": sum(x["rows"] for x in w.shards), "shards": w.shards, "labeled": labeled[s]}
+            for s, w in writers.items()
+        },
         "has_prob": any((out / s / f"{w.shards[0]['name']}.prob.npy").exists() for s, w in writers.items() if w.shards),
         "skipped_lines": state["skipped"],
         "skip_examples": state.get("skip_examples", []),
@@ -337,7 +372,7 @@ def _prepare_file(
         job.path, options.on_bad_line, stats, start_offset=done["offset"], first_line=done["line"]
     ):
         lines, arrays = _block_arrays(rows, truth)
-        keep = _subsample_mask(rows, lines, job, options, index)
+        keep = _subsample_mask(rows, lines, job, options, index) if rows.labeled else None  # no negatives to drop
         for split, mask in job.split_of(lines).items():
             mask = mask & keep if keep is not None else mask
             whole = bool(mask.all())
