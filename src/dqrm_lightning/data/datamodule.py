@@ -24,17 +24,16 @@ from dqrm_lightning.data.criteo import CAT_FEATURE_COUNT, OnBadLine
 from dqrm_lightning.data.dataset import CriteoIterableDataset
 from dqrm_lightning.data.encoding import CategoricalEncoder, EncodingMode, build_vocab, vocab_dir_for
 from dqrm_lightning.data.prepare import (
+    SPLITS,
     FileJob,
     PrepareOptions,
     cache_key,
-    explicit_jobs,
-    kaggle_jobs,
     load_meta,
     prepare,
-    resolve_files,
+    raw_jobs,
+    shard_file,
     shard_paths,
     split_is_labeled,
-    terabyte_jobs,
 )
 from dqrm_lightning.metrics import binary_auroc, binary_log_loss
 from dqrm_lightning.threads import single_threaded_worker
@@ -187,13 +186,7 @@ class CriteoDataModule(pl.LightningDataModule):
     def _raw_jobs(self) -> list[FileJob]:
         if self._jobs is None:
             hp = self.hparams
-            if hp.kaggle_train_txt:
-                self._jobs = kaggle_jobs(hp.kaggle_train_txt)
-            elif hp.terabyte_dir:
-                self._jobs = terabyte_jobs(hp.terabyte_dir)
-            else:
-                files = {s: resolve_files(getattr(hp, f"{s}_files")) for s in ("train", "val", "test")}
-                self._jobs = explicit_jobs(files)
+            self._jobs = raw_jobs(hp.train_files, hp.val_files, hp.test_files, hp.kaggle_train_txt, hp.terabyte_dir)
         return self._jobs
 
     @property
@@ -255,7 +248,7 @@ class CriteoDataModule(pl.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         encoder = self.encoder()
         hp = self.hparams
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             shards = shard_paths(self.prepared_dir, split, meta)
             batch = hp.batch_size if split == "train" else hp.eval_batch_size
             shuffle = hp.shuffle and split == "train"
@@ -341,9 +334,11 @@ class CriteoDataModule(pl.LightningDataModule):
             shards = shard_paths(self.prepared_dir, split, meta)
             if not shards or not split_is_labeled(meta, split):
                 continue
-            prob = torch.from_numpy(np.concatenate([np.load(f"{p}.prob.npy") for p, _ in shards]).astype(np.float64))
+            prob = torch.from_numpy(
+                np.concatenate([np.load(shard_file(p, "prob")) for p, _ in shards]).astype(np.float64)
+            )
             labels = torch.from_numpy(
-                np.concatenate([np.load(f"{p}.labels.npy") for p, _ in shards]).astype(np.float64)
+                np.concatenate([np.load(shard_file(p, "labels")) for p, _ in shards]).astype(np.float64)
             )
             result[split] = {"auc": binary_auroc(prob, labels), "log_loss": binary_log_loss(prob, labels)}
         return result
@@ -353,8 +348,8 @@ class CriteoDataModule(pl.LightningDataModule):
         meta = self.ensure_prepared()
         return {
             "prepared_dir": str(self.prepared_dir),
-            "rows": {s: meta["splits"][s]["rows"] for s in ("train", "val", "test")},
-            "labeled": {s: split_is_labeled(meta, s) for s in ("train", "val", "test")},
+            "rows": {s: meta["splits"][s]["rows"] for s in SPLITS},
+            "labeled": {s: split_is_labeled(meta, s) for s in SPLITS},
             "skipped_lines": meta.get("skipped_lines", 0),
             "table_sizes": self.table_sizes,
         }
