@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -35,7 +34,7 @@ from dqrm_lightning.data.prepare import (
     shard_paths,
     split_is_labeled,
 )
-from dqrm_lightning.metrics import binary_auroc, binary_log_loss
+from dqrm_lightning.data.synthetic.bayes import BayesStats
 from dqrm_lightning.threads import single_threaded_worker
 
 
@@ -325,7 +324,11 @@ class CriteoDataModule(pl.LightningDataModule):
             self._resume = (int(state_dict["epoch"]), int(state_dict["train_batches"]))
 
     def truth_metrics(self) -> dict[str, dict[str, float]]:
-        """Bayes-optimal AUC and log loss per split when the data carries true probabilities (synthetic data)."""
+        """Bayes-optimal AUC and log loss per split when the data carries true probabilities (synthetic data).
+
+        Computed as for ``truth.json`` (:class:`BayesStats`), over the rows of the prepared split; a split without
+        both clicks and non-clicks has no AUC and is left out.
+        """
         meta = self.ensure_prepared()
         if not meta.get("has_prob"):
             return {}
@@ -334,13 +337,12 @@ class CriteoDataModule(pl.LightningDataModule):
             shards = shard_paths(self.prepared_dir, split, meta)
             if not shards or not split_is_labeled(meta, split):
                 continue
-            prob = torch.from_numpy(
-                np.concatenate([np.load(shard_file(p, "prob")) for p, _ in shards]).astype(np.float64)
-            )
-            labels = torch.from_numpy(
-                np.concatenate([np.load(shard_file(p, "labels")) for p, _ in shards]).astype(np.float64)
-            )
-            result[split] = {"auc": binary_auroc(prob, labels), "log_loss": binary_log_loss(prob, labels)}
+            stats = BayesStats()
+            for prefix, _ in shards:
+                stats.update_probabilities(np.load(shard_file(prefix, "labels")), np.load(shard_file(prefix, "prob")))
+            bayes = stats.result()
+            if bayes["bayes_auc"] is not None:
+                result[split] = {"auc": bayes["bayes_auc"], "log_loss": bayes["bayes_log_loss"]}
         return result
 
     def describe(self) -> dict[str, Any]:

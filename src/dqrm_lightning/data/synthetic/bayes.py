@@ -10,6 +10,7 @@ __all__ = ["AUC_METHOD", "BayesStats"]
 
 _AUC_BINS = 1 << 18
 _AUC_LOGIT_RANGE = 16.0
+_PROB_EPS = 1e-7  # probabilities are clamped to [eps, 1 - eps] before they become logits
 
 AUC_METHOD = f"histogram of the true logit, {_AUC_BINS} bins on [-{_AUC_LOGIT_RANGE:g}, {_AUC_LOGIT_RANGE:g}]"
 """How :class:`BayesStats` computes the AUC, in words (recorded in ``truth.json``)."""
@@ -51,6 +52,11 @@ class BayesStats:
         bins = np.minimum(scaled.astype(np.int64), _AUC_BINS - 1)
         self._pos += np.bincount(bins[y], minlength=_AUC_BINS)
         self._neg += np.bincount(bins[~y], minlength=_AUC_BINS)
+
+    def update_probabilities(self, labels: np.ndarray, prob: np.ndarray) -> None:
+        """Add rows given by their true probabilities (``(n,)``, e.g. the float32 ``prob`` of prepared shards)."""
+        p = np.clip(np.asarray(prob, dtype=np.float64), _PROB_EPS, 1.0 - _PROB_EPS)
+        self.update(labels, np.log(p) - np.log1p(-p))
 
     def auc(self) -> float | None:
         """The AUC of the true logits over the rows so far (None without both positives and negatives)."""
