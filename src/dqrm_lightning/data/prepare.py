@@ -91,7 +91,7 @@ class FileJob:
 
     def split_of(self, lines: np.ndarray) -> dict[str, np.ndarray]:
         """Boolean masks per split for an array of line numbers."""
-        masks = {}
+        masks: dict[str, np.ndarray] = {}
         for split, start, end in self.ranges:
             mask = lines >= start
             if end is not None:
