@@ -515,77 +515,72 @@ def data_main(argv: list[str]) -> str:
     """Run ``dqrm data ...``; returns the path of the summary it wrote."""
     args = _data_parser().parse_args(argv)
     apply_threads(resolve(None, local_processes_from_env()))  # pyarrow's pool: this process's share of the CPUs
+    result = _data_synth(args) if args.command == "synth" else _data_prepare(args)
     out = Path(args.out)
-    start = time.perf_counter()
-    if args.command == "synth":
-        from dqrm_lightning.data.synthetic import synthesize
-
-        result = synthesize(
-            args.preset,
-            args.rows,
-            args.seed,
-            out,
-            split_fractions=tuple(args.split),
-            rows_per_file=args.rows_per_file,
-            progress=True,
-        )
-        seconds = time.perf_counter() - start
-        result = {"command": "data synth", **result, "seconds": seconds, "rows_per_s": args.rows / seconds}
-        for split, values in result.get("splits", {}).items():
-            if isinstance(values, dict) and values.get("bayes_auc") is not None:
-                print(
-                    f"{split}: rows={values['rows']} positive rate {values['positive_rate']:.4f} "
-                    f"Bayes-optimal AUC {values['bayes_auc']:.4f} log loss {values['bayes_log_loss']:.4f}"
-                )
-    else:
-        from dqrm_lightning.data.prepare import (
-            PrepareOptions,
-            explicit_jobs,
-            kaggle_jobs,
-            prepare,
-            resolve_files,
-            terabyte_jobs,
-        )
-
-        if args.kaggle_train_txt:
-            jobs = kaggle_jobs(args.kaggle_train_txt)
-        elif args.terabyte_dir:
-            jobs = terabyte_jobs(args.terabyte_dir)
-        else:
-            files = {s: resolve_files(getattr(args, f"{s}_files")) for s in ("train", "val", "test")}
-            jobs = explicit_jobs(files)
-        if not jobs:
-            raise SystemExit(
-                "dqrm data prepare: no input files (use --train-files, --kaggle-train-txt or --terabyte-dir)"
-            )
-        options = PrepareOptions(
-            rows_per_shard=args.rows_per_shard,
-            on_bad_line=args.on_bad_line,
-            negative_subsample=args.negative_subsample,
-            seed=args.seed,
-        )
-        meta = prepare(jobs, out, options, progress=not args.no_progress)
-        seconds = time.perf_counter() - start
-        rows = {s: v["rows"] for s, v in meta["splits"].items()}
-        result = {
-            "command": "data prepare",
-            "out": str(out),
-            "rows": rows,
-            "skipped_lines": meta["skipped_lines"],
-            "skip_examples": meta["skip_examples"],
-            "seconds": seconds,
-            "rows_per_s": meta["rows"] / max(meta["seconds"], 1e-9),
-        }
-        print(
-            f"prepared {sum(rows.values())} rows {rows} in {seconds:.1f}s "
-            f"({result['rows_per_s']:,.0f} rows/s); skipped lines: {meta['skipped_lines']}"
-        )
-        for example in meta["skip_examples"]:
-            print(f"  skipped: {example}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     return str(path)
+
+
+def _data_synth(args: argparse.Namespace) -> dict[str, Any]:
+    """``dqrm data synth``: write the synthetic dataset and print each split's Bayes-optimal metrics."""
+    start = time.perf_counter()
+    from dqrm_lightning.data.synthetic import synthesize
+
+    result = synthesize(
+        args.preset,
+        args.rows,
+        args.seed,
+        Path(args.out),
+        split_fractions=tuple(args.split),
+        rows_per_file=args.rows_per_file,
+        progress=True,
+    )
+    seconds = time.perf_counter() - start
+    result = {"command": "data synth", **result, "seconds": seconds, "rows_per_s": args.rows / seconds}
+    for split, values in result.get("splits", {}).items():
+        if isinstance(values, dict) and values.get("bayes_auc") is not None:
+            print(
+                f"{split}: rows={values['rows']} positive rate {values['positive_rate']:.4f} "
+                f"Bayes-optimal AUC {values['bayes_auc']:.4f} log loss {values['bayes_log_loss']:.4f}"
+            )
+    return result
+
+
+def _data_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """``dqrm data prepare``: parse the raw files into shards and print the rows and skipped lines."""
+    start = time.perf_counter()
+    from dqrm_lightning.data.prepare import PrepareOptions, prepare, raw_jobs
+
+    jobs = raw_jobs(args.train_files, args.val_files, args.test_files, args.kaggle_train_txt, args.terabyte_dir)
+    if not jobs:
+        raise SystemExit("dqrm data prepare: no input files (use --train-files, --kaggle-train-txt or --terabyte-dir)")
+    options = PrepareOptions(
+        rows_per_shard=args.rows_per_shard,
+        on_bad_line=args.on_bad_line,
+        negative_subsample=args.negative_subsample,
+        seed=args.seed,
+    )
+    meta = prepare(jobs, Path(args.out), options, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    rows = {s: v["rows"] for s, v in meta["splits"].items()}
+    result = {
+        "command": "data prepare",
+        "out": str(Path(args.out)),
+        "rows": rows,
+        "skipped_lines": meta["skipped_lines"],
+        "skip_examples": meta["skip_examples"],
+        "seconds": seconds,
+        "rows_per_s": meta["rows"] / max(meta["seconds"], 1e-9),
+    }
+    print(
+        f"prepared {sum(rows.values())} rows {rows} in {seconds:.1f}s "
+        f"({result['rows_per_s']:,.0f} rows/s); skipped lines: {meta['skipped_lines']}"
+    )
+    for example in meta["skip_examples"]:
+        print(f"  skipped: {example}")
+    return result
 
 
 def _quiet_known_warnings() -> None:

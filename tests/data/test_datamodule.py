@@ -99,3 +99,21 @@ def test_vocab_tables_are_sized_by_the_data_and_the_given_sizes_are_only_an_uppe
     )
     with pytest.raises(ValueError, match="vocabulary exceeds `num_embeddings_per_feature` \\(C1: "):
         tight.table_sizes  # noqa: B018
+
+
+def test_truth_metrics_of_synthetic_data_are_those_of_truth_json(tmp_path):
+    from dqrm_lightning.data.synthetic import synthesize
+
+    truth = synthesize("demo", 6_000, 3, tmp_path / "raw", split_fractions=(0.5, 0.25, 0.25))
+    datamodule = CriteoDataModule(
+        **{f"{s}_files": str(tmp_path / "raw" / f"{s}.tsv") for s in ("train", "val", "test")},
+        num_embeddings_per_feature=[97] * 26,
+    )
+    metrics = datamodule.truth_metrics()
+    assert metrics.keys() == {"val", "test"}
+    for split, values in metrics.items():
+        assert values["auc"] == pytest.approx(truth["splits"][split]["bayes_auc"], abs=1e-6)
+        assert values["log_loss"] == pytest.approx(truth["splits"][split]["bayes_log_loss"], abs=1e-6)
+    plain = CriteoDataModule(train_files=str(tmp_path / "raw" / "train.tsv"), num_embeddings_per_feature=[97] * 26)
+    (tmp_path / "raw" / "train.tsv.truth.npy").rename(tmp_path / "hidden.npy")
+    assert plain.truth_metrics() == {}  # no true probabilities: no ceiling

@@ -13,7 +13,6 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pytest
 
-from dqrm_lightning.data import synthetic as syn
 from dqrm_lightning.data.synthetic import (
     KAGGLE_CARDINALITIES,
     PRESETS,
@@ -21,6 +20,8 @@ from dqrm_lightning.data.synthetic import (
     SyntheticPreset,
     synthesize,
 )
+from dqrm_lightning.data.synthetic import truth as truth_model
+from dqrm_lightning.data.synthetic.zipf import ZipfSampler
 
 ROWS = 50_000
 SEED = 7
@@ -291,7 +292,7 @@ def test_scramble_is_a_bijection() -> None:
 
 def test_zipf_sampler_follows_its_law() -> None:
     for n_ids, exponent in [(3, 1.05), (5_000, 1.1), (10_131_227, 1.1), (200_000, 0.8)]:
-        sampler = syn._ZipfSampler(n_ids, exponent)
+        sampler = ZipfSampler(n_ids, exponent)
         ranks = sampler.sample(np.random.default_rng(0).random(400_000))
         assert ranks.min() >= 0
         assert ranks.max() < n_ids
@@ -301,22 +302,16 @@ def test_zipf_sampler_follows_its_law() -> None:
         expected = sampler.pmf(top)
         assert (np.abs(observed - expected) <= 5 * np.sqrt(expected / len(ranks)) + 1e-4).all()
         np.testing.assert_allclose(expected / expected[0], (top + 1.0) ** -exponent, rtol=1e-12)
-    small = syn._ZipfSampler(5_000, 1.1)
+    small = ZipfSampler(5_000, 1.1)
     assert small.pmf(np.arange(5_000)).sum() == pytest.approx(1.0, abs=1e-12)
-    big = syn._ZipfSampler(10_131_227, 1.1)
+    big = ZipfSampler(10_131_227, 1.1)
     ratio = big.pmf(np.array([2_000_000]))[0] / big.pmf(np.array([1_000_000]))[0]
     assert ratio == pytest.approx((2_000_001 / 1_000_001) ** -1.1, rel=1e-6)
 
 
-def test_hash_matches_reference() -> None:
-    values = [0, 1, 12345, 2**63 + 5, 2**64 - 1]
-    mixed = syn._mix64(np.array(values, dtype=np.uint64))
-    assert [int(v) for v in mixed] == [syn._mix64_int(v) for v in values]
-
-
 def test_effects_do_not_depend_on_caching() -> None:
-    vectors = syn._HashedVectors([123, 456], 1_000_000, 0.3, 1.0)
-    ids = np.array([0, 5, 262_143, 262_144, 999_999, syn._MISSING_ID])
+    vectors = truth_model._HashedVectors([123, 456], 1_000_000, 0.3, 1.0)
+    ids = np.array([0, 5, 262_143, 262_144, 999_999, truth_model._MISSING_ID])
     np.testing.assert_array_equal(vectors(ids), vectors._compute(ids))
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -24,19 +23,18 @@ from dqrm_lightning.data.criteo import CAT_FEATURE_COUNT, OnBadLine
 from dqrm_lightning.data.dataset import CriteoIterableDataset
 from dqrm_lightning.data.encoding import CategoricalEncoder, EncodingMode, build_vocab, vocab_dir_for
 from dqrm_lightning.data.prepare import (
+    SPLITS,
     FileJob,
     PrepareOptions,
     cache_key,
-    explicit_jobs,
-    kaggle_jobs,
     load_meta,
     prepare,
-    resolve_files,
+    raw_jobs,
+    shard_file,
     shard_paths,
     split_is_labeled,
-    terabyte_jobs,
 )
-from dqrm_lightning.metrics import binary_auroc, binary_log_loss
+from dqrm_lightning.data.synthetic.bayes import BayesStats
 from dqrm_lightning.threads import single_threaded_worker
 
 
@@ -187,13 +185,7 @@ class CriteoDataModule(pl.LightningDataModule):
     def _raw_jobs(self) -> list[FileJob]:
         if self._jobs is None:
             hp = self.hparams
-            if hp.kaggle_train_txt:
-                self._jobs = kaggle_jobs(hp.kaggle_train_txt)
-            elif hp.terabyte_dir:
-                self._jobs = terabyte_jobs(hp.terabyte_dir)
-            else:
-                files = {s: resolve_files(getattr(hp, f"{s}_files")) for s in ("train", "val", "test")}
-                self._jobs = explicit_jobs(files)
+            self._jobs = raw_jobs(hp.train_files, hp.val_files, hp.test_files, hp.kaggle_train_txt, hp.terabyte_dir)
         return self._jobs
 
     @property
@@ -255,7 +247,7 @@ class CriteoDataModule(pl.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         encoder = self.encoder()
         hp = self.hparams
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             shards = shard_paths(self.prepared_dir, split, meta)
             batch = hp.batch_size if split == "train" else hp.eval_batch_size
             shuffle = hp.shuffle and split == "train"
@@ -332,7 +324,11 @@ class CriteoDataModule(pl.LightningDataModule):
             self._resume = (int(state_dict["epoch"]), int(state_dict["train_batches"]))
 
     def truth_metrics(self) -> dict[str, dict[str, float]]:
-        """Bayes-optimal AUC and log loss per split when the data carries true probabilities (synthetic data)."""
+        """Bayes-optimal AUC and log loss per split when the data carries true probabilities (synthetic data).
+
+        Computed as for ``truth.json`` (:class:`BayesStats`), over the rows of the prepared split; a split without
+        both clicks and non-clicks has no AUC and is left out.
+        """
         meta = self.ensure_prepared()
         if not meta.get("has_prob"):
             return {}
@@ -341,11 +337,12 @@ class CriteoDataModule(pl.LightningDataModule):
             shards = shard_paths(self.prepared_dir, split, meta)
             if not shards or not split_is_labeled(meta, split):
                 continue
-            prob = torch.from_numpy(np.concatenate([np.load(f"{p}.prob.npy") for p, _ in shards]).astype(np.float64))
-            labels = torch.from_numpy(
-                np.concatenate([np.load(f"{p}.labels.npy") for p, _ in shards]).astype(np.float64)
-            )
-            result[split] = {"auc": binary_auroc(prob, labels), "log_loss": binary_log_loss(prob, labels)}
+            stats = BayesStats()
+            for prefix, _ in shards:
+                stats.update_probabilities(np.load(shard_file(prefix, "labels")), np.load(shard_file(prefix, "prob")))
+            bayes = stats.result()
+            if bayes["bayes_auc"] is not None:
+                result[split] = {"auc": bayes["bayes_auc"], "log_loss": bayes["bayes_log_loss"]}
         return result
 
     def describe(self) -> dict[str, Any]:
@@ -353,8 +350,8 @@ class CriteoDataModule(pl.LightningDataModule):
         meta = self.ensure_prepared()
         return {
             "prepared_dir": str(self.prepared_dir),
-            "rows": {s: meta["splits"][s]["rows"] for s in ("train", "val", "test")},
-            "labeled": {s: split_is_labeled(meta, s) for s in ("train", "val", "test")},
+            "rows": {s: meta["splits"][s]["rows"] for s in SPLITS},
+            "labeled": {s: split_is_labeled(meta, s) for s in SPLITS},
             "skipped_lines": meta.get("skipped_lines", 0),
             "table_sizes": self.table_sizes,
         }

@@ -28,6 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.data.encoding import CategoricalEncoder
+from dqrm_lightning.data.prepare import shard_file
 
 
 def make_batch(dense: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> Batch:
@@ -172,7 +173,7 @@ class CriteoIterableDataset(IterableDataset):
             if shard not in cache:
                 cache.clear()  # keep one shard's arrays open at a time
                 prefix = self.shards[shard][0]
-                arrays = {k: np.load(f"{prefix}.{k}.npy", mmap_mode="r") for k in parts}
+                arrays = {k: np.load(shard_file(prefix, k), mmap_mode="r") for k in parts}
                 cache[shard] = (self._row_order(shard), arrays)
             rows, arrays = cache[shard]
             lo = start - int(bounds[position])

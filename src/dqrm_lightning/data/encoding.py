@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from dqrm_lightning.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES
-from dqrm_lightning.data.prepare import SPLITS, load_meta, shard_paths
+from dqrm_lightning.data.prepare import SPLITS, load_meta, shard_file, shard_paths
 
 EncodingMode = Literal["hash", "vocab"]
 
@@ -104,7 +104,7 @@ def build_vocab(prepared_dir: str | Path, max_ind_range: int | None = None, min_
     out.mkdir(parents=True, exist_ok=True)
     sizes = []
     for f, name in enumerate(DEFAULT_CAT_NAMES):
-        column = np.concatenate([np.load(f"{p}.cat.npy", mmap_mode="r")[:, f] for p in shards]).astype(np.int64)
+        column = np.concatenate([np.load(shard_file(p, "cat"), mmap_mode="r")[:, f] for p in shards]).astype(np.int64)
         if max_ind_range:
             column %= max_ind_range
         values, first, counts = np.unique(column, return_index=True, return_counts=True)

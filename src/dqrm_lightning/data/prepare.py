@@ -48,12 +48,34 @@ from dqrm_lightning.data.criteo import (
     open_raw,
     read_chunk,
 )
+from dqrm_lightning.data.hashing import hash_uniform
 
 SPLITS = ("train", "val", "test")
 ARRAYS = ("labels", "dense", "cat")
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+TRUTH_SUFFIX = ".truth.npy"
 _PROGRESS_FILE = "_progress.json"
+
+
+def shard_name(index: int) -> str:
+    """The name of a split's ``index``-th shard: ``part-00000``."""
+    return f"part-{index:05d}"
+
+
+def shard_file(prefix: str | Path, array: str) -> Path:
+    """The file of one array of a shard: prefix ``train/part-00000`` and ``labels`` -> ``train/part-00000.labels.npy``.
+
+    Args:
+        prefix: The shard's path without suffix (the directory of its split and its :func:`shard_name`).
+        array: ``labels``, ``dense``, ``cat`` or ``prob``.
+    """
+    return Path(f"{prefix}.{array}.npy")
+
+
+def truth_file(raw_path: str | Path) -> Path:
+    """The true click probabilities beside a raw file (synthetic data only): ``<raw file>.truth.npy``, float32."""
+    return Path(f"{raw_path}{TRUTH_SUFFIX}")
 
 
 @dataclass
@@ -69,7 +91,7 @@ class FileJob:
 
     def split_of(self, lines: np.ndarray) -> dict[str, np.ndarray]:
         """Boolean masks per split for an array of line numbers."""
-        masks = {}
+        masks: dict[str, np.ndarray] = {}
         for split, start, end in self.ranges:
             mask = lines >= start
             if end is not None:
@@ -135,6 +157,36 @@ def explicit_jobs(files: dict[str, Sequence[str | Path]]) -> list[FileJob]:
     return [FileJob(str(path), [(split, 1, None)]) for split in SPLITS for path in files.get(split, ())]
 
 
+def raw_jobs(
+    train_files: Iterable[str] | str | None = None,
+    val_files: Iterable[str] | str | None = None,
+    test_files: Iterable[str] | str | None = None,
+    kaggle_train_txt: str | Path | None = None,
+    terabyte_dir: str | Path | None = None,
+) -> list[FileJob]:
+    """The jobs for raw input given one of three ways; the first given wins, in the order Kaggle, Terabyte, files.
+
+    Args:
+        train_files: Glob pattern(s) of training files.
+        val_files: Glob pattern(s) of validation files.
+        test_files: Glob pattern(s) of test files.
+        kaggle_train_txt: Kaggle's ``train.txt``, for :func:`kaggle_jobs`.
+        terabyte_dir: The directory of Terabyte's ``day_N`` files, for :func:`terabyte_jobs`.
+
+    Returns:
+        The jobs; empty when nothing is given.
+
+    Raises:
+        FileNotFoundError: A pattern that matches no file, or a missing Terabyte day.
+    """
+    if kaggle_train_txt:
+        return kaggle_jobs(kaggle_train_txt)
+    if terabyte_dir:
+        return terabyte_jobs(terabyte_dir)
+    patterns = {"train": train_files, "val": val_files, "test": test_files}
+    return explicit_jobs({split: resolve_files(patterns[split]) for split in SPLITS})
+
+
 @dataclass
 class PrepareOptions:
     """What shapes the prepared data (part of the cache key)."""
@@ -185,7 +237,7 @@ class _SplitWriter:
         """Name the next shard, record it, and hand over its buffers for writing."""
         if not self.buffers:
             return None
-        name = f"part-{len(self.shards):05d}"
+        name = shard_name(len(self.shards))
         self.shards.append({"name": name, "rows": sum(len(b["labels"]) for b in self.buffers)})
         buffers, self.buffers = self.buffers, []
         return self.directory, name, buffers
@@ -196,7 +248,7 @@ def _write_shard(directory: Path, name: str, buffers: list[dict[str, np.ndarray]
     for key in buffers[0]:
         tmp = directory / f".{name}.{key}.tmp.npy"
         np.save(tmp, np.concatenate([b[key] for b in buffers]))
-        os.replace(tmp, directory / f"{name}.{key}.npy")
+        os.replace(tmp, shard_file(directory / name, key))
 
 
 class _BackgroundWriter:
@@ -264,7 +316,7 @@ def _atomic_json(path: Path, payload: dict) -> None:
 
 
 def _truth_for(path: str) -> np.ndarray | None:
-    truth = Path(path + ".truth.npy")
+    truth = truth_file(path)
     return np.load(truth, mmap_mode="r") if truth.exists() else None
 
 
@@ -319,24 +371,38 @@ def prepare(
         writer_thread.close()
         bar.close()
     state["seconds"] += time.perf_counter() - start
-    meta = {
+    meta = _meta(out, jobs, options, state, writers, labeled)
+    _atomic_json(meta_path, meta)
+    progress_path.unlink(missing_ok=True)
+    return meta
+
+
+def _meta(
+    out: Path,
+    jobs: Sequence[FileJob],
+    options: PrepareOptions,
+    state: dict,
+    writers: dict[str, _SplitWriter],
+    labeled: dict[str, bool],
+) -> dict:
+    """The content of ``meta.json`` once every file is prepared."""
+    return {
         "format": FORMAT_VERSION,
-        "key": key,
+        "key": state["key"],
         "sources": [asdict(job) for job in jobs],
         "options": asdict(options),
         "splits": {
             s: {"rows": sum(x["rows"] for x in w.shards), "shards": w.shards, "labeled": labeled[s]}
             for s, w in writers.items()
         },
-        "has_prob": any((out / s / f"{w.shards[0]['name']}.prob.npy").exists() for s, w in writers.items() if w.shards),
+        "has_prob": any(
+            shard_file(out / s / w.shards[0]["name"], "prob").exists() for s, w in writers.items() if w.shards
+        ),
         "skipped_lines": state["skipped"],
         "skip_examples": state.get("skip_examples", []),
         "rows": state["rows"],
         "seconds": state["seconds"],
     }
-    _atomic_json(meta_path, meta)
-    progress_path.unlink(missing_ok=True)
-    return meta
 
 
 def _prepare_file(
@@ -401,19 +467,8 @@ def _subsample_mask(
     for split, mask in job.split_of(lines).items():
         if split in options.subsample_splits:
             in_scope |= mask
-    uniform = _hash_uniform(lines.astype(np.uint64) + (np.uint64(index) << np.uint64(40)), options.seed)
+    uniform = hash_uniform(lines.astype(np.uint64) + (np.uint64(index) << np.uint64(40)), options.seed)
     return ~(in_scope & (rows.labels == 0) & (uniform < options.negative_subsample))
-
-
-def _hash_uniform(keys: np.ndarray, seed: int) -> np.ndarray:
-    """splitmix64 of ``keys`` xor ``seed`` mapped to [0, 1)."""
-    with np.errstate(over="ignore"):
-        z = keys ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
-        z = (z + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(2**64 - 1)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def load_meta(prepared_dir: str | Path) -> dict:
@@ -445,7 +500,7 @@ def resolve_files(patterns: Iterable[str] | str | None) -> list[str]:
         patterns = [patterns]
     files: list[str] = []
     for pattern in patterns:
-        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if not p.endswith(".truth.npy"))
+        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if not p.endswith(TRUTH_SUFFIX))
         if not matches:
             raise FileNotFoundError(f"no file matches {pattern!r}")
         folders = [m for m in matches if os.path.isdir(m)]

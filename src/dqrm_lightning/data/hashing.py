@@ -1,0 +1,68 @@
+"""Counter-based random numbers from the splitmix64 finaliser: no state, any element computable on its own.
+
+A value that must be the same on every rerun, thread count and resume (a negative kept or dropped by ``prepare``, the
+effect of an id in the synthetic click model) is a hash of its coordinates rather than a draw from a stream.
+splitmix64's finaliser (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014) mixes a 64-bit
+word so that every input bit flips about half of the output bits. All arrays are uint64 with wrapping arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["GOLDEN_GAMMA", "derive_key", "hash_uniform", "mix64", "mix64_int"]
+
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+"""splitmix64's increment, the odd integer nearest ``2**64 / golden ratio``."""
+
+_M64 = (1 << 64) - 1
+_MUL1 = 0xBF58476D1CE4E5B9
+_MUL2 = 0x94D049BB133111EB
+
+
+def mix64_int(x: int) -> int:
+    """splitmix64 of one Python int (taken modulo ``2**64``): the same value as :func:`mix64` gives."""
+    x = (x + GOLDEN_GAMMA) & _M64
+    x = ((x ^ (x >> 30)) * _MUL1) & _M64
+    x = ((x ^ (x >> 27)) * _MUL2) & _M64
+    return x ^ (x >> 31)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of every element, in place.
+
+    Args:
+        x: uint64 array; overwritten with the hashes.
+
+    Returns:
+        ``x``.
+    """
+    x += np.uint64(GOLDEN_GAMMA)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(_MUL1)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(_MUL2)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def hash_uniform(keys: np.ndarray, seed: int) -> np.ndarray:
+    """Uniform numbers in ``[0, 1)`` attached to ``keys``: splitmix64 of ``keys ^ (seed * GOLDEN_GAMMA)``.
+
+    Args:
+        keys: uint64 array (not modified).
+        seed: Non-negative integer; another seed gives independent numbers.
+
+    Returns:
+        float64 array of the shape of ``keys``, multiples of ``2**-53`` (the top 53 bits of each hash).
+    """
+    z = mix64(keys ^ np.uint64(seed * GOLDEN_GAMMA & _M64))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def derive_key(seed: int, *tags: int) -> int:
+    """A 64-bit key for one random quantity, named by ``tags``: ``seed`` and the tags mixed in turn."""
+    key = mix64_int(seed & _M64)
+    for tag in tags:
+        key = mix64_int(key ^ (tag & _M64))
+    return key
