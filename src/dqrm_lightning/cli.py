@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -41,7 +42,7 @@ from dqrm_lightning.callbacks.interrupt import ContinuedMetrics, RunInterrupted,
 from dqrm_lightning.callbacks.predictions import PredictionWriter
 from dqrm_lightning.callbacks.progress import LineProgress, TerminalProgress, stdout_is_terminal
 from dqrm_lightning.callbacks.threads import ThreadPolicy
-from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_file
+from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_error
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.data.dataset import rank_slices
 from dqrm_lightning.errors import ConfigError
@@ -135,14 +136,20 @@ class DQRMCLI(LightningCLI):
             help="when output is not a terminal: a progress line every N training steps (0: one per epoch)",
         )
 
+    def _setting(self, key: str, default: Any = None, built: bool = False) -> Any:
+        """A value of this subcommand's configuration (``built``: as instantiated, e.g. callback objects)."""
+        config = self.config_init if built else self.config
+        section = config.get(self.subcommand) if self.subcommand else config
+        return section.get(key, default)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={})
+        config = self._setting("trainer", {}, built=True)
         root = config.get("default_root_dir") or "runs"
         self._checkpoint = self._resolve_checkpoint(root)
         callbacks: list[Any] = [
             RunSummary(),
             CommunicationAccounting(),
-            ThreadPolicy(self._get(self.config, "threads")),
+            ThreadPolicy(self._setting("threads")),
         ]
         if config.get("logger") in (None, True):
             version = _run_version(self._checkpoint, root) if self.subcommand == "fit" else None
@@ -150,31 +157,31 @@ class DQRMCLI(LightningCLI):
             if previous_metrics:
                 callbacks.append(ContinuedMetrics(previous_metrics))
         if config.get("enable_progress_bar") is not False:
-            every = self._get(self.config, "progress_every_n_steps")
+            every = self._setting("progress_every_n_steps")
             callbacks.append(TerminalProgress() if stdout_is_terminal() else LineProgress(every))
         if self.subcommand == "fit":
             callbacks.append(StopOnSignal())
         if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
             callbacks.append(ModelCheckpoint(monitor="val/auc", mode="max", filename="best", save_last=True))
-            every = self._get(self.config, "checkpoint_every_n_steps")
+            every = self._setting("checkpoint_every_n_steps")
             if every < 0:
                 raise ConfigError(f"`checkpoint_every_n_steps` must be >= 0, got {every}")
             if every:
                 callbacks.append(ModelCheckpoint(every_n_train_steps=every, save_top_k=0, save_last=True))
         if self.subcommand == "predict":
-            callbacks.append(PredictionWriter(self._get(self.config, "predictions")))
-        trainer_config = {**config, "default_root_dir": root, **kwargs}
-        plugins = trainer_config.get("plugins")
+            callbacks.append(PredictionWriter(self._setting("predictions")))
+        given = config.get("callbacks")
+        kwargs["callbacks"] = ([] if given is None else list(given) if isinstance(given, list) else [given]) + callbacks
+        plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(SafeCheckpointIO())  # single files: loaded weights-only, written atomically
-        trainer_config["plugins"] = plugins
-        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        return self._instantiate_trainer(trainer_config, extra + callbacks)
+        # LightningCLI adds the --step_timer and --qat callbacks and the config-saving callback
+        return super().instantiate_trainer(default_root_dir=root, plugins=plugins, **kwargs)
 
     def _resolve_checkpoint(self, root: str) -> str | None:
         """``--ckpt_path``, with ``best``/``last`` resolved to the newest such file under ``root``."""
-        which = self._get(self.config, "ckpt_path")
+        which = self._setting("ckpt_path")
         if which not in ("best", "last"):
             return which
         try:
@@ -203,12 +210,12 @@ class DQRMCLI(LightningCLI):
         else:
             self._new_log_dir = Path(csv_logger.log_dir)  # removed again if the run fails before writing anything
         loggers: list[Logger] = [csv_logger]
-        mode = wandb_mode(self._get(self.config, "wandb"))
+        mode = wandb_mode(self._setting("wandb"))
         if mode != "disabled":
             version = csv_logger.version
             csv_logger.experiment  # noqa: B018 - the CSV log directory first: wandb's files then land in it
             wandb_logger = WandbLogger(
-                project=self._get(self.config, "wandb_project"),
+                project=self._setting("wandb_project"),
                 save_dir=os.path.join(root, "lightning_logs", f"version_{version}"),
                 offline=mode == "offline",
                 name=f"{self.subcommand}-v{version}",
@@ -275,16 +282,17 @@ class DQRMCLI(LightningCLI):
             raise ConfigError(_name_arguments(err)) from err
         self._check_splits(data)
         self._fit_intervals(data["rows"]["train"])
-        artifact = self._get(self.config, "artifact")
+        artifact = self._setting("artifact")
         if artifact:
             if self.subcommand == "fit":
                 raise ValueError("`--artifact` is for validate, test and predict; fit trains a model")
-            if self._get(self.config, "ckpt_path"):
+            if self._setting("ckpt_path"):
                 raise ValueError("give either `--artifact` or `--ckpt_path`, not both")
-            self.model.use_artifact(artifact, self._get(self.config, "engine"))
+            self.model.use_artifact(artifact, self._setting("engine"))
+        self._checkpoint_arguments()
         summary = self._summary_callback()
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        summary.config = json.loads(self._parser(self.subcommand).dump(config, format="json", skip_check=True))
+        dumped = json.loads(self.parser.dump(self.config, format="json", skip_check=True))
+        summary.config = dumped.get(self.subcommand, dumped)
         for logger in self.trainer.loggers:  # the full resolved configuration on the wandb run page
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams({"config": summary.config})
@@ -303,15 +311,16 @@ class DQRMCLI(LightningCLI):
 
     after_fit = after_validate = after_test = after_predict = _after
 
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if "ckpt_path" in kwargs:
-            kwargs["ckpt_path"] = self._checkpoint
-        if kwargs.get("weights_only") is False:
+    def _checkpoint_arguments(self) -> None:
+        """The trainer method gets the resolved ``ckpt_path`` and loads it weights-only (LightningCLI passes the
+        subcommand's configured arguments to it)."""
+        arguments = self.config_init[self.subcommand]
+        if arguments.get("weights_only") is False:
             raise ConfigError("`weights_only: false` is not supported: checkpoints load without unpickling objects")
-        if "weights_only" in inspect.signature(getattr(self.trainer, subcommand)).parameters:
-            kwargs["weights_only"] = True
-        return kwargs
+        if "ckpt_path" in arguments:
+            arguments["ckpt_path"] = self._checkpoint
+        if "weights_only" in inspect.signature(getattr(self.trainer, self.subcommand)).parameters:
+            arguments["weights_only"] = True
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         given = sys.argv[1:] if args is None else args
@@ -323,6 +332,22 @@ class DQRMCLI(LightningCLI):
         self._argv = [str(a) for a in given] if isinstance(given, list | tuple) else []
         super().parse_arguments(parser, args)
         self._prepared_dir_replaces_raw_inputs()
+        self._check_checkpoint_file()
+
+    def _check_checkpoint_file(self) -> None:
+        """A missing, refused or unreadable ``--ckpt_path`` file is one line: LightningCLI reads the file's
+        hyper-parameters right after parsing, and a garbage file fails inside ``torch.load`` with almost any error."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or path in ("best", "last", "hpc", "registry"):
+            return
+        if not Path(path).exists():
+            raise ConfigError(f"`--ckpt_path {path}`: no such file or directory")
+        if Path(path).is_file():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:
+                raise load_error(path, err) from None
 
     def _prepared_dir_replaces_raw_inputs(self) -> None:
         """``--data.prepared_dir`` on the command line reads that prepared data with any base config: the raw inputs
@@ -337,25 +362,10 @@ class DQRMCLI(LightningCLI):
             for key in _RAW_INPUTS:
                 data[key] = None
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyper-parameters of `--ckpt_path` (torch.load with weights_only=True) before anything
-        # else: a missing, refused or unreadable file stops the run with a one-line error.
-        path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if path and path not in ("best", "last", "hpc", "registry") and not Path(path).exists():
-            raise ConfigError(f"`--ckpt_path {path}`: no such file or directory")
-        try:
-            super()._parse_ckpt_path()
-        except Exception:
-            # garbage fails inside torch.load with almost any exception type: if the file itself does not load
-            # (safely, by our loader), that is the error to report; otherwise the failure is about something else
-            if path and Path(path).is_file():
-                load_file(path, mmap=True)
-            raise
-
     def instantiate_classes(self) -> None:
         self._check_before_building()
         try:  # before the data module prepares the data (pyarrow); refined per rank by ThreadPolicy in `setup`
-            apply_threads(resolve(self._get(self.config, "threads"), local_processes_from_env()))
+            apply_threads(resolve(self._setting("threads"), local_processes_from_env()))
         except ValueError as err:
             raise ConfigError(str(err)) from err
         try:
@@ -729,17 +739,27 @@ def _report_interrupted(stop: RunInterrupted, cli: DQRMCLI | None, command: str)
     raise SystemExit(stop.exit_code)
 
 
+def _subcommand_keys(cli: DQRMCLI | None, subcommand: str) -> list[str]:
+    """Every option of a subcommand (``data.batch_size``, ...), from a parse of its defaults."""
+    parser = getattr(cli, "parser", None)
+    if parser is None or subcommand not in cli.subcommands():
+        return []
+    try:
+        defaults = parser.parse_args([subcommand])
+    except (argparse.ArgumentError, SystemExit):
+        return []
+    prefix = f"{subcommand}."
+    return [key[len(prefix) :] for key in vars(defaults.as_flat()) if key.startswith(prefix)]
+
+
 def _option_error(err: argparse.ArgumentError, cli: DQRMCLI | None, argv: list[str]) -> str:
     """A bad option or config key in one line, with the closest known key when there is one."""
     message = str(err).strip().splitlines()[0]
     bad = re.search(r"option '([\w.]+)'|unrecognized arguments: --([\w.]+)", message)
-    parser = getattr(cli, "parser", None)
-    subcommands = getattr(parser, "_subcommands_action", None)
-    if bad and subcommands is not None and argv and argv[0] in subcommands.choices:
-        keys = [action.dest for action in subcommands.choices[argv[0]]._actions]
-        close = difflib.get_close_matches(bad.group(1) or bad.group(2), keys, n=1, cutoff=0.8)
-        if close:
-            message += f"; did you mean `{close[0]}`?"
+    keys = _subcommand_keys(cli, argv[0]) if bad and argv else []
+    close = difflib.get_close_matches(bad.group(1) or bad.group(2), keys, n=1, cutoff=0.8) if bad else []
+    if close:
+        message += f"; did you mean `{close[0]}`?"
     prog = f"dqrm {argv[0]}" if argv and not argv[0].startswith("-") else "dqrm"
     return f"{message} (`{prog} --help` lists the options)"
 
