@@ -55,3 +55,30 @@ def test_the_live_bar_shows_the_runs_version_not_the_joined_logger_versions(tmp_
     bar._trainer = trainer
     assert pl.callbacks.ProgressBar.get_metrics(bar, trainer, None)["v_num"] == "y8z7"  # Lightning's: "3_x9y8z7"
     assert bar.get_metrics(trainer, None)["v_num"] == 3
+
+
+def test_the_bar_of_a_run_resumed_mid_epoch_knows_the_epoch_and_its_total(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=11, save_top_k=-1)
+    (tmp_path / "a").mkdir()
+    _fit(tmp_path / "a", [checkpoint], max_steps=11, enable_progress_bar=False)
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((bar.train_progress_bar.total, bar.train_progress_bar.desc))
+
+    bar = TerminalProgress()
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path / "b",
+        logger=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        max_epochs=1,
+        callbacks=[bar, Probe()],
+    )
+    trainer.fit(_module(), datamodule=_datamodule(tmp_path), ckpt_path=path)
+    assert seen[0] == (32, "Epoch 0: ")  # not "Training: 12/?"

@@ -754,7 +754,10 @@ def _subcommand_keys(cli: DQRMCLI | None, subcommand: str) -> list[str]:
 
 def _option_error(err: argparse.ArgumentError, cli: DQRMCLI | None, argv: list[str]) -> str:
     """A bad option or config key in one line, with the closest known key when there is one."""
-    message = str(err).strip().splitlines()[0]
+    lines = [line.strip().lstrip("- ") for line in str(err).strip().splitlines() if line.strip()]
+    message = lines[0] if lines else str(err)
+    if message.endswith(":") and len(lines) > 1:  # jsonargparse: 'Parser key "k":' then the reasons, one per line
+        message = f"{message} {lines[1]}"
     bad = re.search(r"option '([\w.]+)'|unrecognized arguments: --([\w.]+)", message)
     keys = _subcommand_keys(cli, argv[0]) if bad and argv else []
     close = difflib.get_close_matches(bad.group(1) or bad.group(2), keys, n=1, cutoff=0.8) if bad else []

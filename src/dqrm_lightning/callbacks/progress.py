@@ -116,6 +116,13 @@ class TerminalProgress(TQDMProgressBar):
     all loggers (Lightning shows the tail of ``"N_<wandb run id>"`` when wandb logs too)."""
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # a run resumed mid-epoch does not start that epoch again: give the bar its epoch and total now (else it
+        # counts "Training: 302/?")
+        self.on_train_epoch_start(trainer, pl_module)
+
+    @override
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         if trainer.loggers and "v_num" in items:
