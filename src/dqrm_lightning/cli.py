@@ -56,7 +56,6 @@ from dqrm_lightning.threads import local_processes_from_env, remember_user_envir
 _ARGUMENT_PREFIXES: tuple[tuple[type, str], ...] = (
     (DLRMModule, "model"),
     (CriteoDataModule, "data"),
-    (QuantizationAwareTraining, "qat"),
     (QATConfig, "qat"),
     (StepTimer, "step_timer"),
     (TorchRecStrategy, "trainer.strategy"),
@@ -107,7 +106,8 @@ class DQRMCLI(LightningCLI):
             "data", "model.num_embeddings_per_feature", compute_fn=_table_sizes, apply_on="instantiate"
         )
         parser.add_lightning_class_args(StepTimer, "step_timer")
-        parser.add_lightning_class_args(QuantizationAwareTraining, "qat")
+        # QATConfig's fields are the flat --qat.* options; instantiate_trainer hands the config to the callback
+        parser.add_class_arguments(QATConfig, "qat", sub_configs=True)
         parser.add_argument("--wandb", default="auto", choices=_WANDB_MODES, help="wandb logging mode")
         parser.add_argument("--wandb_project", default="dqrm-lightning", help="wandb project")
         parser.add_argument(
@@ -170,6 +170,7 @@ class DQRMCLI(LightningCLI):
             plugins.append(SafeCheckpointIO())  # single files: loaded weights-only, written atomically
         trainer_config["plugins"] = plugins
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        extra.append(QuantizationAwareTraining(self._get(self.config_init, "qat")))
         return self._instantiate_trainer(trainer_config, extra + callbacks)
 
     def _resolve_checkpoint(self, root: str) -> str | None:
@@ -369,19 +370,18 @@ class DQRMCLI(LightningCLI):
     def _check_before_building(self) -> None:
         """Model and QAT settings, checked before any class is built: building the data module prepares the data
         (vocabulary encoding: to size the tables), which takes hours on the full Criteo data."""
-        for key, check, prefix in (
-            ("model", DLRMModule.check_arguments, "model"),
-            ("qat", QuantizationAwareTraining, "qat"),
+        for prefix, cls, check in (
+            ("model", DLRMModule, DLRMModule.check_arguments),
+            ("qat", QATConfig, lambda values: QATConfig(**values)),
         ):
-            config = self._get(self.config, key, default=None)
+            config = self._get(self.config, prefix, default=None)
             if config is None:
                 continue
             values = config.as_dict() if hasattr(config, "as_dict") else dict(config)
-            names = set(inspect.signature(check).parameters)
             try:
-                check(**{k: v for k, v in values.items() if k in names})
+                check(values)
             except ValueError as err:
-                raise ConfigError(_qualify(str(err), prefix, names)) from err
+                raise ConfigError(_qualify(str(err), prefix, set(inspect.signature(cls).parameters))) from err
         self._check_strategy()
 
     def _check_strategy(self) -> None:
