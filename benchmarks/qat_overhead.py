@@ -36,12 +36,12 @@ from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.export.exporter import export_checkpoint
 from dqrm_lightning.export.inference import load_inference_model
 from dqrm_lightning.model import DLRMModule
-from dqrm_lightning.quant.config import QATConfig
+from dqrm_lightning.quant import QATConfig, disable_fake_quant
 
 
 class _FP32(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.set_quantization_active(False)
+        disable_fake_quant(pl_module)
 
 
 def segment(module: DLRMModule, datamodule: CriteoDataModule, variant: str, steps: int, warmup: int) -> float:
@@ -51,9 +51,10 @@ def segment(module: DLRMModule, datamodule: CriteoDataModule, variant: str, step
     if variant == "fp32":
         callbacks.append(_FP32())
     elif variant == "exact":
-        callbacks.append(QuantizationAwareTraining(embedding_bits=4, mlp_bits=4, scale_tracking="exact"))
+        callbacks.append(QuantizationAwareTraining(QATConfig(embedding_bits=4, mlp_bits=4, scale_tracking="exact")))
     else:
-        callbacks.append(QuantizationAwareTraining(embedding_bits=4, mlp_bits=4, scale_period=int(variant[1:])))
+        config = QATConfig(embedding_bits=4, mlp_bits=4, scale_period=int(variant[1:]))
+        callbacks.append(QuantizationAwareTraining(config))
     trainer = segment_trainer(steps, callbacks, False)
     trainer.fit(module, datamodule=datamodule)
     return 1000.0 * datamodule.hparams.batch_size / float(timer.summary()["loop_samples_per_s"])

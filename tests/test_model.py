@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 
 from dqrm_lightning.checkpoint import CheckpointError
 from dqrm_lightning.data.dataset import make_batch
-from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.export.size import model_bytes
+from dqrm_lightning.model import DLRMModule, model_shape
 from dqrm_lightning.sharding import gather_full
 
 KAGGLE = [
@@ -117,8 +118,9 @@ def test_model_bytes_of_kaggle_config():
     tables = 33_762_577 * 16 * 4
     assert sum(KAGGLE) == 33_762_577
     mlp = (13 * 512 + 512 + 512 * 256 + 256 + 256 * 64 + 64 + 64 * 16 + 16) + (367 * 512 + 512 + 512 * 256 + 256 + 257)
-    assert module.model_bytes() == tables + 4 * mlp
-    assert module.model_bytes(embedding_bits=4) == tables // 8 + 4 * mlp
+    shape = model_shape(module.hparams)
+    assert model_bytes(shape) == tables + 4 * mlp
+    assert model_bytes(shape, embedding_bits=4) == tables // 8 + 4 * mlp
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,6 @@ from dqrm_lightning.threads import local_processes_from_env, remember_user_envir
 _ARGUMENT_PREFIXES: tuple[tuple[type, str], ...] = (
     (DLRMModule, "model"),
     (CriteoDataModule, "data"),
-    (QuantizationAwareTraining, "qat"),
     (QATConfig, "qat"),
     (StepTimer, "step_timer"),
     (TorchRecStrategy, "trainer.strategy"),
@@ -108,7 +107,8 @@ class DQRMCLI(LightningCLI):
             "data", "model.num_embeddings_per_feature", compute_fn=_table_sizes, apply_on="instantiate"
         )
         parser.add_lightning_class_args(StepTimer, "step_timer")
-        parser.add_lightning_class_args(QuantizationAwareTraining, "qat")
+        # QATConfig's fields are the flat --qat.* options; instantiate_trainer hands the config to the callback
+        parser.add_class_arguments(QATConfig, "qat", sub_configs=True)
         parser.add_argument("--wandb", default="auto", choices=_WANDB_MODES, help="wandb logging mode")
         parser.add_argument("--wandb_project", default="dqrm-lightning", help="wandb project")
         parser.add_argument(
@@ -171,12 +171,13 @@ class DQRMCLI(LightningCLI):
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(self._setting("predictions")))
         given = config.get("callbacks")
-        kwargs["callbacks"] = ([] if given is None else list(given) if isinstance(given, list) else [given]) + callbacks
+        given = [] if given is None else list(given) if isinstance(given, list) else [given]
+        kwargs["callbacks"] = [*given, QuantizationAwareTraining(self._setting("qat", built=True)), *callbacks]
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(SafeCheckpointIO())  # single files: loaded weights-only, written atomically
-        # LightningCLI adds the --step_timer and --qat callbacks and the config-saving callback
+        # LightningCLI adds the --step_timer callback and the config-saving callback
         return super().instantiate_trainer(default_root_dir=root, plugins=plugins, **kwargs)
 
     def _resolve_checkpoint(self, root: str) -> str | None:
@@ -379,24 +380,23 @@ class DQRMCLI(LightningCLI):
     def _check_before_building(self) -> None:
         """Model and QAT settings, checked before any class is built: building the data module prepares the data
         (vocabulary encoding: to size the tables), which takes hours on the full Criteo data."""
-        for key, check, prefix in (
-            ("model", DLRMModule.check_arguments, "model"),
-            ("qat", QuantizationAwareTraining, "qat"),
+        for prefix, cls, check in (
+            ("model", DLRMModule, DLRMModule.check_arguments),
+            ("qat", QATConfig, lambda values: QATConfig(**values)),
         ):
-            config = self._get(self.config, key, default=None)
+            config = self._setting(prefix)
             if config is None:
                 continue
             values = config.as_dict() if hasattr(config, "as_dict") else dict(config)
-            names = set(inspect.signature(check).parameters)
             try:
-                check(**{k: v for k, v in values.items() if k in names})
+                check(values)
             except ValueError as err:
-                raise ConfigError(_qualify(str(err), prefix, names)) from err
+                raise ConfigError(_qualify(str(err), prefix, set(inspect.signature(cls).parameters))) from err
         self._check_strategy()
 
     def _check_strategy(self) -> None:
         """A TorchRecStrategy's arguments, checked before jsonargparse builds it (it would bury the message)."""
-        strategy = self._get(self.config, "trainer", default={}).get("strategy")
+        strategy = self._setting("trainer", {}).get("strategy")
         class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
         if not isinstance(class_path, str) or "." not in class_path:
             return

@@ -5,6 +5,7 @@ Notation: B batch size, F = 26 sparse features, D embedding dimension.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -24,15 +25,50 @@ from typing_extensions import override
 
 from dqrm_lightning._logging import logging_step
 from dqrm_lightning.checkpoint import CheckpointError
+from dqrm_lightning.comms.accounting import ModelShape
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
 from dqrm_lightning.errors import ConfigError
+from dqrm_lightning.export.inference import ArtifactDLRM, load_inference_model
 from dqrm_lightning.metrics import BestTracker, ClickMetrics, binary_auroc, binary_log_loss
-from dqrm_lightning.quant.config import QATConfig
-from dqrm_lightning.quant.embedding import EmbeddingQuantizer
-from dqrm_lightning.quant.linear import FakeQuantizedLinear, swap_linears
+from dqrm_lightning.quant import EmbeddingQuantizer, QATConfig, prepare_qat
 from dqrm_lightning.sharding import EmbeddingLayout, copy_into, replicate_embeddings, shard_model, to_plain
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+
+# Where a DLRMModule checkpoint keeps things (the exporter reads them by these names)
+QAT_CONFIG_KEY = "qat_config"  # asdict(QATConfig) of a QAT model: the checkpoint describes its own quantization
+QUANTIZER_PREFIX = "embedding_quantizer."  # state of DLRMModule.embedding_quantizer (scales, offsets, counters)
+MLP_ARCHS = ("dense_arch", "over_arch")  # the bottom and top MLP, in forward order
+
+
+def table_name(feature: str) -> str:
+    """The embedding table of a sparse feature (``C3`` -> ``t_C3``)."""
+    return f"t_{feature}"
+
+
+def dlrm_key(name: str) -> str:
+    """State-dict key of a DLRM parameter or buffer (``over_arch.model.0.weight``) in a DLRMModule checkpoint."""
+    return f"model.{name}"
+
+
+def table_key(feature: str) -> str:
+    """State-dict key of a feature's FP32 table in a DLRMModule checkpoint."""
+    return dlrm_key(f"sparse_arch.embedding_bag_collection.embedding_bags.{table_name(feature)}.weight")
+
+
+def model_shape(hparams: Mapping[str, Any]) -> ModelShape:
+    """Table sizes, D and the (in, out) of every MLP Linear (bottom MLP first, in forward order) of the DLRM that
+    ``DLRMModule(**hparams)`` builds."""
+    features = len(DEFAULT_CAT_NAMES) + 1  # the dense vector joins the pooled embeddings in the dot interaction
+    layers = []
+    for width, sizes in (
+        (INT_FEATURE_COUNT, hparams["dense_arch_layer_sizes"]),
+        (hparams["embedding_dim"] + features * (features - 1) // 2, hparams["over_arch_layer_sizes"]),
+    ):
+        for out in sizes:
+            layers.append((width, out))
+            width = out
+    return ModelShape(list(hparams["num_embeddings_per_feature"]), hparams["embedding_dim"], layers)
 
 
 class DLRMModule(pl.LightningModule):
@@ -41,6 +77,8 @@ class DLRMModule(pl.LightningModule):
     Embedding tables are built on the meta device and materialised by TorchRec's DistributedModelParallel in
     ``configure_model``; their optimizer runs fused in the backward pass and touches only the looked-up rows. Dense
     layers use a regular optimizer. Defaults are the DQRM paper's: plain SGD, learning rate 0.1 for both, no schedule.
+    :meth:`prepare_qat` (the ``QuantizationAwareTraining`` callback calls it) makes the model quantization-aware;
+    :meth:`use_artifact` evaluates an exported INT-N model instead.
 
     Args:
         num_embeddings_per_feature: rows of each of the 26 tables (linked from the data module by the CLI).
@@ -72,80 +110,58 @@ class DLRMModule(pl.LightningModule):
         self.save_hyperparameters()
         if num_embeddings_per_feature is None:
             raise ValueError("`num_embeddings_per_feature` is required (the CLI links it from the data module)")
-        self.check_arguments(
-            num_embeddings_per_feature,
-            embedding_dim,
-            dense_arch_layer_sizes,
-            over_arch_layer_sizes,
-            optimizer,
-            learning_rate,
-            sparse_learning_rate,
-        )
-        self.model: nn.Module | None = None
+        self.check_arguments(self.hparams)
+        self.model: nn.Module | None = None  # the DLRM (sharded or not), or an exported artifact (use_artifact)
         self.layout: EmbeddingLayout | None = None  # None: the strategy's (TorchRecStrategy) or the default
-        self.qat_config: QATConfig | None = None
-        self.artifact_model: nn.Module | None = None
-        self.embedding_quantizer: EmbeddingQuantizer | None = None
+        self.qat_config: QATConfig | None = None  # what prepare_qat made the model; saved in checkpoints
+        self.embedding_quantizer: EmbeddingQuantizer | None = None  # registered here: checkpoints keep its state
         self._train_window: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.val_metrics = ClickMetrics("val/")
         self.test_metrics = ClickMetrics("test/")
         self.val_best = BestTracker()
 
-    @staticmethod
-    def check_arguments(
-        num_embeddings_per_feature: list[int] | None = None,
-        embedding_dim: int = 16,
-        dense_arch_layer_sizes: list[int] | None = None,
-        over_arch_layer_sizes: list[int] | None = None,
-        optimizer: str = "sgd",
-        learning_rate: float = 0.1,
-        sparse_learning_rate: float | None = None,
-    ) -> None:
-        """Check the arguments (also before the module is built, by the CLI: table sizes may not be known yet).
+    @classmethod
+    def check_arguments(cls, arguments: Mapping[str, Any]) -> None:
+        """Check ``__init__`` arguments given by name (missing ones take their defaults, ``None`` layer sizes are
+        the defaults). The CLI checks them before building the data module, which sizes the tables: then
+        ``num_embeddings_per_feature`` is not known yet and not checked.
 
         Raises:
-            ValueError: naming the argument.
+            ValueError: naming the first bad argument.
         """
-        if num_embeddings_per_feature is not None:
-            if len(num_embeddings_per_feature) != len(DEFAULT_CAT_NAMES):
-                raise ValueError(
-                    f"`num_embeddings_per_feature` needs {len(DEFAULT_CAT_NAMES)} sizes, "
-                    f"got {len(num_embeddings_per_feature)}"
-                )
-            if not all(_positive_int(n) for n in num_embeddings_per_feature):
-                raise ValueError(
-                    f"`num_embeddings_per_feature` must be positive integers, got {num_embeddings_per_feature}"
-                )
-        if not _positive_int(embedding_dim):
-            raise ValueError(f"`embedding_dim` must be a positive integer, got {embedding_dim!r}")
-        dense_arch_layer_sizes = dense_arch_layer_sizes or [512, 256, 64, embedding_dim]
-        over_arch_layer_sizes = over_arch_layer_sizes or [512, 256, 1]
-        for name, sizes in (
-            ("dense_arch_layer_sizes", dense_arch_layer_sizes),
-            ("over_arch_layer_sizes", over_arch_layer_sizes),
-        ):
-            if not all(_positive_int(n) for n in sizes):
-                raise ValueError(f"`{name}` must be positive integers, got {sizes}")
-        if dense_arch_layer_sizes[-1] != embedding_dim:
+        defaults = {name: parameter.default for name, parameter in inspect.signature(cls).parameters.items()}
+        args = defaults | dict(arguments)
+        tables = args["num_embeddings_per_feature"]
+        if tables is not None and len(tables) != len(DEFAULT_CAT_NAMES):
+            raise ValueError(f"`num_embeddings_per_feature` needs {len(DEFAULT_CAT_NAMES)} sizes, got {len(tables)}")
+        if tables is not None and not all(_positive_int(n) for n in tables):
+            raise ValueError(f"`num_embeddings_per_feature` must be positive integers, got {tables}")
+        if not _positive_int(args["embedding_dim"]):
+            raise ValueError(f"`embedding_dim` must be a positive integer, got {args['embedding_dim']!r}")
+        for name in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+            if args[name] and not all(_positive_int(n) for n in args[name]):
+                raise ValueError(f"`{name}` must be positive integers, got {args[name]}")
+        dense, over = args["dense_arch_layer_sizes"], args["over_arch_layer_sizes"]
+        if dense and dense[-1] != args["embedding_dim"]:
             raise ValueError(
-                f"the last `dense_arch_layer_sizes` entry must equal `embedding_dim` ({embedding_dim}), "
-                f"got {dense_arch_layer_sizes}"
+                f"the last `dense_arch_layer_sizes` entry must equal `embedding_dim` ({args['embedding_dim']}), "
+                f"got {dense}"
             )
-        if over_arch_layer_sizes[-1] != 1:
-            raise ValueError(f"the last `over_arch_layer_sizes` entry must be 1, got {over_arch_layer_sizes}")
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
-        if learning_rate <= 0:
-            raise ValueError(f"`learning_rate` must be positive, got {learning_rate}")
-        if sparse_learning_rate is not None and sparse_learning_rate <= 0:
-            raise ValueError(f"`sparse_learning_rate` must be positive or null, got {sparse_learning_rate}")
+        if over and over[-1] != 1:
+            raise ValueError(f"the last `over_arch_layer_sizes` entry must be 1, got {over}")
+        if args["optimizer"] not in _OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {sorted(_OPTIMIZERS)}, got {args['optimizer']!r}")
+        if args["learning_rate"] <= 0:
+            raise ValueError(f"`learning_rate` must be positive, got {args['learning_rate']}")
+        if args["sparse_learning_rate"] is not None and args["sparse_learning_rate"] <= 0:
+            raise ValueError(f"`sparse_learning_rate` must be positive or null, got {args['sparse_learning_rate']}")
 
     # --------------------------------------------------------------------------------------------------- building
     def table_configs(self) -> list[EmbeddingBagConfig]:
         hp = self.hparams
         return [
             EmbeddingBagConfig(
-                name=f"t_{feature}",
+                name=table_name(feature),
                 embedding_dim=hp.embedding_dim,
                 num_embeddings=rows,
                 feature_names=[feature],
@@ -171,9 +187,11 @@ class DLRMModule(pl.LightningModule):
         return dlrm
 
     def use_artifact(self, path: str, engine: str = "torchrec") -> None:
-        """Evaluate / predict with an exported artifact instead of the trainable model."""
-        from dqrm_lightning.export.inference import load_inference_model
+        """Validate, test or predict with an exported artifact (:mod:`dqrm_lightning.export.inference`) as the model.
 
+        Raises:
+            ConfigError: the artifact's model shape is not this module's.
+        """
         model = load_inference_model(path, engine)
         differences = _shape_differences(model.manifest["model"], self.hparams)
         if differences:
@@ -181,11 +199,11 @@ class DLRMModule(pl.LightningModule):
                 f"the artifact {path} does not fit this model: {differences}; use the data (table sizes come from "
                 "`data`: `num_embeddings_per_feature` or the vocabulary) and model settings it was exported with"
             )
-        self.artifact_model = model
+        self.model = model
 
     @override
     def configure_model(self) -> None:
-        if self.model is not None or self.artifact_model is not None:
+        if self.model is not None:
             return
         dlrm = self.build_dlrm()
         strategy = self._trainer.strategy if self._trainer is not None else None
@@ -206,50 +224,36 @@ class DLRMModule(pl.LightningModule):
         return self.hparams.sparse_learning_rate or self.hparams.learning_rate
 
     # ------------------------------------------------------------------------------------------------------- QAT
-    def prepare_qat(self, config: QATConfig, update_schedule: bool = True) -> None:
-        """Make the model quantization-aware, in place (DQRM). Idempotent for the same config.
+    def prepare_qat(self, config: QATConfig) -> None:
+        """Make the model quantization-aware for ``config``, in place (:func:`dqrm_lightning.quant.prepare_qat`),
+        building it first if needed (before or after sharding). A model prepared already keeps its quantized
+        structure and adopts the schedule of ``config`` (scale period, tracking); an exported artifact is left as is.
 
-        Embeddings: an :class:`EmbeddingQuantizer` hooked on the sparse arch fake-quantizes looked-up rows.
-        MLPs (``config.mlp_bits``): every ``nn.Linear`` of the bottom and top MLPs becomes a FakeQuantizedLinear
-        sharing its parameters. Works before or after sharding (DMP keeps the parameters, not the modules).
-        Preparing again with the same quantized structure only adopts the new schedule (``update_schedule``).
+        Raises:
+            ValueError: the model is prepared for a different quantization.
         """
-        if self.artifact_model is not None:
+        if isinstance(self.model, ArtifactDLRM):
             return  # an exported artifact is already quantized
         if self.qat_config is not None:
-            differences = self.qat_config.structural_differences(config)
-            if differences:
-                detail = ", ".join(
-                    f"{k}: {getattr(self.qat_config, k)!r} vs {getattr(config, k)!r}" for k in differences
-                )
-                raise ValueError(
-                    f"the model is prepared for a different quantization ({detail}); use the QAT "
-                    "settings the checkpoint was trained with"
-                )
-            if update_schedule:  # same quantized model, possibly another schedule (period, warm-up)
-                self.qat_config = config
-                if self.embedding_quantizer is not None:
-                    self.embedding_quantizer.config = config
+            self._check_quantization(config)
+            self.qat_config = config
+            if self.embedding_quantizer is not None:
+                self.embedding_quantizer.config = config
             return
         self.configure_model()
-        dlrm = self.dlrm
-        if config.mlp_bits is not None:
-            for arch in (dlrm.dense_arch, dlrm.over_arch):
-                swap_linears(
-                    arch,
-                    bits=config.mlp_bits,
-                    granularity=config.mlp_granularity,
-                    bias_mode=config.mlp_bias,
-                    ste=config.ste,
-                    activation_bits=config.mlp_activation_bits,
-                )
-        if config.quantizes_embeddings:
-            hp = self.hparams
-            self.embedding_quantizer = EmbeddingQuantizer(
-                list(DEFAULT_CAT_NAMES), list(hp.num_embeddings_per_feature), config
-            )
-            self.embedding_quantizer.attach(dlrm.sparse_arch)
+        self.embedding_quantizer = prepare_qat(self.dlrm, config)
         self.qat_config = config
+
+    def _check_quantization(self, config: QATConfig) -> None:
+        """Raise unless ``config`` quantizes as the model was prepared to (the schedule may differ)."""
+        assert self.qat_config is not None
+        differences = self.qat_config.structural_differences(config)
+        if differences:
+            detail = ", ".join(f"{k}: {getattr(self.qat_config, k)!r} vs {getattr(config, k)!r}" for k in differences)
+            raise ValueError(
+                f"the model is prepared for a different quantization ({detail}); use the QAT "
+                "settings the checkpoint was trained with"
+            )
 
     @property
     def dlrm(self) -> DLRM:
@@ -261,33 +265,6 @@ class DLRMModule(pl.LightningModule):
     def _fused_optimizer(self) -> Any:
         """The sharded tables' in-backward optimizer (``None`` with replicated tables: the regular one updates them)."""
         return getattr(self.model, "fused_optimizer", None)
-
-    def set_quantization_active(self, active: bool) -> None:
-        """Switch fake quantization on or off (FP32 warm-up); scales and counters are kept."""
-        if self.embedding_quantizer is not None:
-            self.embedding_quantizer.active = active
-        for module in self.dlrm.modules():
-            if isinstance(module, FakeQuantizedLinear):
-                module.active = active
-
-    def quantized_model_bytes(self) -> int | None:
-        """Bytes of the INT-N model (analytic): packed table codes plus one fp16 scale and offset per quantized table,
-        MLP weight rows at their bits (packed to whole bytes) with a float32 scale each, float32 biases. ``None``
-        without QAT."""
-        config = self.qat_config
-        if config is None:
-            return None
-        hp = self.hparams
-        tables = 0
-        for feature, rows in zip(DEFAULT_CAT_NAMES, hp.num_embeddings_per_feature, strict=True):
-            bits = config.table_bits(feature, rows)
-            tables += rows * hp.embedding_dim * 4 if bits is None else -(-rows * hp.embedding_dim * bits // 8) + 4
-        mlp = 0
-        for width, out in self._mlp_layers():
-            # quantized rows are packed to whole bytes, with a float32 scale each
-            weight = 4 * width * out if config.mlp_bits is None else out * (-(-width * config.mlp_bits // 8) + 4)
-            mlp += weight + 4 * out
-        return tables + mlp
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -306,9 +283,12 @@ class DLRMModule(pl.LightningModule):
     # ---------------------------------------------------------------------------------------------------- forward
     @override
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits of shape (B,)."""
-        if self.artifact_model is not None:
-            return self.artifact_model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        """Logits of shape (B,).
+
+        With QAT (:meth:`prepare_qat`) the DLRM's sparse arch is a ``FakeQuantizedSparseArch`` (each table's
+        looked-up rows on its integer grid) and its MLP layers are ``FakeQuantizedLinear``; after
+        :meth:`use_artifact` the model is the exported integer one.
+        """
         assert self.model is not None, "call configure_model() first"
         return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)  # (B, 1) -> (B,)
 
@@ -378,7 +358,7 @@ class DLRMModule(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.qat_config is not None:
-            checkpoint["qat_config"] = asdict(self.qat_config)
+            checkpoint[QAT_CONFIG_KEY] = asdict(self.qat_config)
         checkpoint["state_dict"] = to_plain(checkpoint["state_dict"])
         if self._fused_optimizer is not None:
             checkpoint["sparse_optimizer"] = to_plain(self._fused_optimizer.state_dict())
@@ -392,9 +372,12 @@ class DLRMModule(pl.LightningModule):
                 f"the checkpoint does not fit this model: {differences}; use the data (table sizes come from "
                 "`data`: `num_embeddings_per_feature` or the vocabulary) and model settings it was trained with"
             )
-        if "qat_config" in checkpoint:
-            # a QAT checkpoint describes itself; a schedule given for this run (callback) is kept
-            self.prepare_qat(QATConfig(**checkpoint["qat_config"]), update_schedule=False)
+        if QAT_CONFIG_KEY in checkpoint:  # a QAT checkpoint describes itself
+            saved = QATConfig(**checkpoint[QAT_CONFIG_KEY])
+            if self.qat_config is None:
+                self.prepare_qat(saved)
+            else:  # prepared for this run (callback): its schedule is kept
+                self._check_quantization(saved)
         self.val_best.load_state_dict(checkpoint.get("val_best", {}))
         self._pending_sparse_optimizer = checkpoint.get("sparse_optimizer")
 
@@ -404,7 +387,7 @@ class DLRMModule(pl.LightningModule):
         current = self.state_dict()
         # An FP32 checkpoint loaded into a QAT model has no quantizer state: scales are then computed from the
         # loaded tables at the first forward (post-training quantization).
-        missing = [k for k in current if k not in state_dict and not k.startswith("embedding_quantizer.")]
+        missing = [k for k in current if k not in state_dict and not k.startswith(QUANTIZER_PREFIX)]
         unexpected = [k for k in state_dict if k not in current]
         if strict and (missing or unexpected):
             raise RuntimeError(
@@ -419,28 +402,6 @@ class DLRMModule(pl.LightningModule):
             _copy_nested(optimizer_state, pending, "sparse_optimizer")
             self._pending_sparse_optimizer = None
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
-
-    # ----------------------------------------------------------------------------------------------------- sizes
-    def model_bytes(self, embedding_bits: int = 32, dense_bits: int = 32) -> int:
-        """Analytic model size: sum over tables of rows x D x bits / 8, plus MLP parameters x bits / 8."""
-        hp = self.hparams
-        table_bytes = sum(hp.num_embeddings_per_feature) * hp.embedding_dim * embedding_bits // 8
-        dense_params = sum(width * out + out for width, out in self._mlp_layers())
-        return table_bytes + dense_params * dense_bits // 8
-
-    def _mlp_layers(self) -> list[tuple[int, int]]:
-        """(in, out) of every Linear of the bottom and top MLPs."""
-        hp = self.hparams
-        features = len(DEFAULT_CAT_NAMES) + 1
-        layers = []
-        for width, sizes in (
-            (INT_FEATURE_COUNT, hp.dense_arch_layer_sizes),
-            (hp.embedding_dim + features * (features - 1) // 2, hp.over_arch_layer_sizes),
-        ):
-            for out in sizes:
-                layers.append((width, out))
-                width = out
-        return layers
 
 
 def _positive_int(value: Any) -> bool:

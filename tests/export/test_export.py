@@ -7,8 +7,9 @@ import torch
 from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.export.artifact import ArtifactError, load_artifact, manifest_digest, pack_codes, unpack_codes
 from dqrm_lightning.export.exporter import export_checkpoint
-from dqrm_lightning.export.inference import load_inference_model
-from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.export.inference import ArtifactDLRM, load_inference_model
+from dqrm_lightning.export.size import quantized_model_bytes
+from dqrm_lightning.model import DLRMModule, model_shape
 from dqrm_lightning.quant.config import QATConfig
 from tests.quant.test_embedding_qat import ROWS, qat_module
 from tests.test_model import random_batch
@@ -88,7 +89,8 @@ def test_artifact_size_formula(tmp_path):
         mlp += out_f * -(-in_f * 4 // 8) + 4 * out_f + 4 * out_f  # packed rows + fp32 scale + fp32 bias per row
     assert manifest["bytes"]["payload"] == tables + mlp
     # the analytic size also counts each table's fp16 scale and offset, which live in the manifest
-    assert manifest["bytes"]["payload"] == module.quantized_model_bytes() - 26 * 4
+    analytic = quantized_model_bytes(model_shape(module.hparams), module.qat_config)
+    assert manifest["bytes"]["payload"] == analytic - 26 * 4
 
 
 def test_tampered_truncated_or_foreign_artifacts_are_refused(tmp_path):
@@ -189,7 +191,7 @@ def test_an_artifact_of_other_table_sizes_is_refused_naming_the_argument(artifac
         other.use_artifact(str(art), "plain")
     same = DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
     same.use_artifact(str(art), "plain")
-    assert same.artifact_model is not None
+    assert isinstance(same.model, ArtifactDLRM)
 
 
 def test_ptq_of_an_fp32_checkpoint_trained_vs_init_scales(tmp_path):

@@ -4,7 +4,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
-from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.export.size import model_bytes, quantized_model_bytes
+from dqrm_lightning.model import DLRMModule, model_shape
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.fake_quant import fp16_ceil
 from dqrm_lightning.sharding import gather_full
@@ -170,8 +171,8 @@ def test_quantized_model_bytes_kaggle_int4_is_an_eighth():
     module = DLRMModule(
         KAGGLE, embedding_dim=16, dense_arch_layer_sizes=[512, 256, 64, 16], over_arch_layer_sizes=[512, 256, 1]
     )
-    module.qat_config = QATConfig(embedding_bits=4, mlp_bits=4)  # the size is analytic: no need to build the tables
-    ratio = module.quantized_model_bytes() / module.model_bytes()
+    shape = model_shape(module.hparams)  # the size is analytic: no need to build the tables
+    ratio = quantized_model_bytes(shape, QATConfig(embedding_bits=4, mlp_bits=4)) / model_bytes(shape)
     assert ratio <= 0.126
     np.testing.assert_allclose(ratio, 0.125, atol=0.001)
 

@@ -73,3 +73,19 @@ def test_activation_quantization_uses_the_running_max_and_freezes_in_eval():
     assert float(fq.act_absmax) == 3.0  # frozen in evaluation
     s = 3.0 / 127
     torch.testing.assert_close(fq.quantize_input(x), torch.clamp(torch.round(x / s), -128, 127) * s)
+
+
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+@pytest.mark.parametrize("bias_mode", ["fp32", "reference"])
+def test_integer_weight_is_the_fake_quantized_weight_exactly(granularity, bias_mode):
+    torch.manual_seed(0)
+    settings = {"bits": 4, "granularity": granularity, "bias_mode": bias_mode}
+    fq = FakeQuantizedLinear.from_linear(nn.Linear(9, 5), **settings)
+    weight, bias, _ = fq.quantized_weight()
+    codes, scale, used_bias = fq.integer_weight()
+    assert codes.dtype == torch.int32
+    assert scale.shape == (5, 1)
+    torch.testing.assert_close(codes * scale, weight.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(used_bias, bias.detach(), rtol=0, atol=0)
+    saved = FakeQuantizedLinear.from_saved(fq.state_dict(), **settings)  # as export rebuilds it
+    torch.testing.assert_close(saved.integer_weight()[0], codes, rtol=0, atol=0)

@@ -4,6 +4,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining
+from dqrm_lightning.quant import QATConfig
 from dqrm_lightning.sharding import gather_full
 from tests.test_resume import _datamodule, _module, _trainer
 
@@ -11,7 +12,7 @@ PERIOD = 7
 
 
 def _qat():
-    return QuantizationAwareTraining(embedding_bits=4, mlp_bits=4, scale_period=PERIOD)
+    return QuantizationAwareTraining(QATConfig(embedding_bits=4, mlp_bits=4, scale_period=PERIOD))
 
 
 def _state(module):
@@ -47,7 +48,7 @@ def test_qat_state_survives_checkpoint_and_resume_exactly(tmp_path):
 
 def test_warmup_epochs_train_fp32_first(tmp_path):
     module = _module()
-    qat = QuantizationAwareTraining(embedding_bits=4, scale_period=PERIOD, warmup_epochs=1)
+    qat = QuantizationAwareTraining(QATConfig(embedding_bits=4, scale_period=PERIOD, warmup_epochs=1))
     _trainer(tmp_path, [qat], max_epochs=2).fit(module, datamodule=_datamodule(tmp_path))
     quantizer = module.embedding_quantizer
     assert int(quantizer.start_step) == 32  # quantization started with the second epoch

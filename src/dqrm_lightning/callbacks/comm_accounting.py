@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from dqrm_lightning._logging import logging_step
 from dqrm_lightning.comms.accounting import ModelShape, bytes_per_iteration
+from dqrm_lightning.model import DLRMModule, model_shape
 
 MODES = ("dense", "sparse_fp32", "sparse_int8", "model_parallel_a2a")
 
@@ -35,14 +36,13 @@ class CommunicationAccounting(pl.Callback):
         self._hook_seen = (0, 0)  # (bytes, iterations) at the last logging step
 
     def _shape(self, pl_module: pl.LightningModule) -> ModelShape:
-        hp = pl_module.hparams
-        return ModelShape(list(hp.num_embeddings_per_feature), hp.embedding_dim, pl_module._mlp_layers())
+        return model_shape(pl_module.hparams)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not (logging_step(trainer) or self.samples == 0) or not hasattr(pl_module, "_mlp_layers"):
+        if not (logging_step(trainer) or self.samples == 0) or not isinstance(pl_module, DLRMModule):
             return  # sampled: the first step and every logging step
         shape = self._shape(pl_module)
         features = batch.sparse_features.to_dict()

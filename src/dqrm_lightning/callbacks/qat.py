@@ -9,52 +9,39 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from dqrm_lightning._logging import logging_step
-from dqrm_lightning.quant.config import BiasMode, MLPGranularity, QATConfig, ScaleTracking
-from dqrm_lightning.quant.fake_quant import Mode, Ste
+from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.quant import EmbeddingQuantizer, QATConfig, enable_fake_quant
 
 
 class QuantizationAwareTraining(pl.Callback):
-    """Prepares the DLRM for QAT in ``setup`` (before checkpoint restore and sharding, never in ``on_fit_start``),
-    refreshes embedding scales at step 0 and every ``scale_period`` optimizer steps, switches quantization on after
-    an optional FP32 warm-up, and logs each table's scale and quantization error. Disabled when neither
-    ``embedding_bits`` nor ``mlp_bits`` is set. The arguments are :class:`~dqrm_lightning.quant.config.QATConfig`'s.
+    """Runs the QAT of a :class:`~dqrm_lightning.model.DLRMModule` as ``config`` describes it.
+
+    Prepares the model in ``setup`` (before checkpoint restore and sharding, never in ``on_fit_start``), refreshes
+    embedding scales at step 0 and every ``scale_period`` optimizer steps, switches fake quantization on after an
+    optional FP32 warm-up, and logs each table's scale and quantization error. Disabled when ``config`` quantizes
+    nothing. It never converts the model: export does (``dqrm export``).
+
+    A model restored from a QAT checkpoint is prepared by the checkpoint itself; its scales keep being refreshed (and
+    logged) even when this callback is disabled.
+
+    Args:
+        config: the QAT settings (on the command line: ``--qat.embedding_bits 4`` etc.).
+
+    Raises:
+        TypeError: ``config`` is not a QATConfig.
 
     Example::
 
-        trainer = pl.Trainer(callbacks=[QuantizationAwareTraining(embedding_bits=4, mlp_bits=4)])
+        trainer = pl.Trainer(callbacks=[QuantizationAwareTraining(QATConfig(embedding_bits=4, mlp_bits=4))])
     """
 
-    def __init__(
-        self,
-        embedding_bits: int | None = None,
-        embedding_bits_per_table: dict[str, int] | None = None,
-        embedding_bits_by_rows: list[list[int]] | None = None,
-        embedding_mode: Mode = "symmetric",
-        ste: Ste = "identity",
-        scale_period: int = 200,
-        period_off_by_one: bool = False,
-        scale_tracking: ScaleTracking = "periodic",
-        warmup_epochs: int = 0,
-        mlp_bits: int | None = None,
-        mlp_granularity: MLPGranularity = "per_row",
-        mlp_bias: BiasMode = "fp32",
-        mlp_activation_bits: int | None = None,
-    ) -> None:
-        self.config = QATConfig(
-            embedding_bits=embedding_bits,
-            embedding_bits_per_table=dict(embedding_bits_per_table or {}),
-            embedding_bits_by_rows=[list(r) for r in embedding_bits_by_rows or []],
-            embedding_mode=embedding_mode,
-            ste=ste,
-            scale_period=scale_period,
-            period_off_by_one=period_off_by_one,
-            scale_tracking=scale_tracking,
-            warmup_epochs=warmup_epochs,
-            mlp_bits=mlp_bits,
-            mlp_granularity=mlp_granularity,
-            mlp_bias=mlp_bias,
-            mlp_activation_bits=mlp_activation_bits,
-        )
+    def __init__(self, config: QATConfig) -> None:
+        if not isinstance(config, QATConfig):
+            raise TypeError(
+                f"`config` must be a QATConfig, got {type(config).__name__}; "
+                "did you mean QuantizationAwareTraining(QATConfig(embedding_bits=4))?"
+            )
+        self.config = config
 
     @property
     def enabled(self) -> bool:
@@ -62,8 +49,11 @@ class QuantizationAwareTraining(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.enabled:
-            pl_module.prepare_qat(self.config)  # type: ignore[operator]
+        if not self.enabled:
+            return
+        if not isinstance(pl_module, DLRMModule):
+            raise TypeError(f"QuantizationAwareTraining prepares a DLRMModule, got {type(pl_module).__name__}")
+        pl_module.prepare_qat(self.config)
 
     def _active(self, trainer: pl.Trainer) -> bool:
         return trainer.current_epoch >= self.config.warmup_epochs
@@ -71,16 +61,16 @@ class QuantizationAwareTraining(pl.Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
-            pl_module.set_quantization_active(self._active(trainer))  # type: ignore[operator]
+            enable_fake_quant(pl_module, self._active(trainer))  # off during the FP32 warm-up
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        quantizer = getattr(pl_module, "embedding_quantizer", None)
+        quantizer = _quantizer(pl_module)
         if quantizer is None or not self._active(trainer):
             return
-        quantizer.active = True
+        quantizer.enable_fake_quant()
         quantizer.maybe_refresh(trainer.global_step)
         quantizer.record_error = logging_step(trainer)
 
@@ -88,35 +78,35 @@ class QuantizationAwareTraining(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        quantizer = getattr(pl_module, "embedding_quantizer", None)
-        if quantizer is not None and self.config.scale_tracking == "exact" and self._active(trainer):
-            quantizer.track(batch.sparse_features)  # the optimizer step has run: keep max|W| exact
-        if quantizer is None or not quantizer.record_error or quantizer.last_error is None:
+        quantizer = _quantizer(pl_module)
+        if quantizer is None:
             return
+        if self.config.scale_tracking == "exact" and self._active(trainer):
+            quantizer.track(batch.sparse_features)  # the optimizer step has run: keep max|W| exact
+        if quantizer.record_error and quantizer.last_error is not None:
+            self._log(trainer, quantizer)
+            quantizer.record_error = False
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, quantizer: EmbeddingQuantizer) -> None:
         values = {f"qat/scale/{f}": s for f, s in quantizer.scales().items()}
-        errors = quantizer.last_error.tolist()
-        values |= {f"qat/error/{f}": errors[i] for i, f in enumerate(quantizer.feature_names) if quantizer.bits[i] > 0}
+        values |= {f"qat/error/{f}": e for f, e in quantizer.errors().items()}
         values["qat/scale_refreshes"] = float(quantizer.refreshes)
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
-        quantizer.record_error = False
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        quantizer = getattr(pl_module, "embedding_quantizer", None)
+        quantizer = _quantizer(pl_module)
         if quantizer is not None:
             quantizer.record_error = False
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config)}
 
     def describe(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """QAT facts for the run summary."""
         if not self.enabled:
             return {}
-        quantizer = getattr(pl_module, "embedding_quantizer", None)
         info: dict[str, Any] = {"config": asdict(self.config)}
+        quantizer = _quantizer(pl_module)
         if quantizer is not None:
             info |= {
                 "table_bits": quantizer.table_bits(),
@@ -124,3 +114,8 @@ class QuantizationAwareTraining(pl.Callback):
                 "scale_refreshes": int(quantizer.refreshes),
             }
         return info
+
+
+def _quantizer(pl_module: pl.LightningModule) -> EmbeddingQuantizer | None:
+    """The embedding quantizer of a DLRMModule prepared for embedding QAT (by this callback or its checkpoint)."""
+    return pl_module.embedding_quantizer if isinstance(pl_module, DLRMModule) else None

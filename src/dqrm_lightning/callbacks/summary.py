@@ -22,6 +22,8 @@ from dqrm_lightning.callbacks.interrupt import RunInterrupted
 from dqrm_lightning.callbacks.qat import QuantizationAwareTraining
 from dqrm_lightning.callbacks.step_timer import StepTimer
 from dqrm_lightning.callbacks.threads import ThreadPolicy
+from dqrm_lightning.export.size import model_bytes, quantized_model_bytes
+from dqrm_lightning.model import DLRMModule, model_shape
 
 
 class RunSummary(pl.Callback):
@@ -83,11 +85,12 @@ class RunSummary(pl.Callback):
                 summary["threads"] = callback.settings.as_dict()
             if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
                 summary["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path or None}
-        if hasattr(pl_module, "model_bytes"):
-            summary["model_bytes"] = {"fp32": pl_module.model_bytes()}
-            quantized = pl_module.quantized_model_bytes()
-            if quantized is not None:
-                summary["model_bytes"] |= {"quantized": quantized, "ratio": quantized / pl_module.model_bytes()}
+        if isinstance(pl_module, DLRMModule):
+            shape = model_shape(pl_module.hparams)
+            summary["model_bytes"] = {"fp32": model_bytes(shape)}
+            if pl_module.qat_config is not None:
+                quantized = quantized_model_bytes(shape, pl_module.qat_config)
+                summary["model_bytes"] |= {"quantized": quantized, "ratio": quantized / model_bytes(shape)}
         for callback in trainer.callbacks:
             if isinstance(callback, QuantizationAwareTraining) and callback.enabled:
                 summary["qat"] = callback.describe(pl_module)

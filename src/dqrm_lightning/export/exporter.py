@@ -1,4 +1,10 @@
-"""Export a checkpoint (QAT, or FP32 with post-training quantization) to a DQRM artifact."""
+"""Export a checkpoint (QAT, or FP32 with post-training quantization) to a DQRM artifact: QAT's convert step.
+
+The checkpoint's quantized parts are rebuilt as the modules that trained them (an
+:class:`~dqrm_lightning.quant.embedding.EmbeddingQuantizer` with its saved scales, a
+:class:`~dqrm_lightning.quant.linear.FakeQuantizedLinear` per MLP layer), which give the integer codes and grids; the
+FP32 tables are read a million rows at a time from the memory-mapped checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +20,14 @@ import torch
 from dqrm_lightning.checkpoint import load_file, read_dcp, verify_directory
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.export.artifact import ArtifactWriter, check_output_dir, pack_codes
+from dqrm_lightning.export.size import model_bytes
+from dqrm_lightning.model import MLP_ARCHS, QAT_CONFIG_KEY, QUANTIZER_PREFIX, dlrm_key, model_shape, table_key
 from dqrm_lightning.quant.config import QATConfig
-from dqrm_lightning.quant.fake_quant import (
-    asymmetric_scale,
-    fake_quantize,
-    qrange,
-    quantize_codes,
-    symmetric_scale,
-)
-from dqrm_lightning.quant.linear import weight_scale
+from dqrm_lightning.quant.embedding import EmbeddingQuantizer
+from dqrm_lightning.quant.fake_quant import grid_from_extrema, qrange, quantize_codes
+from dqrm_lightning.quant.linear import FakeQuantizedLinear, linear_kwargs
 
 PtqScales = Literal["trained", "init"]
-_TABLE_KEY = "model.sparse_arch.embedding_bag_collection.embedding_bags.t_{}.weight"
-_LINEAR_KEY = re.compile(r"^model\.(dense_arch|over_arch)\.(.+)\.weight$")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -47,35 +48,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return rest | read_dcp(path, ("state_dict",))
 
 
-def _linear_layers(state: dict[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor, torch.Tensor | None]]:
-    """(arch, name, weight, bias) of every MLP layer, bottom MLP first, in forward order."""
-    layers = []
-    for key, value in state.items():
-        match = _LINEAR_KEY.match(key)
-        if match and value.dim() == 2:
-            arch, name = match.groups()
-            layers.append((arch, name, value, state.get(key[: -len("weight")] + "bias")))
-    order = {"dense_arch": 0, "over_arch": 1}
-    return sorted(layers, key=lambda layer: (order[layer[0]], [int(t) for t in re.findall(r"\d+", layer[1])]))
-
-
-def _table_grid(
-    weight: torch.Tensor, bits: int, config: QATConfig, state: dict[str, torch.Tensor], f: int, ptq: PtqScales | None
-) -> tuple[float, float]:
-    """(scale, offset) of one table: the QAT model's frozen ones, or PTQ ones from the trained (or init) table."""
-    if ptq is None:
-        return float(state["embedding_quantizer.scale"][f]), float(state["embedding_quantizer.offset"][f])
-    if ptq == "init":  # the reference code's PTQ: scales of the random initial table, U(-1/sqrt(rows), 1/sqrt(rows))
-        bound = torch.tensor(1.0 / math.sqrt(weight.shape[0]))
-        low, high = -bound, bound
-    else:
-        low, high = torch.aminmax(weight)
-    if config.embedding_mode == "symmetric":
-        return float(symmetric_scale(torch.maximum(low.abs(), high.abs()), bits)), 0.0
-    scale, offset = asymmetric_scale(low, high, bits)
-    return float(scale), float(offset)
-
-
 def export_checkpoint(
     ckpt_path: str | Path,
     out: str | Path,
@@ -94,108 +66,175 @@ def export_checkpoint(
     or from the initial tables (``"init"``, what the DQRM reference code's PTQ effectively did).
 
     Args:
+        ckpt_path: a checkpoint file, or a directory written by TorchRecStrategy.
+        out: the artifact directory.
+        embedding_bits: FP32 checkpoints: the bits of every table.
+        mlp_bits: FP32 checkpoints: the bits of the MLP weights (``None``: FP32).
+        ptq_scales: FP32 checkpoints: where the scales come from.
         quantize_mlp: ``False`` keeps MLP weights FP32 even when the model was trained with MLP QAT.
         force: replace ``out`` even when it holds files that are not a previous artifact.
+
+    Raises:
+        ValueError: not a DLRMModule checkpoint, or bits that do not fit it.
+        ArtifactError: ``out`` holds a user's files.
     """
     check_output_dir(out, force)  # before reading the checkpoint: nothing of the user's is ever overwritten
     checkpoint = read_checkpoint(ckpt_path)
     hp = checkpoint.get("hyper_parameters")
     if not hp or "num_embeddings_per_feature" not in hp:
         raise ValueError(f"{ckpt_path}: not a DLRMModule checkpoint (no hyper_parameters)")
+    config, ptq = _quantization(checkpoint, ckpt_path, embedding_bits, mlp_bits, ptq_scales)
     state = checkpoint["state_dict"]
-    ptq: PtqScales | None = None
-    if "qat_config" in checkpoint:
-        if embedding_bits is not None or mlp_bits is not None:
-            raise ValueError(f"{ckpt_path} was trained with QAT ({checkpoint['qat_config']}); its bits are fixed")
-        config = QATConfig(**checkpoint["qat_config"])
-        if int(state.get("embedding_quantizer.refreshes", 0)) == 0 and config.quantizes_embeddings:
-            ptq = "trained"  # never trained with quantization active (e.g. stopped in the FP32 warm-up)
-    else:
-        if embedding_bits is None:
-            raise ValueError(f"{ckpt_path} is an FP32 checkpoint: give `embedding_bits` for post-training quantization")
-        if ptq_scales not in ("trained", "init"):
-            raise ValueError(f"`ptq_scales` must be 'trained' or 'init', got {ptq_scales!r}")
-        if embedding_bits == 32:  # an FP32 artifact (the baseline of inference benchmarks)
-            config = QATConfig(embedding_bits=None, mlp_bits=mlp_bits)
-        else:
-            config = QATConfig(embedding_bits=embedding_bits, mlp_bits=mlp_bits)
-        ptq = ptq_scales
+    quantizer = EmbeddingQuantizer(list(DEFAULT_CAT_NAMES), list(hp["num_embeddings_per_feature"]), config)
+    quantizer.load_saved(_under(state, QUANTIZER_PREFIX))
+    if ptq is None and config.quantizes_embeddings and not quantizer.initialized:
+        ptq = "trained"  # never trained with quantization active (e.g. stopped in the FP32 warm-up)
     with ArtifactWriter(out, force) as writer:
-        tables = []
-        dim = int(hp["embedding_dim"])
-        for f, (feature, rows) in enumerate(zip(DEFAULT_CAT_NAMES, hp["num_embeddings_per_feature"], strict=True)):
-            weight = state[_TABLE_KEY.format(feature)].float()
-            bits = config.table_bits(feature, rows)
-            entry: dict[str, Any] = {"feature": feature, "rows": int(rows), "dim": dim, "mode": config.embedding_mode}
-            if bits is None:
-                entry |= {"bits": 32, "scale": 1.0, "offset": 0.0}
-                entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(weight.numpy(), 32))
-            else:
-                scale, offset = _table_grid(weight, bits, config, state, f, ptq)
-                low, high = qrange(bits, config.embedding_mode)
-                codes = _chunked_codes(weight, scale, offset, low, high)
-                if config.embedding_mode == "symmetric":  # unsigned codes u = q + 2^(b-1): value = u * s - 2^(b-1) * s
-                    codes = codes + 2 ** (bits - 1)
-                    offset = -(2 ** (bits - 1)) * scale
-                entry |= {"bits": bits, "scale": scale, "offset": offset}
-                entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
-            tables.append(entry)
-        layers = []
-        linears = _linear_layers(state)
-        for arch, name, weight, bias in linears:
-            bits = config.mlp_bits if quantize_mlp else None
-            layer: dict[str, Any] = {"name": f"{arch}.{name}", "arch": arch, "shape": list(weight.shape)}
-            base = f"mlp/{arch}.{name}"
-            if bits is None:
-                layer |= {"bits": 32, "weight": writer.add(f"{base}.w.bin", weight.float().numpy())}
-                used_bias = bias
-            else:
-                scale = weight_scale(weight.float(), bits, config.mlp_granularity).expand(weight.shape[0], 1)
-                low, high = qrange(bits)
-                codes = quantize_codes(weight, scale, torch.tensor(float(low)), torch.tensor(float(high))) + 2 ** (
-                    bits - 1
-                )
-                layer |= {
-                    "bits": bits,
-                    "weight": writer.add(f"{base}.w.bin", pack_codes(codes.numpy(), bits)),
-                    "scale": writer.add(f"{base}.s.bin", scale.reshape(-1).float().numpy()),
-                }
-                used_bias = bias
-                if bias is not None and config.mlp_bias == "reference":
-                    used_bias = fake_quantize(
-                        bias.float(), scale.reshape(-1), torch.tensor(float(low)), torch.tensor(float(high))
-                    )
-            if used_bias is not None:
-                layer["bias"] = writer.add(f"{base}.b.bin", used_bias.detach().float().numpy())
-            absmax = state.get(f"model.{arch}.{name}.act_absmax")
-            if bits is not None and config.mlp_activation_bits is not None and absmax is not None:
-                levels = 2 ** (config.mlp_activation_bits - 1) - 1
-                layer |= {
-                    "activation_bits": config.mlp_activation_bits,
-                    "activation_scale": float((absmax.float() / levels).clamp_min(1e-8)),
-                }
-            layers.append(layer)
+        tables = [
+            _write_table(writer, f, state[table_key(feature)].float(), config, quantizer, ptq)
+            for f, feature in enumerate(DEFAULT_CAT_NAMES)
+        ]
+        layers = [
+            _write_layer(writer, name, layer, config if quantize_mlp else None) for name, layer in _mlp_layers(state)
+        ]
         payload = sum(meta["bytes"] for meta in writer.files.values())
-        fp32_bytes = sum(int(r) for r in hp["num_embeddings_per_feature"]) * dim * 4 + sum(
-            4 * (w.numel() + (b.numel() if b is not None else 0)) for _, _, w, b in linears
-        )
-        manifest = {
-            "model": {
-                "num_embeddings_per_feature": [int(r) for r in hp["num_embeddings_per_feature"]],
-                "embedding_dim": dim,
-                "dense_arch_layer_sizes": list(hp["dense_arch_layer_sizes"]),
-                "over_arch_layer_sizes": list(hp["over_arch_layer_sizes"]),
-                "feature_names": list(DEFAULT_CAT_NAMES),
-            },
-            "qat_config": asdict(config),
-            "quantization": "qat" if ptq is None else f"ptq ({ptq} scales)",
-            "source_checkpoint": str(ckpt_path),
-            "tables": tables,
-            "mlp": layers,
-            "bytes": {"payload": payload, "fp32_model": fp32_bytes, "ratio": payload / fp32_bytes},
-        }
+        manifest = _manifest(hp, config, ptq, ckpt_path, tables, layers, payload)
         writer.finish(manifest)
         return manifest | {"files": writer.files}
+
+
+def _manifest(
+    hp: dict[str, Any],
+    config: QATConfig,
+    ptq: PtqScales | None,
+    ckpt_path: str | Path,
+    tables: list[dict[str, Any]],
+    layers: list[dict[str, Any]],
+    payload: int,
+) -> dict[str, Any]:
+    """The manifest of an artifact, without its file list and digest (which the writer adds)."""
+    fp32_bytes = model_bytes(model_shape(hp))
+    return {
+        "model": {
+            "num_embeddings_per_feature": [int(r) for r in hp["num_embeddings_per_feature"]],
+            "embedding_dim": int(hp["embedding_dim"]),
+            "dense_arch_layer_sizes": list(hp["dense_arch_layer_sizes"]),
+            "over_arch_layer_sizes": list(hp["over_arch_layer_sizes"]),
+            "feature_names": list(DEFAULT_CAT_NAMES),
+        },
+        "qat_config": asdict(config),
+        "quantization": "qat" if ptq is None else f"ptq ({ptq} scales)",
+        "source_checkpoint": str(ckpt_path),
+        "tables": tables,
+        "mlp": layers,
+        "bytes": {"payload": payload, "fp32_model": fp32_bytes, "ratio": payload / fp32_bytes},
+    }
+
+
+def _quantization(
+    checkpoint: dict[str, Any],
+    ckpt_path: str | Path,
+    embedding_bits: int | None,
+    mlp_bits: int | None,
+    ptq_scales: PtqScales,
+) -> tuple[QATConfig, PtqScales | None]:
+    """The quantization to export: a QAT checkpoint's own (no PTQ), or PTQ of an FP32 checkpoint at the given bits."""
+    if QAT_CONFIG_KEY in checkpoint:
+        if embedding_bits is not None or mlp_bits is not None:
+            raise ValueError(f"{ckpt_path} was trained with QAT ({checkpoint[QAT_CONFIG_KEY]}); its bits are fixed")
+        return QATConfig(**checkpoint[QAT_CONFIG_KEY]), None
+    if embedding_bits is None:
+        raise ValueError(f"{ckpt_path} is an FP32 checkpoint: give `embedding_bits` for post-training quantization")
+    if ptq_scales not in ("trained", "init"):
+        raise ValueError(f"`ptq_scales` must be 'trained' or 'init', got {ptq_scales!r}")
+    # embedding_bits 32: an FP32 artifact (the baseline of inference benchmarks)
+    return QATConfig(embedding_bits=None if embedding_bits == 32 else embedding_bits, mlp_bits=mlp_bits), ptq_scales
+
+
+def _write_table(
+    writer: ArtifactWriter,
+    f: int,
+    weight: torch.Tensor,
+    config: QATConfig,
+    quantizer: EmbeddingQuantizer,
+    ptq: PtqScales | None,
+) -> dict[str, Any]:
+    """Write table ``f`` (FP32, or unsigned codes at its bits) and return its manifest entry."""
+    feature, (rows, dim) = DEFAULT_CAT_NAMES[f], weight.shape
+    bits = config.table_bits(feature, rows)
+    entry: dict[str, Any] = {"feature": feature, "rows": int(rows), "dim": int(dim), "mode": config.embedding_mode}
+    if bits is None:
+        entry |= {"bits": 32, "scale": 1.0, "offset": 0.0}
+        entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(weight.numpy(), 32))
+        return entry
+    if ptq is None:  # the QAT model's frozen grid
+        scale, offset = float(quantizer.scale[f]), float(quantizer.offset[f])
+    else:
+        scale, offset = _ptq_grid(weight, bits, config, ptq)
+    low, high = qrange(bits, config.embedding_mode)
+    codes = _chunked_codes(weight, scale, offset, low, high)
+    if config.embedding_mode == "symmetric":  # unsigned codes u = q + 2^(b-1): value = u * s - 2^(b-1) * s
+        codes = codes + 2 ** (bits - 1)
+        offset = -(2 ** (bits - 1)) * scale
+    entry |= {"bits": bits, "scale": scale, "offset": offset}
+    entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
+    return entry
+
+
+def _ptq_grid(weight: torch.Tensor, bits: int, config: QATConfig, ptq: PtqScales) -> tuple[float, float]:
+    """PTQ (scale, offset) of one table, from the trained table or the initial one."""
+    if ptq == "init":  # the reference code's PTQ: scales of the random initial table, U(-1/sqrt(rows), 1/sqrt(rows))
+        bound = torch.tensor(1.0 / math.sqrt(weight.shape[0]))
+        low, high = -bound, bound
+    else:
+        low, high = torch.aminmax(weight)
+    scale, offset = grid_from_extrema(low, high, bits, config.embedding_mode)
+    return float(scale), float(offset)
+
+
+def _mlp_layers(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """(name, state) of every MLP layer, bottom MLP first, each in forward order (``dense_arch.model._mlp.0._linear``
+    and its ``weight``, ``bias``, ...)."""
+    layers = []
+    for arch in MLP_ARCHS:
+        arch_state = _under(state, dlrm_key(f"{arch}."))
+        names = [key.removesuffix(".weight") for key, value in arch_state.items() if key.endswith(".weight")]
+        names = [name for name in names if arch_state[f"{name}.weight"].dim() == 2]
+        names.sort(key=lambda name: [int(t) for t in re.findall(r"\d+", name)])
+        layers += [(f"{arch}.{name}", _under(arch_state, f"{name}.")) for name in names]
+    return layers
+
+
+def _write_layer(
+    writer: ArtifactWriter, name: str, state: dict[str, torch.Tensor], config: QATConfig | None
+) -> dict[str, Any]:
+    """Write one MLP layer (float32, or unsigned codes and a scale per row at ``config.mlp_bits``; ``config`` None:
+    FP32) and return its manifest entry."""
+    weight, bias = state["weight"], state.get("bias")
+    entry: dict[str, Any] = {"name": name, "arch": name.split(".")[0], "shape": list(weight.shape)}
+    base = f"mlp/{name}"
+    layer = None
+    if config is None or config.mlp_bits is None:
+        entry |= {"bits": 32, "weight": writer.add(f"{base}.w.bin", weight.float().numpy())}
+    else:
+        layer = FakeQuantizedLinear.from_saved(state, **linear_kwargs(config))
+        codes, scale, bias = layer.integer_weight()  # bias: as the QAT model used it
+        unsigned = (codes + 2 ** (layer.bits - 1)).numpy()
+        entry |= {
+            "bits": layer.bits,
+            "weight": writer.add(f"{base}.w.bin", pack_codes(unsigned, layer.bits)),
+            "scale": writer.add(f"{base}.s.bin", scale.reshape(-1).float().numpy()),
+        }
+    if bias is not None:
+        entry["bias"] = writer.add(f"{base}.b.bin", bias.detach().float().numpy())
+    if layer is not None and layer.activation_bits is not None:
+        entry |= {"activation_bits": layer.activation_bits, "activation_scale": float(layer.activation_scale())}
+    return entry
+
+
+def _under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` below ``prefix``, keyed without it."""
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
 
 def _chunked_codes(weight: torch.Tensor, scale: float, offset: float, low: int, high: int) -> np.ndarray:

@@ -53,7 +53,10 @@ def _interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
     return torch.cat((dense, interactions[:, rows, cols]), dim=1)
 
 
-class _ArtifactDLRM(nn.Module):
+class ArtifactDLRM(nn.Module):
+    """An exported DLRM: the artifact's MLPs as float32 ``nn.Linear`` layers holding the dequantized weights, and
+    an engine-specific :meth:`embed` of the tables. ``manifest`` is the artifact's."""
+
     def __init__(self, artifact: Artifact) -> None:
         super().__init__()
         self.manifest = artifact.manifest
@@ -73,7 +76,7 @@ class _ArtifactDLRM(nn.Module):
         return self.over_arch(_interaction(dense, sparse))
 
 
-class PlainTorchDLRM(_ArtifactDLRM):
+class PlainTorchDLRM(ArtifactDLRM):
     """The artifact in plain torch (no TorchRec, no FBGEMM): looked-up rows are unpacked and dequantized per batch.
 
     ``embed`` takes a dict ``feature -> (B,) int64 ids`` (one id per feature and sample) or anything with
@@ -99,7 +102,7 @@ class PlainTorchDLRM(_ArtifactDLRM):
         return torch.stack(out, dim=1)  # (B, F, D)
 
 
-class TorchRecDLRM(_ArtifactDLRM):
+class TorchRecDLRM(ArtifactDLRM):
     """The artifact on TorchRec's quantized EmbeddingBagCollection (FBGEMM IntN TBE kernels on CPU or GPU)."""
 
     def __init__(self, artifact: Artifact) -> None:
@@ -139,7 +142,7 @@ class TorchRecDLRM(_ArtifactDLRM):
         return torch.stack([pooled[f] for f in self.feature_names], dim=1)  # (B, F, D)
 
 
-def load_inference_model(path: str | Path, engine: str = "torchrec", verify: bool = True) -> _ArtifactDLRM:
+def load_inference_model(path: str | Path, engine: str = "torchrec", verify: bool = True) -> ArtifactDLRM:
     """Load an artifact for inference: ``engine`` is ``torchrec`` (FBGEMM kernels) or ``plain`` (torch only)."""
     artifact = load_artifact(path, verify=verify)
     if engine == "torchrec":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
@@ -15,8 +15,12 @@ ScaleTracking = Literal["periodic", "exact"]
 
 @dataclass
 class QATConfig:
-    """DQRM QAT settings. Defaults follow the paper's recommended semantics (symmetric per-table INT4 embeddings, scale
-    refreshed every 200 optimizer steps, identity straight-through gradient, MLP in FP32).
+    """DQRM quantization-aware training settings, validated when built.
+
+    The defaults quantize nothing; the paper's recommended semantics (symmetric per-table INT4 embeddings, scale
+    refreshed every 200 optimizer steps, identity straight-through gradient, MLP in FP32) are
+    ``QATConfig(embedding_bits=4)``. The fields are the ``--qat.*`` options of the ``dqrm`` command and the keys of
+    ``configs/qat/*.yaml``.
 
     Args:
         embedding_bits: default bit width of every table (2, 4, 8, 16), or ``None`` for FP32 embeddings.
@@ -36,11 +40,18 @@ class QATConfig:
         mlp_bias: ``fp32`` (default) or ``reference`` (bias quantized with the row scale and the weight bits).
         mlp_activation_bits: also fake-quantize each MLP layer's input at these bits (4, 8 or 16; running max
             scale), or ``None`` (default, FP32 activations as in every paper run).
+
+    Raises:
+        ValueError: naming the first bad field in backticks, with the allowed values and the value received.
+
+    Example::
+
+        config = QATConfig(embedding_bits=4, mlp_bits=4)  # the paper's whole-model INT4
     """
 
-    embedding_bits: int | None = 4
-    embedding_bits_per_table: dict[str, int] = field(default_factory=dict)
-    embedding_bits_by_rows: list[list[int]] = field(default_factory=list)
+    embedding_bits: int | None = None
+    embedding_bits_per_table: dict[str, int] | None = None  # None: no overrides (stored as {})
+    embedding_bits_by_rows: list[list[int]] | None = None  # None: no size policy (stored as [])
     embedding_mode: Mode = "symmetric"
     ste: Ste = "identity"
     scale_period: int = 200
@@ -53,6 +64,13 @@ class QATConfig:
     mlp_activation_bits: int | None = None
 
     def __post_init__(self) -> None:
+        self.embedding_bits_per_table = dict(self.embedding_bits_per_table or {})
+        self.embedding_bits_by_rows = [list(rule) for rule in self.embedding_bits_by_rows or []]
+        self._check_embeddings()
+        self._check_schedule()
+        self._check_mlp()
+
+    def _check_embeddings(self) -> None:
         if not _is_bits(self.embedding_bits, allow_none=True):
             raise ValueError(f"`embedding_bits` must be one of {SUPPORTED_BITS} or null, got {self.embedding_bits!r}")
         for feature, value in self.embedding_bits_per_table.items():
@@ -74,12 +92,16 @@ class QATConfig:
             raise ValueError(f"`embedding_mode` must be 'symmetric' or 'asymmetric', got {self.embedding_mode!r}")
         if self.ste not in ("identity", "clipped"):
             raise ValueError(f"`ste` must be 'identity' or 'clipped', got {self.ste!r}")
+
+    def _check_schedule(self) -> None:
         if isinstance(self.scale_period, bool) or not isinstance(self.scale_period, int) or self.scale_period <= 0:
             raise ValueError(f"`scale_period` must be a positive number of steps, got {self.scale_period}")
         if self.scale_tracking not in ("periodic", "exact"):
             raise ValueError(f"`scale_tracking` must be 'periodic' or 'exact', got {self.scale_tracking!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
+
+    def _check_mlp(self) -> None:
         if self.mlp_bits is not None and not _is_bits(self.mlp_bits, choices=(4, 8)):
             raise ValueError(f"`mlp_bits` must be 4, 8 or null, got {self.mlp_bits}")
         if self.mlp_granularity not in ("per_row", "per_tensor"):

@@ -2,8 +2,9 @@
 
 Notation: B batch size, F sparse features (one table each), D embedding dimension.
 
-No quantized copy of a table ever exists. The quantizer is a forward hook on DLRM's ``SparseArch``, whose output is
-the pooled embedding of each (sample, feature), shape (B, F, D):
+No quantized copy of a table ever exists. The quantizer runs at the end of DLRM's sparse arch
+(:class:`~dqrm_lightning.quant.sparse_arch.FakeQuantizedSparseArch`), on the pooled embedding of each
+(sample, feature), shape (B, F, D):
 
 * one-hot features (Criteo: one id per feature and sample): the pooled vector *is* the looked-up row, so
   fake-quantizing feature f's slice with table f's scale is exactly per-row QAT. This works unchanged with TorchRec's
@@ -22,6 +23,7 @@ checkpoints and a resumed run continues exactly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dqrm_lightning.quant.config import QATConfig
-from dqrm_lightning.quant.fake_quant import asymmetric_scale, fake_quantize, qrange, symmetric_scale
+from dqrm_lightning.quant.fake_quant import fake_quantize, grid_from_extrema, qrange
 
 
 class TableAccess:
@@ -87,6 +89,11 @@ def _table_configs(ebc: nn.Module) -> list[Any]:
     return list(ebc._embedding_bag_configs)  # sharded EBC keeps the unsharded configs
 
 
+def table_rows(ebc: nn.Module) -> dict[str, int]:
+    """Rows of each feature's table in an EmbeddingBagCollection (sharded or not), by feature name."""
+    return {cfg.feature_names[0]: int(cfg.num_embeddings) for cfg in _table_configs(ebc)}
+
+
 class _TopRows:
     """The ``k`` rows of a table with the largest per-row extreme (max, or -min for the low side), and ``tau``: every
     row outside the set is known to have a value <= ``tau``."""
@@ -138,7 +145,9 @@ class _TopRows:
 
 
 class EmbeddingQuantizer(nn.Module):
-    """Per-table fake quantization of looked-up rows. Attach with :meth:`attach` to a DLRM ``SparseArch``.
+    """Per-table fake quantization of looked-up rows: the end of a
+    :class:`~dqrm_lightning.quant.sparse_arch.FakeQuantizedSparseArch`, which :meth:`attach`-es it to the
+    EmbeddingBagCollection whose tables set the scales.
 
     Args:
         feature_names: the F features in SparseArch output order.
@@ -167,16 +176,22 @@ class EmbeddingQuantizer(nn.Module):
         self._top: dict[str, tuple[_TopRows, _TopRows]] = {}  # exact tracking: (low side, high side) per table
         self._all_quantized = all(b is not None for b in bits)
         self._ebc: tuple[nn.Module, ...] = ()  # a tuple: not registered as a submodule (its tables are not ours)
-        self.active = True
+        self.active = True  # False: the forward passes the FP32 rows through (see enable_fake_quant)
         self.record_error = False
         self.last_error: torch.Tensor | None = None
 
     # --------------------------------------------------------------------------------------------- attaching
-    def attach(self, sparse_arch: nn.Module) -> torch.utils.hooks.RemovableHandle:
-        """Register the forward hook on a DLRM SparseArch (sharded EBC inside or not)."""
-        self._ebc = (sparse_arch.embedding_bag_collection,)
+    def attach(self, ebc: nn.Module) -> None:
+        """Compute scales from the tables of ``ebc`` (an EmbeddingBagCollection, sharded or not)."""
+        self._ebc = (ebc,)
         self._tables = None
-        return sparse_arch.register_forward_hook(self._hook)
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        """Fake-quantize in the forward (``False``: FP32 rows, e.g. during an FP32 warm-up); scales are kept."""
+        self.active = enabled
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
 
     @property
     def tables(self) -> TableAccess:
@@ -215,12 +230,7 @@ class EmbeddingQuantizer(nn.Module):
             self.last_refresh_step.fill_(step)
 
     def _set_scales(self) -> None:
-        bits = self.bits.clamp_min(2)
-        if self.config.embedding_mode == "symmetric":
-            scale = symmetric_scale(torch.maximum(self.low.abs(), self.high.abs()), bits)
-            offset = torch.zeros_like(scale)
-        else:
-            scale, offset = asymmetric_scale(self.low, self.high, bits)
+        scale, offset = grid_from_extrema(self.low, self.high, self.bits.clamp_min(2), self.config.embedding_mode)
         self.scale.copy_(torch.where(self.quantized, scale, torch.ones_like(scale)))
         self.offset.copy_(torch.where(self.quantized, offset, torch.zeros_like(offset)))
 
@@ -278,13 +288,18 @@ class EmbeddingQuantizer(nn.Module):
             return True
         return False
 
-    # ------------------------------------------------------------------------------------------------ hook
-    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    # --------------------------------------------------------------------------------------------- forward
+    def forward(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Fake-quantize the looked-up rows behind ``pooled`` (B, F, D) of ``features``; returns (B, F, D).
+
+        Passes ``pooled`` through while disabled. A first-ever forward (e.g. evaluating an FP32 checkpoint)
+        initialises the scales.
+        """
         if not self.active:
-            return output
+            return pooled
         if not self.initialized:
-            self.refresh()  # a first-ever forward (e.g. evaluating an FP32 checkpoint) initialises the scales
-        return self.quantize(output, inputs[0])
+            self.refresh()
+        return self.quantize(pooled, features)
 
     def quantize(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
         """Fake-quantize the looked-up rows behind ``pooled`` (B, F, D); returns (B, F, D)."""
@@ -327,6 +342,24 @@ class EmbeddingQuantizer(nn.Module):
     # --------------------------------------------------------------------------------------------- reports
     def scales(self) -> dict[str, float]:
         return {f: float(s) for f, s, q in zip(self.feature_names, self.scale, self.quantized, strict=True) if q}
+
+    def errors(self) -> dict[str, float]:
+        """Mean |fake-quantized - FP32| of each quantized table in the last forward run with ``record_error``."""
+        if self.last_error is None:
+            return {}
+        errors = self.last_error.tolist()
+        return {f: errors[i] for i, f in enumerate(self.feature_names) if bool(self.quantized[i])}
+
+    def load_saved(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a saved quantizer (its :meth:`state_dict`), as export does: a state that was never refreshed leaves
+        the scales uninitialised, and checkpoints from before exact tracking lack its buffers.
+
+        Raises:
+            ValueError: a refreshed state without its scales or offsets.
+        """
+        missing = set(self.load_state_dict(state, strict=False).missing_keys)
+        if self.initialized and missing & {"scale", "offset"}:
+            raise ValueError(f"the saved embedding quantizer lacks {sorted(missing & {'scale', 'offset'})}")
 
     def table_bits(self) -> dict[str, int | None]:
         return {

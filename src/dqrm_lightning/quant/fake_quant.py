@@ -63,6 +63,16 @@ def asymmetric_scale(
     return fp16_ceil((high.float() - beta) / levels), beta
 
 
+def grid_from_extrema(
+    low: torch.Tensor, high: torch.Tensor, bits: torch.Tensor | int, mode: Mode
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, offset)`` of the grid that covers ``[low, high]``: symmetric (offset 0) or asymmetric."""
+    if mode == "symmetric":
+        scale = symmetric_scale(torch.maximum(low.abs(), high.abs()), bits)
+        return scale, torch.zeros_like(scale)
+    return asymmetric_scale(low, high, bits)
+
+
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, offset, qmin, qmax, clipped_ste: bool):  # type: ignore[override]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 from typing_extensions import override
 
-from dqrm_lightning.quant.config import BiasMode, MLPGranularity
-from dqrm_lightning.quant.fake_quant import Ste, fake_quantize, qrange
+from dqrm_lightning.quant.config import BiasMode, MLPGranularity, QATConfig
+from dqrm_lightning.quant.fake_quant import Ste, fake_quantize, qrange, quantize_codes
 
 
 def weight_scale(weight: torch.Tensor, bits: int, granularity: MLPGranularity) -> torch.Tensor:
@@ -72,7 +75,7 @@ class FakeQuantizedLinear(nn.Linear):
         self.granularity = granularity
         self.bias_mode = bias_mode
         self.ste = ste
-        self.active = True  # False: plain FP32 (e.g. during an FP32 warm-up)
+        self.active = True  # False: plain FP32 (e.g. during an FP32 warm-up); see enable_fake_quant
         low, high = qrange(bits)
         self.register_buffer("qmin", torch.tensor(float(low)), persistent=False)
         self.register_buffer("qmax", torch.tensor(float(high)), persistent=False)
@@ -96,7 +99,24 @@ class FakeQuantizedLinear(nn.Linear):
             module.act_absmax = torch.zeros((), device=linear.weight.device)
         return module
 
+    @classmethod
+    def from_saved(cls, state: Mapping[str, torch.Tensor], **kwargs: Any) -> FakeQuantizedLinear:
+        """A layer holding a saved ``state_dict`` (of this class or of an ``nn.Linear``; tensors are shared, not
+        copied), e.g. to export it. Without a saved input range (``act_absmax``) the input stays FP32."""
+        weight = state["weight"]
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state, device=torch.device("meta"))
+        linear.weight = nn.Parameter(weight.float(), requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(state["bias"].float(), requires_grad=False)
+        if "act_absmax" not in state:
+            kwargs["activation_bits"] = None
+        module = cls.from_linear(linear, **kwargs)
+        if module.activation_bits is not None:
+            module.act_absmax.copy_(state["act_absmax"])
+        return module
+
     def to_linear(self) -> nn.Linear:
+        """The plain ``nn.Linear`` sharing this layer's Parameters (the exact inverse of :meth:`from_linear`)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=torch.device("meta"))
         linear.weight = self.weight
         linear.bias = self.bias
@@ -114,8 +134,24 @@ class FakeQuantizedLinear(nn.Linear):
             bias = fake_quantize(bias, scale.view(-1), self.qmin, self.qmax, ste=self.ste)
         return weight, bias, scale
 
+    @torch.no_grad()
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the integer (exported) layer holds: signed weight codes (out, in) int32, the scale of each output
+        row (out, 1) and the bias as used, so that ``codes * scale`` is the fake-quantized weight."""
+        _, bias, scale = self.quantized_weight()
+        scale = scale.expand(self.out_features, 1)
+        return quantize_codes(self.weight, scale, self.qmin, self.qmax), scale, bias
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        """Fake-quantize in the forward (``False``: plain FP32, e.g. during an FP32 warm-up)."""
+        self.active = enabled
+
+    def disable_fake_quant(self) -> None:
+        self.enable_fake_quant(False)
+
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, in) -> (B, out) through the fake-quantized weight (and input, with ``activation_bits``)."""
         if not self.active:
             return super().forward(x)
         weight, bias, _ = self.quantized_weight()
@@ -141,6 +177,17 @@ class FakeQuantizedLinear(nn.Linear):
     @override
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, granularity={self.granularity}, bias_mode={self.bias_mode}"
+
+
+def linear_kwargs(config: QATConfig) -> dict[str, Any]:
+    """The :class:`FakeQuantizedLinear` arguments of a model's MLP QAT settings (``config.mlp_bits`` set)."""
+    return {
+        "bits": config.mlp_bits,
+        "granularity": config.mlp_granularity,
+        "bias_mode": config.mlp_bias,
+        "ste": config.ste,
+        "activation_bits": config.mlp_activation_bits,
+    }
 
 
 def swap_linears(module: nn.Module, **kwargs: object) -> int:
