@@ -48,20 +48,10 @@ from dqrm_lightning.data.dataset import rank_slices
 from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
-from dqrm_lightning.sharding import EmbeddingLayout
 from dqrm_lightning.strategies import TorchRecStrategy  # registers --trainer.strategy torchrec
 from dqrm_lightning.threads import apply as apply_threads
 from dqrm_lightning.threads import local_processes_from_env, remember_user_environment, resolve
 
-# Where each class's arguments live on the command line (errors raised while building them name `prefix.argument`).
-_ARGUMENT_PREFIXES: tuple[tuple[type, str], ...] = (
-    (DLRMModule, "model"),
-    (CriteoDataModule, "data"),
-    (QATConfig, "qat"),
-    (StepTimer, "step_timer"),
-    (TorchRecStrategy, "trainer.strategy"),
-    (EmbeddingLayout, "trainer.strategy"),
-)
 _LINKED = "model.num_embeddings_per_feature"
 _RAW_INPUTS = ("train_files", "val_files", "test_files", "kaggle_train_txt", "terabyte_dir")
 
@@ -280,7 +270,7 @@ class DQRMCLI(LightningCLI):
         try:  # prepares the data unless building the classes did (vocabulary encoding)
             data = self.datamodule.describe()
         except (ValueError, FileNotFoundError, IsADirectoryError) as err:  # bad input data: named, in one line
-            raise ConfigError(_name_arguments(err)) from err
+            raise ConfigError(_data_error(err)) from err
         self._check_splits(data)
         self._fit_intervals(data["rows"]["train"])
         artifact = self._setting("artifact")
@@ -375,14 +365,18 @@ class DQRMCLI(LightningCLI):
             inner = _unlinked(err)
             if isinstance(inner, OSError) and not isinstance(inner, FileNotFoundError | IsADirectoryError):
                 raise
-            raise ConfigError(_name_arguments(inner)) from err
+            raise ConfigError(_data_error(inner)) from err
 
     def _check_before_building(self) -> None:
-        """Model and QAT settings, checked before any class is built: building the data module prepares the data
-        (vocabulary encoding: to size the tables), which takes hours on the full Criteo data."""
+        """Every group's settings, checked by its own class before jsonargparse builds them all: an error then names
+        its argument as on the command line (`qat.scale_period`), and comes before the data is prepared (building
+        the classes links the table sizes from the data: hours on the full Criteo data). What fails while building
+        after these checks is the data itself."""
         for prefix, cls, check in (
             ("model", DLRMModule, DLRMModule.check_arguments),
             ("qat", QATConfig, lambda values: QATConfig(**values)),
+            ("step_timer", StepTimer, lambda values: StepTimer(**values)),
+            ("data", CriteoDataModule, lambda values: CriteoDataModule(**values)),  # cheap: reads nothing yet
         ):
             config = self._setting(prefix)
             if config is None:
@@ -426,19 +420,10 @@ def _table_sizes(datamodule: CriteoDataModule) -> list[int]:
     return datamodule.table_sizes
 
 
-def _name_arguments(err: BaseException) -> str:
-    """The error's message with each backquoted argument of the class that raised it written as on the command line
-    (`scale_period` -> `qat.scale_period`), found from the innermost frame of a class in ``_ARGUMENT_PREFIXES``."""
-    owner: tuple[type, str] | None = None
-    for frame, _ in traceback.walk_tb(err.__traceback__):
-        instance = frame.f_locals.get("self")
-        for cls, prefix in _ARGUMENT_PREFIXES:
-            if isinstance(instance, cls):
-                owner = (cls, prefix)
-                break
-    if owner is None:
-        return str(err)
-    return _qualify(str(err), owner[1], set(inspect.signature(owner[0]).parameters))
+def _data_error(err: BaseException) -> str:
+    """An error of the data (preparing files, sizing tables) with the data module's arguments named as on the
+    command line (`num_embeddings_per_feature` -> `data.num_embeddings_per_feature`)."""
+    return _qualify(str(err), "data", set(inspect.signature(CriteoDataModule).parameters))
 
 
 def _qualify(message: str, prefix: str, names: set[str]) -> str:
