@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from dqrm_lightning.checkpoint import CheckpointError
 from dqrm_lightning.data.dataset import make_batch
 from dqrm_lightning.model import DLRMModule
-from dqrm_lightning.sharding import gather_full
+from dqrm_lightning.strategies.sharding import gather_full
 
 KAGGLE = [
     1460,

@@ -4,7 +4,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining
-from dqrm_lightning.sharding import gather_full
+from dqrm_lightning.strategies.sharding import gather_full
 from tests.test_resume import _datamodule, _module, _trainer
 
 PERIOD = 7

@@ -108,7 +108,7 @@ def test_a_dying_rank_stops_the_run_with_an_error_instead_of_a_hang(data, tmp_pa
 def test_qcomm_codecs_are_probed_and_unsupported_ones_refused():
     import torch
 
-    from dqrm_lightning.strategies.torchrec import qcomm_registry
+    from dqrm_lightning.comms.qcomms import qcomm_registry
 
     cpu = torch.device("cpu")
     assert qcomm_registry(None, None, cpu) is None
@@ -146,7 +146,7 @@ def test_two_processes_train_with_quantized_all_to_all(data, tmp_path):
 
 def test_a_plan_with_row_wise_tables_refuses_a_codec_the_reduce_scatter_cannot_carry():
     from dqrm_lightning.model import DLRMModule
-    from dqrm_lightning.sharding import EmbeddingLayout, shard_model
+    from dqrm_lightning.strategies.sharding import EmbeddingLayout, shard_model
 
     module = DLRMModule([40] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
     layout = EmbeddingLayout(sharding={"C5": "row_wise", "default": "table_wise"})
