@@ -10,7 +10,7 @@ from dqrm_lightning.checkpoint import CheckpointError
 from dqrm_lightning.data.dataset import make_batch
 from dqrm_lightning.export.size import model_bytes
 from dqrm_lightning.model import DLRMModule, model_shape
-from dqrm_lightning.sharding import gather_full
+from dqrm_lightning.strategies.sharding import gather_full
 
 KAGGLE = [
     1460,

@@ -16,7 +16,8 @@ import torch.distributed.checkpoint as dcp
 
 from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, read_dcp
 from dqrm_lightning.export.exporter import export_checkpoint, read_checkpoint
-from dqrm_lightning.strategies.torchrec import META_FILE, TorchRecStrategy
+from dqrm_lightning.strategies import TorchRecStrategy
+from dqrm_lightning.strategies.base import META_FILE
 from tests.test_cli import FAST, on_sample, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore")

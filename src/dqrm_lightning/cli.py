@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import Strategy
 
 from dqrm_lightning.callbacks import CommunicationAccounting, QuantizationAwareTraining, RunSummary, StepTimer
 from dqrm_lightning.callbacks.interrupt import ContinuedMetrics, RunInterrupted, StopOnSignal
@@ -48,7 +50,9 @@ from dqrm_lightning.data.dataset import rank_slices
 from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
-from dqrm_lightning.strategies import TorchRecStrategy  # registers --trainer.strategy torchrec
+from dqrm_lightning.strategies import (  # registers --trainer.strategy torchrec
+    TorchRecStrategyBase,
+)
 from dqrm_lightning.threads import apply as apply_threads
 from dqrm_lightning.threads import local_processes_from_env, remember_user_environment, resolve
 
@@ -389,7 +393,8 @@ class DQRMCLI(LightningCLI):
         self._check_strategy()
 
     def _check_strategy(self) -> None:
-        """A TorchRecStrategy's arguments, checked before jsonargparse builds it (it would bury the message)."""
+        """A TorchRec strategy built once ahead, so that its own checks stop a bad setting before the data module is
+        built (jsonargparse builds the trainer's arguments later, and would bury the message)."""
         strategy = self._setting("trainer", {}).get("strategy")
         class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
         if not isinstance(class_path, str) or "." not in class_path:
@@ -399,14 +404,15 @@ class DQRMCLI(LightningCLI):
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             return  # jsonargparse reports it
-        if not (isinstance(cls, type) and issubclass(cls, TorchRecStrategy)):
+        if not (isinstance(cls, type) and issubclass(cls, TorchRecStrategyBase)):
             return
-        init_args = strategy.get("init_args") or {}
-        names = inspect.signature(TorchRecStrategy.check_arguments).parameters
+        parser = LightningArgumentParser(exit_on_error=False)
+        parser.add_argument("--strategy", type=Strategy)
+        instantiate = getattr(parser, "instantiate", parser.instantiate_classes)  # the new name (jsonargparse 4.49)
         try:
-            TorchRecStrategy.check_arguments(**{k: init_args[k] for k in names if k in init_args})
+            instantiate(Namespace(strategy=strategy))
         except ValueError as err:
-            raise ConfigError(_qualify(str(err), "trainer.strategy", set(names))) from err
+            raise ConfigError(_qualify(str(err), "trainer.strategy", set(inspect.signature(cls).parameters))) from err
 
 
 def _unlinked(err: BaseException) -> BaseException:

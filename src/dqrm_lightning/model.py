@@ -31,7 +31,13 @@ from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.export.inference import ArtifactDLRM, load_inference_model
 from dqrm_lightning.metrics import BestTracker, ClickMetrics, binary_auroc, binary_log_loss
 from dqrm_lightning.quant import EmbeddingQuantizer, QATConfig, prepare_qat
-from dqrm_lightning.sharding import EmbeddingLayout, copy_into, replicate_embeddings, shard_model, to_plain
+from dqrm_lightning.strategies.sharding import (
+    EmbeddingPlacement,
+    copy_into,
+    replicate_embeddings,
+    shard_model,
+    to_plain,
+)
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
 
@@ -112,7 +118,7 @@ class DLRMModule(pl.LightningModule):
             raise ValueError("`num_embeddings_per_feature` is required (the CLI links it from the data module)")
         self.check_arguments(self.hparams)
         self.model: nn.Module | None = None  # the DLRM (sharded or not), or an exported artifact (use_artifact)
-        self.layout: EmbeddingLayout | None = None  # None: the strategy's (TorchRecStrategy) or the default
+        self.placement = EmbeddingPlacement()  # a multi-process strategy hands over its own (`place_embeddings`)
         self.qat_config: QATConfig | None = None  # what prepare_qat made the model; saved in checkpoints
         self.embedding_quantizer: EmbeddingQuantizer | None = None  # registered here: checkpoints keep its state
         self._train_window: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -201,23 +207,27 @@ class DLRMModule(pl.LightningModule):
             )
         self.model = model
 
+    def place_embeddings(self, placement: EmbeddingPlacement) -> None:
+        """Build the tables where ``placement`` says (a multi-process strategy calls this before ``configure_model``;
+        without one they are sharded table-wise over a one-process group)."""
+        self.placement = placement
+
     @override
     def configure_model(self) -> None:
         if self.model is not None:
             return
         dlrm = self.build_dlrm()
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        self.layout = self.layout or getattr(strategy, "layout", None) or EmbeddingLayout()
-        device = getattr(strategy, "root_device", None) or torch.device("cpu")  # the module moves there after this
-        if self.layout.embeddings == "replicated":  # plain modules with sparse gradients; DDP outside averages them
-            self.model = replicate_embeddings(dlrm, device, sparse=not self.layout.dense_embedding_gradients)
+        layout = self.placement.layout
+        # built on the strategy's device, where the module moves after this
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if layout.embeddings == "replicated":  # plain modules with sparse gradients; DDP outside averages them
+            self.model = replicate_embeddings(dlrm, device, sparse=not layout.dense_embedding_gradients)
             return
         apply_optimizer_in_backward(
             _OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": self._sparse_lr}
         )
-        codecs = getattr(strategy, "qcomm_codecs_registry", None)  # TorchRecStrategy's quantized all-to-all
-        precision = getattr(strategy, "reduce_scatter_precision", None)
-        self.model = shard_model(dlrm, device, codecs, self.layout, precision)
+        codecs, precision = self.placement.qcomm_codecs_registry, self.placement.reduce_scatter_precision
+        self.model = shard_model(dlrm, device, codecs, layout, precision)
 
     @property
     def _sparse_lr(self) -> float:

@@ -8,7 +8,7 @@ from dqrm_lightning.export.size import model_bytes, quantized_model_bytes
 from dqrm_lightning.model import DLRMModule, model_shape
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.fake_quant import fp16_ceil
-from dqrm_lightning.sharding import gather_full
+from dqrm_lightning.strategies.sharding import gather_full
 from tests.test_model import random_batch
 
 ROWS = 40

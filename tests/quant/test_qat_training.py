@@ -5,7 +5,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining
 from dqrm_lightning.quant import QATConfig
-from dqrm_lightning.sharding import gather_full
+from dqrm_lightning.strategies.sharding import gather_full
 from tests.test_resume import _datamodule, _module, _trainer
 
 PERIOD = 7

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from dqrm_lightning.comms.compression import GradientCompressionConfig
-from dqrm_lightning.comms.ddp_hook import CompressionState
 from dqrm_lightning.strategies import TorchRecStrategy
-from dqrm_lightning.strategies.torchrec import META_FILE
+from dqrm_lightning.strategies.base import META_FILE
 from tests.test_cli import demo_args, dqrm, synth_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -59,16 +58,6 @@ def test_int8_with_error_compensation_matches_fp32_data_parallel(data, tmp_path)
         "--ckpt_path", first["checkpoints"]["last"],
     )  # fmt: skip
     assert resumed["val"]["final"]["val/auc"] == pytest.approx(auc_int8, abs=1e-6)
-
-
-def test_residuals_restart_from_zero_on_another_world_size():
-    state = CompressionState(GradientCompressionConfig(), [])
-    saved = {"world_size": 4, "residuals": {"w": torch.ones(4, 3)}}
-    with pytest.warns(UserWarning, match="4 processes"):
-        state.load_state_dict(saved)
-    assert state.residuals == {}
-    state.load_state_dict({"world_size": 1, "residuals": {"w": torch.arange(3.0).unsqueeze(0)}})
-    torch.testing.assert_close(state.residuals["w"], torch.arange(3.0))
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from dqrm_lightning.comms.ddp_hook import CompressionState, compression_hook
 from dqrm_lightning.data.dataset import make_batch
 from dqrm_lightning.model import DLRMModule
-from dqrm_lightning.sharding import EmbeddingLayout, _shard_index, gather_full
+from dqrm_lightning.strategies.sharding import EmbeddingLayout, EmbeddingPlacement, _shard_index, gather_full
 from tests.test_model import random_batch
 
 ROWS, GLOBAL_BATCH, STEPS = 50, 64, 6
@@ -40,7 +40,7 @@ def _module() -> DLRMModule:
 def _train(module: DLRMModule, rank: int, world: int, hook: bool = False) -> list[float]:
     optimizer = module.configure_optimizers()
     forward = module
-    if module.layout.embeddings == "replicated" and world > 1:
+    if module.placement.layout.embeddings == "replicated" and world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(module)  # sparse table gradients, averaged by DDP
         if hook:
             forward.register_comm_hook(CompressionState(None, list(module.named_parameters())), compression_hook)
@@ -76,7 +76,7 @@ def _rank(rank: int, store: str, out: str, init: str) -> None:
     results = {}
     for name, layout in LAYOUTS.items():
         module = _module()
-        module.layout = layout
+        module.place_embeddings(EmbeddingPlacement(layout))
         module.load_state_dict(torch.load(init, weights_only=True))  # the same initial weights as the 1-process run
         losses = _train(module, rank, 2, hook=name.endswith("_hook"))
         pieces = []  # (key, index into the full table, local values)

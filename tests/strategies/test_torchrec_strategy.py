@@ -106,23 +106,6 @@ def test_a_dying_rank_stops_the_run_with_an_error_instead_of_a_hang(data, tmp_pa
     assert "terminated with code 17" in result.stdout + result.stderr  # the launcher names the dead rank
 
 
-def test_qcomm_codecs_are_probed_and_unsupported_ones_refused():
-    import torch
-
-    from dqrm_lightning.strategies.torchrec import qcomm_registry
-
-    cpu = torch.device("cpu")
-    assert qcomm_registry(None, None, cpu) is None
-    assert qcomm_registry("fp16", "fp16", cpu) is not None
-    with pytest.raises(ValueError, match="qcomm_backward: bf16"):  # TorchRec would send FP16 on gloo instead
-        qcomm_registry("fp16", "bf16", cpu)
-    for precision in ("fp8", "int8"):  # not usable on the CPU with this FBGEMM build: refused, never replaced
-        with pytest.raises(ValueError, match="not supported on cpu"):
-            qcomm_registry(precision, None, cpu)
-    with pytest.raises(ValueError, match="qcomm_backward"):
-        qcomm_registry(None, "int4", cpu)
-
-
 @pytest.mark.multiprocess
 def test_two_processes_train_with_quantized_all_to_all(data, tmp_path):
     strategy = [
@@ -145,12 +128,39 @@ def test_two_processes_train_with_quantized_all_to_all(data, tmp_path):
     assert abs(quantized - exact) < 0.01
 
 
-def test_a_plan_with_row_wise_tables_refuses_a_codec_the_reduce_scatter_cannot_carry():
-    from dqrm_lightning.model import DLRMModule
-    from dqrm_lightning.sharding import EmbeddingLayout, shard_model
+@pytest.mark.parametrize(
+    ("kwargs", "built", "layout"),
+    [
+        ({}, "ShardedEmbeddingStrategy", ("sharded", "table_wise", False)),
+        ({"sharding": {"C1": "row_wise"}}, "ShardedEmbeddingStrategy", ("sharded", {"C1": "row_wise"}, False)),
+        ({"embeddings": "replicated"}, "ReplicatedEmbeddingStrategy", ("replicated", "table_wise", False)),
+        (
+            {"embeddings": "replicated", "dense_embedding_gradients": True},
+            "ReplicatedEmbeddingStrategy",
+            ("replicated", "table_wise", True),
+        ),
+    ],
+)
+def test_torchrec_strategy_builds_the_strategy_of_the_table_layout(kwargs, built, layout):
+    from dqrm_lightning.strategies import TorchRecStrategy
 
-    module = DLRMModule([40] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
-    layout = EmbeddingLayout(sharding={"C5": "row_wise", "default": "table_wise"})
-    with pytest.raises(ValueError, match=r"\['t_C5'\] row-wise.*fp8"):
-        shard_model(module.build_dlrm(), torch.device("cpu"), None, layout, reduce_scatter_precision="fp8")
-    assert shard_model(module.build_dlrm(), torch.device("cpu"), None, layout) is not None
+    strategy = TorchRecStrategy(process_group_backend="gloo", **kwargs)
+    assert type(strategy).__name__ == built
+    assert strategy.strategy_name == "torchrec"
+    assert strategy._process_group_backend == "gloo"  # DDPStrategy's own arguments pass through
+    placed = strategy.layout
+    assert (placed.embeddings, placed.sharding, placed.dense_embedding_gradients) == layout
+
+
+def test_the_sharded_strategy_hands_the_module_its_layout_and_probed_codecs():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from dqrm_lightning.strategies import ShardedEmbeddingStrategy, TorchRecStrategy
+
+    assert isinstance(StrategyRegistry.get("torchrec"), ShardedEmbeddingStrategy)
+    strategy = TorchRecStrategy(sharding="column_wise", qcomm_forward="fp16", qcomm_backward="fp16")
+    strategy.parallel_devices = [torch.device("cpu")]
+    placement = strategy.embedding_placement()
+    assert placement.layout.sharding == "column_wise"
+    assert placement.qcomm_codecs_registry is not None
+    assert placement.reduce_scatter_precision is None

@@ -130,60 +130,89 @@ def compress_gradients(
     Returns:
         (averaged sparse gradients, coalesced; averaged dense gradients; new residuals or ``None``).
     """
-    world = _world(group)
     sparse = [g.coalesce() for g in sparse]
     if config is None:
         config = GradientCompressionConfig(bits=32)  # the codes are then the float32 values, the scales ones
     zs = [g.float() + (e if e is not None else 0.0) for g, e in zip(dense, errors, strict=True)]
+    scales = _agreed_scales(sparse, zs, config, group)
+    averages_sparse = _average_sparse(sparse, scales[: len(sparse)], config.qmax, group)
+    averages_dense, new_errors = _average_dense(dense, zs, scales[len(sparse) :], config, group)
+    return averages_sparse, averages_dense, new_errors
+
+
+def _agreed_scales(
+    sparse: list[torch.Tensor],
+    zs: list[torch.Tensor],
+    config: GradientCompressionConfig,
+    group: dist.ProcessGroup | None,
+) -> list[torch.Tensor]:
+    """Every tensor's scales, agreed by all ranks in one collective: one per table, per MLP output row (2-D) or per
+    tensor (1-D); ones at 32 bits."""
     local = [(g.values().float().abs().max() if g.values().numel() else torch.zeros(())).reshape(1) for g in sparse]
     for z in zs:
         local.append(z.abs().amax(dim=tuple(range(1, z.dim()))) if z.dim() >= 2 else z.abs().max().reshape(1))
     if config.bits == 32:
-        scales = [torch.ones_like(s) for s in local]
-    else:
-        scales = list(agree_scale(torch.cat(local) / config.qmax, config, group).split([s.numel() for s in local]))
-    sparse_scales, dense_scales = scales[: len(sparse)], scales[len(sparse) :]
+        return [torch.ones_like(s) for s in local]
+    return list(agree_scale(torch.cat(local) / config.qmax, config, group).split([s.numel() for s in local]))
 
-    averages_sparse = []
-    if sparse:  # one sparse all-reduce: the tables stacked along their rows
-        offsets = [0]
-        for g in sparse:
-            offsets.append(offsets[-1] + g.shape[0])
-        indices = torch.cat([g.indices() + offset for g, offset in zip(sparse, offsets, strict=False)], dim=1)
-        codes = torch.cat(
-            [_codes(g.values().float(), s, config.qmax) for g, s in zip(sparse, sparse_scales, strict=True)]
-        )
-        stacked = torch.sparse_coo_tensor(indices, codes, (offsets[-1], *sparse[0].shape[1:]), check_invariants=False)
-        total = _sum(stacked, group).coalesce()
-        rows, values = total.indices()[0], total.values()
-        for g, s, begin, end in zip(sparse, sparse_scales, offsets, offsets[1:], strict=False):
-            mask = (rows >= begin) & (rows < end)
-            averages_sparse.append(
-                torch.sparse_coo_tensor(
-                    (rows[mask] - begin).unsqueeze(0),
-                    (values[mask] * s / world).to(g.dtype),
-                    g.shape,
-                    is_coalesced=True,
-                    check_invariants=False,
-                )
+
+def _average_sparse(
+    sparse: list[torch.Tensor], scales: list[torch.Tensor], qmax: int, group: dist.ProcessGroup | None
+) -> list[torch.Tensor]:
+    """The tables' averaged gradients from one sparse all-reduce of their codes, stacked along their rows."""
+    if not sparse:
+        return []
+    world = _world(group)
+    offsets = [0]
+    for g in sparse:
+        offsets.append(offsets[-1] + g.shape[0])
+    indices = torch.cat([g.indices() + offset for g, offset in zip(sparse, offsets, strict=False)], dim=1)
+    codes = torch.cat([_codes(g.values().float(), s, qmax) for g, s in zip(sparse, scales, strict=True)])
+    stacked = torch.sparse_coo_tensor(indices, codes, (offsets[-1], *sparse[0].shape[1:]), check_invariants=False)
+    total = _sum(stacked, group).coalesce()
+    rows, values = total.indices()[0], total.values()
+    averages = []
+    for g, s, begin, end in zip(sparse, scales, offsets, offsets[1:], strict=False):
+        mask = (rows >= begin) & (rows < end)
+        averages.append(
+            torch.sparse_coo_tensor(
+                (rows[mask] - begin).unsqueeze(0),
+                (values[mask] * s / world).to(g.dtype),
+                g.shape,
+                is_coalesced=True,
+                check_invariants=False,
             )
+        )
+    return averages
 
-    shaped = [s.view(-1, *([1] * (z.dim() - 1))) if z.dim() >= 2 else s for s, z in zip(dense_scales, zs, strict=True)]
+
+def _average_dense(
+    dense: list[torch.Tensor],
+    zs: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    config: GradientCompressionConfig,
+    group: dist.ProcessGroup | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """The MLP gradients averaged from one all-reduce of all their codes, and the new error-feedback residuals.
+
+    ``zs`` are the gradients with this rank's residuals added (what is quantized).
+    """
+    shaped = [s.view(-1, *([1] * (z.dim() - 1))) if z.dim() >= 2 else s for s, z in zip(scales, zs, strict=True)]
     codes = [_codes(z, s, config.qmax) for z, s in zip(zs, shaped, strict=True)]
-    averages_dense, new_errors = [], []
-    if codes:  # one all-reduce for every dense tensor
-        flat = _sum(torch.cat([c.reshape(-1) for c in codes]), group) / world
-        for g, z, s, c, mean_codes in zip(
-            dense, zs, shaped, codes, flat.split([c.numel() for c in codes]), strict=True
-        ):
-            average = mean_codes.view_as(z) * s
-            averages_dense.append(average.to(g.dtype))
-            if config.error_compensation == "local":
-                new_errors.append(z - c * s)
-            elif config.bits == 32:
-                new_errors.append(None)  # nothing lost, nothing to feed back
-            elif config.error_compensation == "reference":
-                new_errors.append(z - average)
-            else:
-                new_errors.append(None)
-    return averages_sparse, averages_dense, new_errors
+    averages: list[torch.Tensor] = []
+    new_errors: list[torch.Tensor | None] = []
+    if not codes:
+        return averages, new_errors
+    flat = _sum(torch.cat([c.reshape(-1) for c in codes]), group) / _world(group)
+    for g, z, s, c, mean_codes in zip(dense, zs, shaped, codes, flat.split([c.numel() for c in codes]), strict=True):
+        average = mean_codes.view_as(z) * s
+        averages.append(average.to(g.dtype))
+        if config.error_compensation == "local":
+            new_errors.append(z - c * s)
+        elif config.bits == 32:
+            new_errors.append(None)  # nothing lost, nothing to feed back
+        elif config.error_compensation == "reference":
+            new_errors.append(z - average)
+        else:
+            new_errors.append(None)
+    return averages, new_errors

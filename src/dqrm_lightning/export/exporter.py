@@ -41,7 +41,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         return load_file(path, mmap=True)
-    from dqrm_lightning.strategies.torchrec import META_FILE
+    from dqrm_lightning.strategies.base import META_FILE
 
     verify_directory(path)
     rest = load_file(path / META_FILE)

@@ -1,6 +1,7 @@
 """Where the embedding tables live: sharded by TorchRec's DistributedModelParallel, or replicated on every rank.
 
-``EmbeddingLayout`` describes it:
+``EmbeddingLayout`` describes it, and a strategy hands it to the module as an :class:`EmbeddingPlacement` (with the
+quantized all-to-all codecs of sharded tables) before the module builds its tables:
 
 * ``embeddings="sharded"`` (default): DistributedModelParallel places the tables. ``sharding="table_wise"`` (default)
   puts each table whole on one rank (round-robin) with FBGEMM's fused kernel: the optimizer registered with
@@ -26,7 +27,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -35,9 +36,12 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from typing_extensions import override
 
 logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
 
@@ -91,10 +95,32 @@ class EmbeddingLayout:
                 raise ValueError(f"`sharding` names unknown tables {unknown}; tables are {features[0]}..{features[-1]}")
 
 
+@dataclass(frozen=True)
+class EmbeddingPlacement:
+    """Where the module builds its tables, as a strategy hands it over (``DLRMModule.place_embeddings``).
+
+    Args:
+        layout: sharded or replicated tables, and how the sharded ones are placed.
+        qcomm_codecs_registry: sharded: TorchRec's quantized all-to-all codecs
+            (:func:`~dqrm_lightning.comms.qcomms.qcomm_registry`), or ``None`` (FP32).
+        reduce_scatter_precision: sharded: a codec precision TorchRec cannot use in the row-wise reduce-scatter; a plan
+            with row-wise tables is then refused (:func:`shard_model`).
+
+    Example::
+
+        placement = EmbeddingPlacement(EmbeddingLayout(sharding="row_wise"))
+    """
+
+    layout: EmbeddingLayout = field(default_factory=EmbeddingLayout)
+    qcomm_codecs_registry: dict | None = None
+    reduce_scatter_precision: str | None = None
+
+
 class CPUEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
     """TorchRec's sharder, plus row-wise and table-row-wise placements on the CPU (TorchRec offers them on CUDA only;
     they run on gloo: tested to train like one process)."""
 
+    @override
     def sharding_types(self, compute_device_type: str) -> list[str]:
         types = super().sharding_types(compute_device_type)
         if compute_device_type == "cpu":
@@ -126,24 +152,29 @@ def fused_table_wise_plan(model: nn.Module, world_size: int, device_type: str = 
     return ShardingPlan({path: module_plan})
 
 
-def planned(
-    model: nn.Module, layout: EmbeddingLayout, sharder: EmbeddingBagCollectionSharder, device: torch.device
-) -> ShardingPlan:
-    """TorchRec's planner under the layout's per-table constraints, planned on rank 0 and shared with all ranks."""
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-    from torchrec.distributed.planner.types import PlannerError
-
-    _, ebc = find_ebc(model)
+def sharding_planner(
+    ebc: EmbeddingBagCollection, layout: EmbeddingLayout, world_size: int, local_world_size: int, device_type: str
+) -> EmbeddingShardingPlanner:
+    """TorchRec's planner for ``world_size`` ranks, with the layout's sharding type per table as a constraint (the
+    fused kernel, or the dense one for ``data_parallel``); tables the layout leaves open are the planner's choice."""
     constraints = {}
     for cfg in ebc.embedding_bag_configs():
         wanted = layout.sharding_type(cfg.feature_names[0])
         if wanted is not None:
             kernel = "dense" if wanted == ShardingType.DATA_PARALLEL.value else "fused"
             constraints[cfg.name] = ParameterConstraints(sharding_types=[wanted], compute_kernels=[kernel])
+    topology = Topology(world_size=world_size, compute_device=device_type, local_world_size=local_world_size)
+    return EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+
+
+def planned(
+    model: nn.Module, layout: EmbeddingLayout, sharder: EmbeddingBagCollectionSharder, device: torch.device
+) -> ShardingPlan:
+    """TorchRec's planner under the layout's per-table constraints, planned on rank 0 and shared with all ranks."""
+    _, ebc = find_ebc(model)
     world = dist.get_world_size()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    topology = Topology(world_size=world, compute_device=device.type, local_world_size=local)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planner = sharding_planner(ebc, layout, world, local, device.type)
     try:
         return planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     except PlannerError as err:
@@ -158,7 +189,7 @@ def shard_model(
     reduce_scatter_precision: str | None = None,
 ) -> DistributedModelParallel:
     """Wrap ``model`` (EBC on the meta device, sparse optimizer already registered) in DMP, placed as ``layout``
-    says; optional quantized all-to-all codecs (see :func:`dqrm_lightning.strategies.torchrec.qcomm_registry`).
+    says; optional quantized all-to-all codecs (see :func:`dqrm_lightning.comms.qcomms.qcomm_registry`).
     ``reduce_scatter_precision``: a codec precision TorchRec cannot use for the row-wise reduce-scatter (it would
     replace it); a plan with row-wise tables is then refused."""
     layout = layout or EmbeddingLayout()
