@@ -86,65 +86,15 @@ def run(base: list[str], out: Path, names: list[str] | None = None) -> list[dict
     for exp in EXPERIMENTS:
         if names and exp.name not in names and not (exp.ptq and "fp32" in names):
             continue
-        root = [
-            "--trainer.default_root_dir",
-            str(out / "runs" / exp.name),
-            "--wandb",
-            "disabled",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
+        root = ["--trainer.default_root_dir", str(out / "runs" / exp.name), "--wandb", "disabled"]
+        root += ["--trainer.enable_progress_bar", "false"]
         start = time.time()
         if exp.ptq:
             if fp32 is None:
                 continue
-            artifact = out / "runs" / exp.name / "artifact"
-            _dqrm(
-                [
-                    "export",
-                    "--ckpt",
-                    fp32["fit"]["checkpoints"]["best"],
-                    "--out",
-                    str(artifact),
-                    "--embedding-bits",
-                    "4",
-                    "--mlp-bits",
-                    "4",
-                    "--ptq-scales",
-                    exp.ptq,
-                ],
-                log,
-            )
-            val = _dqrm(["validate", *base, *root, "--artifact", str(artifact)], log)
-            test = _dqrm(["test", *base, *root, "--artifact", str(artifact)], log)
-            manifest = json.loads((artifact / "manifest.json").read_text())
-            result = {
-                "exp": exp,
-                "fit": None,
-                "test": test,
-                "val_final": val["val"]["final"],
-                "val_best": val["val"]["final"],
-                "curve": [],
-                "bytes": manifest["bytes"]["payload"] + 4 * len(manifest["tables"]),  # + fp16 scale, offset per table
-                "ms_per_step": None,
-            }
+            result = _post_training(exp, fp32, base, root, out / "runs" / exp.name / "artifact", log)
         else:
-            fit = _dqrm(["fit", *base, *exp.qat, *root], log)
-            best = fit["checkpoints"]["best"]
-            test = _dqrm(["test", *base, *exp.qat, *root, "--ckpt_path", best], log)
-            speed = fit.get("speed") or {}
-            batch = fit["config"]["data"]["batch_size"]
-            loop = speed.get("loop_samples_per_s")
-            result = {
-                "exp": exp,
-                "fit": fit,
-                "test": test,
-                "val_final": fit["val"]["final"],
-                "val_best": fit["val"]["best"],
-                "curve": _curve(fit),
-                "bytes": fit["model_bytes"].get("quantized", fit["model_bytes"]["fp32"]),
-                "ms_per_step": 1000.0 * batch / loop if loop else None,
-            }
+            result = _trained(exp, base, root, log)
             if exp.name == "fp32":
                 fp32 = result
         result["minutes"] = (time.time() - start) / 60
@@ -156,6 +106,46 @@ def run(base: list[str], out: Path, names: list[str] | None = None) -> list[dict
             flush=True,
         )
     return results
+
+
+def _trained(exp: Experiment, base: list[str], root: list[str], log: Path) -> dict[str, Any]:
+    """Train an experiment, then test its best-validation checkpoint."""
+    fit = _dqrm(["fit", *base, *exp.qat, *root], log)
+    test = _dqrm(["test", *base, *exp.qat, *root, "--ckpt_path", fit["checkpoints"]["best"]], log)
+    loop = (fit.get("speed") or {}).get("loop_samples_per_s")
+    batch = fit["config"]["data"]["batch_size"]
+    return {
+        "exp": exp,
+        "fit": fit,
+        "test": test,
+        "val_final": fit["val"]["final"],
+        "val_best": fit["val"]["best"],
+        "curve": _curve(fit),
+        "bytes": fit["model_bytes"].get("quantized", fit["model_bytes"]["fp32"]),
+        "ms_per_step": 1000.0 * batch / loop if loop else None,
+    }
+
+
+def _post_training(
+    exp: Experiment, fp32: dict[str, Any], base: list[str], root: list[str], artifact: Path, log: Path
+) -> dict[str, Any]:
+    """Quantize the FP32 run's best checkpoint after training (INT4 tables and MLPs), then validate and test it."""
+    best = fp32["fit"]["checkpoints"]["best"]
+    export = ["export", "--ckpt", best, "--out", str(artifact), "--embedding-bits", "4", "--mlp-bits", "4"]
+    _dqrm([*export, "--ptq-scales", exp.ptq], log)
+    val = _dqrm(["validate", *base, *root, "--artifact", str(artifact)], log)
+    test = _dqrm(["test", *base, *root, "--artifact", str(artifact)], log)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    return {
+        "exp": exp,
+        "fit": None,
+        "test": test,
+        "val_final": val["val"]["final"],
+        "val_best": val["val"]["final"],
+        "curve": [],
+        "bytes": manifest["bytes"]["payload"] + 4 * len(manifest["tables"]),  # + fp16 scale, offset per table
+        "ms_per_step": None,
+    }
 
 
 def markdown(results: list[dict[str, Any]], command: str, bayes: dict[str, Any] | None) -> str:
