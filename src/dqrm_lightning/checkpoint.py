@@ -69,7 +69,7 @@ def content_digest(checkpoint: Any) -> str:
         if isinstance(value, torch.Tensor):
             tensor = value.detach().cpu().contiguous()
             digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
         elif isinstance(value, dict):
             for name in sorted(value, key=str):
                 visit(value[name], f"{key}/{name}")
@@ -226,7 +226,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
 
 
-def read_dcp_metadata(path: _PATH) -> Metadata:
+def read_dcp_metadata(path: str | os.PathLike[str]) -> Metadata:
     """The metadata of a ``torch.distributed.checkpoint`` directory, unpickled with an allowlist."""
     file = Path(path) / ".metadata"
     try:

@@ -39,6 +39,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import Strategy
 
+from dqrm_lightning._lightning import connected
 from dqrm_lightning.callbacks import CommunicationAccounting, QuantizationAwareTraining, RunSummary, StepTimer
 from dqrm_lightning.callbacks.interrupt import ContinuedMetrics, RunInterrupted, StopOnSignal
 from dqrm_lightning.callbacks.predictions import PredictionWriter
@@ -207,13 +208,13 @@ class DQRMCLI(LightningCLI):
         loggers: list[Logger] = [csv_logger]
         mode = wandb_mode(self._setting("wandb"))
         if mode != "disabled":
-            version = csv_logger.version
+            run_version = csv_logger.version
             csv_logger.experiment  # noqa: B018 - the CSV log directory first: wandb's files then land in it
             wandb_logger = WandbLogger(
                 project=self._setting("wandb_project"),
-                save_dir=os.path.join(root, "lightning_logs", f"version_{version}"),
+                save_dir=os.path.join(root, "lightning_logs", f"version_{run_version}"),
                 offline=mode == "offline",
-                name=f"{self.subcommand}-v{version}",
+                name=f"{self.subcommand}-v{run_version}",
                 id=wandb_id,
             )
             # Lightning passes `anonymous=None`, which wandb (>= 0.19) warns about on every run: leave it unset
@@ -223,11 +224,12 @@ class DQRMCLI(LightningCLI):
         return loggers, previous
 
     def _summary_callback(self) -> RunSummary:
-        return next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
+        return next(c for c in connected(self.trainer).callbacks if isinstance(c, RunSummary))
 
     def _check_splits(self, data: dict[str, Any]) -> None:
         """Each split the subcommand reads holds rows, and labels unless it is predicted (else one line naming the
         argument, before any run starts)."""
+        assert self.subcommand is not None  # set while a subcommand runs
         needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[self.subcommand]
         if self.subcommand == "fit" and self.trainer.limit_val_batches == 0:
             needed = ["train"]
@@ -256,7 +258,7 @@ class DQRMCLI(LightningCLI):
         trainer = self.trainer
         if self.subcommand != "fit":
             return
-        batches = len(rank_slices(train_rows, self.datamodule.hparams.batch_size, trainer.world_size, 0))
+        batches = len(rank_slices(train_rows, self.datamodule.hparams["batch_size"], trainer.world_size, 0))
         if isinstance(trainer.limit_train_batches, int):
             batches = min(batches, trainer.limit_train_batches)
         notes = []
@@ -264,9 +266,10 @@ class DQRMCLI(LightningCLI):
         if isinstance(interval, int) and trainer.check_val_every_n_epoch is not None and interval > batches:
             notes.append(f"`trainer.val_check_interval` {interval}: validating at each epoch end")
             trainer.val_check_interval = 1.0
-        if 0 < batches < trainer.log_every_n_steps:
-            notes.append(f"`trainer.log_every_n_steps` {trainer.log_every_n_steps}: logging every {batches} steps")
-            trainer.log_every_n_steps = batches
+        every = connected(trainer).log_every_n_steps
+        if 0 < batches < every:
+            notes.append(f"`trainer.log_every_n_steps` {every}: logging every {batches} steps")
+            connected(trainer).log_every_n_steps = batches
         if notes and trainer.is_global_zero:
             print(f"an epoch has {batches} training batches: {'; '.join(notes)}", file=sys.stderr)
 
@@ -298,7 +301,7 @@ class DQRMCLI(LightningCLI):
         summary = self._summary_callback()
         if not self.trainer.is_global_zero:
             return
-        for callback in self.trainer.callbacks:
+        for callback in connected(self.trainer).callbacks:
             if isinstance(callback, PredictionWriter) and callback.path is not None:
                 print(f"predictions: {callback.describe()}", flush=True)
         if summary.path is not None:
@@ -309,6 +312,7 @@ class DQRMCLI(LightningCLI):
     def _checkpoint_arguments(self) -> None:
         """The trainer method gets the resolved ``ckpt_path`` and loads it weights-only (LightningCLI passes the
         subcommand's configured arguments to it)."""
+        assert self.subcommand is not None  # set while a subcommand runs
         arguments = self.config_init[self.subcommand]
         if arguments.get("weights_only") is False:
             raise ConfigError("`weights_only: false` is not supported: checkpoints load without unpickling objects")
@@ -733,7 +737,7 @@ def _report_interrupted(stop: RunInterrupted, cli: DQRMCLI | None, command: str)
 def _subcommand_keys(cli: DQRMCLI | None, subcommand: str) -> list[str]:
     """Every option of a subcommand (``data.batch_size``, ...), from a parse of its defaults."""
     parser = getattr(cli, "parser", None)
-    if parser is None or subcommand not in cli.subcommands():
+    if cli is None or parser is None or subcommand not in cli.subcommands():
         return []
     try:
         defaults = parser.parse_args([subcommand])

@@ -8,6 +8,7 @@ talks to the wandb server, so this command needs network access and credentials 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def load_spec(path: str | Path = SPEC) -> dict[str, Any]:
     return spec
 
 
-def metric_keys(spec: dict[str, Any], include: set[str] = frozenset()) -> set[str]:
+def metric_keys(spec: dict[str, Any], include: Collection[str] = frozenset()) -> set[str]:
     """Every metric the spec plots, leaving out panels whose ``when`` is not in ``include``."""
     return {
         key

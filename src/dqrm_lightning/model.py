@@ -39,7 +39,10 @@ from dqrm_lightning.strategies.sharding import (
     to_plain,
 )
 
-_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+_OPTIMIZERS: dict[str, type[torch.optim.SGD | torch.optim.Adagrad]] = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+}
 
 # Where a DLRMModule checkpoint keeps things (the exporter reads them by these names)
 QAT_CONFIG_KEY = "qat_config"  # asdict(QATConfig) of a QAT model: the checkpoint describes its own quantization
@@ -168,11 +171,11 @@ class DLRMModule(pl.LightningModule):
         return [
             EmbeddingBagConfig(
                 name=table_name(feature),
-                embedding_dim=hp.embedding_dim,
+                embedding_dim=hp["embedding_dim"],
                 num_embeddings=rows,
                 feature_names=[feature],
             )  # default init: U(-1/sqrt(rows), 1/sqrt(rows)), as DLRM
-            for feature, rows in zip(DEFAULT_CAT_NAMES, hp.num_embeddings_per_feature, strict=True)
+            for feature, rows in zip(DEFAULT_CAT_NAMES, hp["num_embeddings_per_feature"], strict=True)
         ]
 
     def build_dlrm(self) -> DLRM:
@@ -182,8 +185,8 @@ class DLRMModule(pl.LightningModule):
         dlrm = DLRM(
             embedding_bag_collection=ebc,
             dense_in_features=INT_FEATURE_COUNT,
-            dense_arch_layer_sizes=list(hp.dense_arch_layer_sizes),
-            over_arch_layer_sizes=list(hp.over_arch_layer_sizes),
+            dense_arch_layer_sizes=list(hp["dense_arch_layer_sizes"]),
+            over_arch_layer_sizes=list(hp["over_arch_layer_sizes"]),
             dense_device=torch.device("cpu"),
         )
         for module in (dlrm.dense_arch, dlrm.over_arch):
@@ -224,14 +227,14 @@ class DLRMModule(pl.LightningModule):
             self.model = replicate_embeddings(dlrm, device, sparse=not layout.dense_embedding_gradients)
             return
         apply_optimizer_in_backward(
-            _OPTIMIZERS[self.hparams.optimizer], dlrm.sparse_arch.parameters(), {"lr": self._sparse_lr}
+            _OPTIMIZERS[self.hparams["optimizer"]], dlrm.sparse_arch.parameters(), {"lr": self._sparse_lr}
         )
         codecs, precision = self.placement.qcomm_codecs_registry, self.placement.reduce_scatter_precision
         self.model = shard_model(dlrm, device, codecs, layout, precision)
 
     @property
     def _sparse_lr(self) -> float:
-        return self.hparams.sparse_learning_rate or self.hparams.learning_rate
+        return self.hparams["sparse_learning_rate"] or self.hparams["learning_rate"]
 
     # ------------------------------------------------------------------------------------------------------- QAT
     def prepare_qat(self, config: QATConfig) -> None:
@@ -269,7 +272,7 @@ class DLRMModule(pl.LightningModule):
     def dlrm(self) -> DLRM:
         """The DLRM (inside the DistributedModelParallel wrapper when sharded)."""
         assert self.model is not None, "call configure_model() first"
-        return self.model.module if isinstance(self.model, DistributedModelParallel) else self.model  # type: ignore
+        return self.model.module if isinstance(self.model, DistributedModelParallel) else self.model
 
     @property
     def _fused_optimizer(self) -> Any:
@@ -279,16 +282,15 @@ class DLRMModule(pl.LightningModule):
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         assert self.model is not None
-        optimizer = _OPTIMIZERS[self.hparams.optimizer]
+        optimizer = _OPTIMIZERS[self.hparams["optimizer"]]
         if self._fused_optimizer is None:  # replicated tables: sparse gradients, updated here at their own rate
             tables = list(self.dlrm.sparse_arch.parameters())
             ids = {id(p) for p in tables}
             dense = [p for p in self.model.parameters() if id(p) not in ids]
-            return optimizer(
-                [{"params": dense}, {"params": tables, "lr": self._sparse_lr}], lr=self.hparams.learning_rate
-            )
+            groups: list[dict[str, Any]] = [{"params": dense}, {"params": tables, "lr": self._sparse_lr}]
+            return optimizer(groups, lr=self.hparams["learning_rate"])
         dense = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
-        return optimizer(dense, lr=self.hparams.learning_rate)
+        return optimizer(dense, lr=self.hparams["learning_rate"])
 
     # ---------------------------------------------------------------------------------------------------- forward
     @override

@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
@@ -107,7 +108,7 @@ class StopOnSignal(pl.Callback):
             return
         path = None
         callback = trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "dirpath", None):
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             path = str(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
             trainer.save_checkpoint(path, weights_only=False)  # the full training state; every rank (sharded tables)
         raise RunInterrupted(signum, trainer.global_step, trainer.current_epoch, path, trainer.is_global_zero)

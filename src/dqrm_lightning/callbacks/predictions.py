@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from dqrm_lightning._lightning import connected
 from dqrm_lightning.callbacks.summary import RunSummary
 
 
@@ -48,7 +49,8 @@ class PredictionWriter(BasePredictionWriter):
         dataset = getattr(_first_loader(trainer.predict_dataloaders), "dataset", None)
         self.labeled = bool(getattr(dataset, "labeled", True))
         # batch j of this rank holds the rows at positions [start, stop) of the split (eval batches are unshuffled)
-        self._positions = dataset.batch_positions() if hasattr(dataset, "batch_positions") else None
+        positions = getattr(dataset, "batch_positions", None)
+        self._positions = positions() if positions is not None else None
         self.path.write_text("row\tprobability\tlabel\n" if self.labeled else "row\tprobability\n")
         self.rows = 0
         self.files = []
@@ -93,7 +95,7 @@ class PredictionWriter(BasePredictionWriter):
         entry: dict[str, Any] = {"path": str(self.path), "rows": self.rows, "labels": self.labeled}
         if len(self.files) > 1:
             entry["files"] = self.files
-        for callback in trainer.callbacks:
+        for callback in connected(trainer).callbacks:
             if isinstance(callback, RunSummary):
                 callback.extra["predictions"] = entry
 

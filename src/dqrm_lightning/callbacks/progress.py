@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import TQDMProgressBar
 from typing_extensions import override
@@ -51,13 +52,13 @@ class LineProgress(ProgressBar):
             print(*args, **kwargs, flush=True)
 
     def _figures(self, trainer: pl.Trainer, prefixes: tuple[str, ...]) -> str:
-        metrics = {**trainer.progress_bar_metrics, **trainer.callback_metrics}
+        metrics: dict[str, float | torch.Tensor] = {**trainer.progress_bar_metrics, **trainer.callback_metrics}
         parts = []
         for key in sorted(metrics):
             if key.startswith(prefixes) and key != "train/samples_per_s":
                 value = metrics[key]
-                value = float(value.item() if hasattr(value, "item") else value)
-                parts.append(f"{key} {value:.4f}")
+                number = float(value.item() if isinstance(value, torch.Tensor) else value)
+                parts.append(f"{key} {number:.4f}")
         return ", ".join(parts)
 
     def _train_line(self, trainer: pl.Trainer, batch_idx: int, prefixes: tuple[str, ...]) -> str:
@@ -124,7 +125,7 @@ class TerminalProgress(TQDMProgressBar):
 
     @override
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
+        items: dict[str, Any] = super().get_metrics(trainer, pl_module)
         if trainer.loggers and "v_num" in items:
             items["v_num"] = trainer.loggers[0].version
         return items

@@ -17,11 +17,13 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from dqrm_lightning._lightning import connected
 from dqrm_lightning.callbacks.comm_accounting import CommunicationAccounting
 from dqrm_lightning.callbacks.interrupt import RunInterrupted
 from dqrm_lightning.callbacks.qat import QuantizationAwareTraining
 from dqrm_lightning.callbacks.step_timer import StepTimer
 from dqrm_lightning.callbacks.threads import ThreadPolicy
+from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.export.size import model_bytes, quantized_model_bytes
 from dqrm_lightning.model import DLRMModule, model_shape
 
@@ -70,13 +72,13 @@ class RunSummary(pl.Callback):
         test = {k: v for k, v in self._metrics.items() if k.startswith("test/")}
         if test:
             summary["test"] = test
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "truth_metrics"):
+        datamodule = connected(trainer).datamodule
+        if isinstance(datamodule, CriteoDataModule):
             truth = datamodule.truth_metrics()
             if truth:
                 summary["bayes_optimal"] = truth
             summary["data"] = datamodule.describe()
-        for callback in trainer.callbacks:
+        for callback in connected(trainer).callbacks:
             if isinstance(callback, StepTimer):
                 summary["speed"] = callback.summary()
             if isinstance(callback, CommunicationAccounting) and callback.summary():
@@ -91,7 +93,7 @@ class RunSummary(pl.Callback):
             if pl_module.qat_config is not None:
                 quantized = quantized_model_bytes(shape, pl_module.qat_config)
                 summary["model_bytes"] |= {"quantized": quantized, "ratio": quantized / model_bytes(shape)}
-        for callback in trainer.callbacks:
+        for callback in connected(trainer).callbacks:
             if isinstance(callback, QuantizationAwareTraining) and callback.enabled:
                 summary["qat"] = callback.describe(pl_module)
         if self.config is not None:

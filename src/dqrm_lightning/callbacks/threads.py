@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from dqrm_lightning import threads as thread_policy
+from dqrm_lightning._lightning import connected
 
 
 class ThreadPolicy(pl.Callback):
@@ -23,7 +24,7 @@ class ThreadPolicy(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
+        datamodule = connected(trainer).datamodule
         hparams = getattr(datamodule, "hparams", {}) if datamodule is not None else {}
         workers = int(hparams.get("num_workers", 0) or 0)
         # the ranks on this machine: the trainer's devices (its launcher, torchrun or SLURM starts one process each)

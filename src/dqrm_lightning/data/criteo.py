@@ -146,7 +146,7 @@ def open_raw(path: str | Path) -> BinaryIO:
     """Open a raw Criteo file for binary reading, transparently decompressing ``.gz``."""
     path = Path(path)
     if path.suffix == ".gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+        return gzip.open(path, "rb")  # type: ignore[return-value]  # a binary file, though not typed as BinaryIO
     return open(path, "rb")
 
 

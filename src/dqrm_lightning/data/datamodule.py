@@ -10,13 +10,15 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.loops.progress import _ProcessedTracker
 from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 from typing_extensions import override
 
 from dqrm_lightning.data.criteo import CAT_FEATURE_COUNT, OnBadLine
@@ -74,17 +76,22 @@ def _exit_when_gone(pid: int) -> None:
     os._exit(0)
 
 
+_Position = Callable[[int], tuple[int, int]]  # batches per epoch on this rank -> (epoch, first batch) to read next
+
+
 class _PositionedLoader(DataLoader):
     """A DataLoader that asks its owner where the epoch starts before every new iteration."""
 
-    def __init__(self, dataset: CriteoIterableDataset, position: Any, **kwargs: Any) -> None:
+    def __init__(self, dataset: CriteoIterableDataset, position: _Position | None, **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
         self._position = position
 
     @override
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> _BaseDataLoaderIter:
         if self._position is not None:
-            self.dataset.set_position(*self._position(len(self.dataset)))  # type: ignore[arg-type]
+            dataset = self.dataset
+            assert isinstance(dataset, CriteoIterableDataset)  # the one __init__ takes
+            dataset.set_position(*self._position(len(dataset)))
         return super().__iter__()
 
 
@@ -185,7 +192,9 @@ class CriteoDataModule(pl.LightningDataModule):
     def _raw_jobs(self) -> list[FileJob]:
         if self._jobs is None:
             hp = self.hparams
-            self._jobs = raw_jobs(hp.train_files, hp.val_files, hp.test_files, hp.kaggle_train_txt, hp.terabyte_dir)
+            self._jobs = raw_jobs(
+                hp["train_files"], hp["val_files"], hp["test_files"], hp["kaggle_train_txt"], hp["terabyte_dir"]
+            )
         return self._jobs
 
     @property
@@ -193,13 +202,15 @@ class CriteoDataModule(pl.LightningDataModule):
         """The directory of prepared shards (chosen from the inputs when not given)."""
         if self._prepared is None:
             jobs = self._raw_jobs()
-            parent = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir(jobs[0].path)
+            parent = Path(self.hparams["cache_dir"]) if self.hparams["cache_dir"] else default_cache_dir(jobs[0].path)
             self._prepared = parent / cache_key(jobs, self.options)
         return self._prepared
 
     def _has_raw(self) -> bool:
         hp = self.hparams
-        return bool(hp.train_files or hp.val_files or hp.test_files or hp.kaggle_train_txt or hp.terabyte_dir)
+        return bool(
+            hp["train_files"] or hp["val_files"] or hp["test_files"] or hp["kaggle_train_txt"] or hp["terabyte_dir"]
+        )
 
     def ensure_prepared(self) -> dict:
         """Prepare the raw files once (resuming if interrupted; safe when several processes ask at once)."""
@@ -213,7 +224,7 @@ class CriteoDataModule(pl.LightningDataModule):
     @override
     def prepare_data(self) -> None:
         self.ensure_prepared()
-        if self.hparams.categorical_encoding == "vocab":
+        if self.hparams["categorical_encoding"] == "vocab":
             self.table_sizes  # noqa: B018 - builds the vocabulary once, on one process per node
 
     @property
@@ -221,12 +232,13 @@ class CriteoDataModule(pl.LightningDataModule):
         """Embedding table size per feature; linked into the model's ``num_embeddings_per_feature``."""
         if self._table_sizes is None:
             hp = self.hparams
-            if hp.categorical_encoding == "hash":
+            if hp["categorical_encoding"] == "hash":
+                assert self.num_embeddings_per_feature is not None  # __init__ requires it for hash encoding
                 self._table_sizes = list(self.num_embeddings_per_feature)
             else:
                 self.ensure_prepared()
                 with _file_lock(self.prepared_dir / ".vocab.lock"):
-                    sizes = build_vocab(self.prepared_dir, hp.max_ind_range, hp.min_frequency)
+                    sizes = build_vocab(self.prepared_dir, hp["max_ind_range"], hp["min_frequency"])
                 bound = self.num_embeddings_per_feature
                 if bound is not None:  # an upper bound only: the tables are the vocabulary's size
                     over = [f"C{i + 1}: {s} > {b}" for i, (s, b) in enumerate(zip(sizes, bound, strict=True)) if s > b]
@@ -237,8 +249,8 @@ class CriteoDataModule(pl.LightningDataModule):
 
     def encoder(self) -> CategoricalEncoder:
         hp = self.hparams
-        vocab = vocab_dir_for(self.prepared_dir, hp.max_ind_range, hp.min_frequency)
-        return CategoricalEncoder(hp.categorical_encoding, self.table_sizes, hp.max_ind_range, str(vocab))
+        vocab = vocab_dir_for(self.prepared_dir, hp["max_ind_range"], hp["min_frequency"])
+        return CategoricalEncoder(hp["categorical_encoding"], self.table_sizes, hp["max_ind_range"], str(vocab))
 
     # ------------------------------------------------------------------------------------------------- datasets
     @override
@@ -249,17 +261,17 @@ class CriteoDataModule(pl.LightningDataModule):
         hp = self.hparams
         for split in SPLITS:
             shards = shard_paths(self.prepared_dir, split, meta)
-            batch = hp.batch_size if split == "train" else hp.eval_batch_size
-            shuffle = hp.shuffle and split == "train"
+            batch = hp["batch_size"] if split == "train" else hp["eval_batch_size"]
+            shuffle = hp["shuffle"] and split == "train"
             self._datasets[split] = CriteoIterableDataset(
-                shards, encoder, batch, shuffle, hp.seed, rank, world, labeled=split_is_labeled(meta, split)
+                shards, encoder, batch, shuffle, hp["seed"], rank, world, labeled=split_is_labeled(meta, split)
             )
 
-    def _loader(self, split: str, position: Any = None) -> DataLoader:
+    def _loader(self, split: str, position: _Position | None = None) -> DataLoader:
         dataset = self._datasets[split]
         if dataset.total_rows == 0:
             raise ValueError(f"the {split} split is empty: give `{split}_files` (prepared dir: {self.prepared_dir})")
-        workers = self.hparams.num_workers
+        workers = self.hparams["num_workers"]
         if workers == 0:
             return _PositionedLoader(dataset, position)
         return _PositionedLoader(
@@ -289,9 +301,9 @@ class CriteoDataModule(pl.LightningDataModule):
     def split_argument(self, split: str) -> str:
         """The argument that gives a split's files, as on the command line (``data.test_files``)."""
         hp = self.hparams
-        if hp.kaggle_train_txt:
+        if hp["kaggle_train_txt"]:
             return "data.kaggle_train_txt"
-        if hp.terabyte_dir:
+        if hp["terabyte_dir"]:
             return "data.terabyte_dir"
         if not self._has_raw():
             return "data.prepared_dir"
@@ -316,6 +328,7 @@ class CriteoDataModule(pl.LightningDataModule):
         if self.trainer is None:
             return {}
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        assert isinstance(progress, _ProcessedTracker)  # what Lightning's _BatchProgress holds (typed as its base)
         return {"epoch": self.trainer.current_epoch, "train_batches": progress.processed}
 
     @override

@@ -178,9 +178,8 @@ class CriteoIterableDataset(IterableDataset):
             rows, arrays = cache[shard]
             lo = start - int(bounds[position])
             hi = min(stop, int(bounds[position + 1])) - int(bounds[position])
-            index = rows[lo:hi] if rows is not None else slice(lo, hi)
-            if rows is not None:
-                index = np.sort(index)  # sequential reads; the batch's row order does not matter
+            # sorted: sequential reads; the batch's row order does not matter
+            index: np.ndarray | slice = np.sort(rows[lo:hi]) if rows is not None else slice(lo, hi)
             for key in parts:
                 parts[key].append(np.asarray(arrays[key][index]))
             start += hi - lo

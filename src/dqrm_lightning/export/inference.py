@@ -111,7 +111,8 @@ class TorchRecDLRM(ArtifactDLRM):
         from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
 
         data_types = {2: DataType.INT2, 4: DataType.INT4, 8: DataType.INT8, 32: DataType.FP32}
-        configs, weights = [], {}
+        configs: list[EmbeddingBagConfig] = []
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # table: (rows, fp16 scale and bias per row)
         for table in artifact.manifest["tables"]:
             bits = table["bits"]
             codes = torch.from_numpy(np.array(artifact.tables[table["feature"]]))

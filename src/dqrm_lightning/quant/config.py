@@ -71,6 +71,8 @@ class QATConfig:
         self._check_mlp()
 
     def _check_embeddings(self) -> None:
+        assert self.embedding_bits_per_table is not None  # __post_init__ stores None as {}
+        assert self.embedding_bits_by_rows is not None  # and None as []
         if not _is_bits(self.embedding_bits, allow_none=True):
             raise ValueError(f"`embedding_bits` must be one of {SUPPORTED_BITS} or null, got {self.embedding_bits!r}")
         for feature, value in self.embedding_bits_per_table.items():
@@ -123,6 +125,8 @@ class QATConfig:
 
     def table_bits(self, feature: str, rows: int) -> int | None:
         """Bits of one table (``None`` = FP32)."""
+        assert self.embedding_bits_per_table is not None  # __post_init__ stores None as {}
+        assert self.embedding_bits_by_rows is not None  # and None as []
         bits = self.embedding_bits
         for min_rows, rule_bits in sorted(self.embedding_bits_by_rows):
             if rows >= min_rows:

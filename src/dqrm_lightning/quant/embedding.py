@@ -84,9 +84,11 @@ class TableAccess:
 
 
 def _table_configs(ebc: nn.Module) -> list[Any]:
-    if hasattr(ebc, "embedding_bag_configs"):
-        return list(ebc.embedding_bag_configs())
-    return list(ebc._embedding_bag_configs)  # sharded EBC keeps the unsharded configs
+    configs: Any = getattr(ebc, "embedding_bag_configs", None)  # torchrec's EBC method (untyped)
+    if configs is not None:
+        return list(configs())
+    sharded: Any = ebc  # a ShardedEmbeddingBagCollection keeps the unsharded configs
+    return list(sharded._embedding_bag_configs)
 
 
 def table_rows(ebc: nn.Module) -> dict[str, int]:
@@ -154,6 +156,19 @@ class EmbeddingQuantizer(nn.Module):
         table_rows: rows of each feature's table.
         config: the QAT settings.
     """
+
+    # buffers, registered in __init__ (declared here for their type: nn.Module looks them up dynamically)
+    bits: torch.Tensor  # (F,) int64, 0 = FP32 table
+    qmin: torch.Tensor  # (F,)
+    qmax: torch.Tensor  # (F,)
+    scale: torch.Tensor  # (F,)
+    low: torch.Tensor  # (F,)
+    high: torch.Tensor  # (F,)
+    full_passes: torch.Tensor  # () int64
+    offset: torch.Tensor  # (F,)
+    refreshes: torch.Tensor  # () int64
+    last_refresh_step: torch.Tensor  # () int64
+    start_step: torch.Tensor  # () int64
 
     def __init__(self, feature_names: list[str], table_rows: list[int], config: QATConfig) -> None:
         super().__init__()

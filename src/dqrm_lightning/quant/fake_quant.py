@@ -17,7 +17,7 @@ entries) or ``clipped`` (zero gradient where the value fell outside the grid).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -75,7 +75,15 @@ def grid_from_extrema(
 
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, offset, qmin, qmax, clipped_ste: bool):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor | None,
+        qmin: torch.Tensor,
+        qmax: torch.Tensor,
+        clipped_ste: bool,
+    ) -> torch.Tensor:
         codes = x / scale if offset is None else (x - offset) / scale  # a fresh tensor: the rest works in place
         codes.round_()
         ctx.clipped_ste = clipped_ste
@@ -85,7 +93,7 @@ class _FakeQuantize(torch.autograd.Function):
         return out if offset is None else out.add_(offset)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:
         if ctx.clipped_ste:
             (inside,) = ctx.saved_tensors
             grad = grad * inside

@@ -27,7 +27,9 @@ class _IdentityWeightFakeQuantize(torch.autograd.Function):
     ``fake_quantize(weight, weight_scale(...))`` with fewer dispatches."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, bits: int, granularity: MLPGranularity):  # type: ignore[override]
+    def forward(
+        ctx: Any, weight: torch.Tensor, bits: int, granularity: MLPGranularity
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = 2 ** (bits - 1) - 1
         scale = weight_scale(weight, bits, granularity)
         out = (weight / scale).round_().clamp_(-n - 1, n).mul_(scale)
@@ -35,7 +37,7 @@ class _IdentityWeightFakeQuantize(torch.autograd.Function):
         return out, scale
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _grad_scale: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor, _grad_scale: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         return grad, None, None
 
 
@@ -54,6 +56,11 @@ class FakeQuantizedLinear(nn.Linear):
             |x| seen in training, frozen in evaluation), or ``None`` (default: FP32 activations, as every DQRM paper
             run; the paper reports activation quantization failing to converge, supp. Table 7).
     """
+
+    # buffers, registered in __init__ (declared here for their type: nn.Module looks them up dynamically)
+    qmin: torch.Tensor  # () lowest weight code
+    qmax: torch.Tensor  # () highest weight code
+    act_absmax: torch.Tensor  # () running max|x| of the input (with ``activation_bits`` only)
 
     def __init__(
         self,
@@ -81,14 +88,14 @@ class FakeQuantizedLinear(nn.Linear):
         self.register_buffer("qmax", torch.tensor(float(high)), persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> FakeQuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> FakeQuantizedLinear:
         """Wrap ``linear`` (sharing its weight and bias Parameters; nothing is copied)."""
         module = cls(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
             device=torch.device("meta"),
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
         module.weight = linear.weight
         module.bias = linear.bias
@@ -129,7 +136,7 @@ class FakeQuantizedLinear(nn.Linear):
         else:
             scale = weight_scale(self.weight, self.bits, self.granularity)
             weight = fake_quantize(self.weight, scale, self.qmin, self.qmax, ste=self.ste)
-        bias = self.bias
+        bias: torch.Tensor | None = self.bias
         if bias is not None and self.bias_mode == "reference":
             bias = fake_quantize(bias, scale.view(-1), self.qmin, self.qmax, ste=self.ste)
         return weight, bias, scale

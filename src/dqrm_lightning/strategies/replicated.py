@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.fabric.utilities.types import _PATH
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from dqrm_lightning.comms.compression import GradientCompressionConfig
@@ -74,7 +75,8 @@ class ReplicatedEmbeddingStrategy(TorchRecStrategyBase):
         if self._pending_compression is not None:
             self.compression_state.load_state_dict(self._pending_compression)
             self._pending_compression = None
-        self.model.register_comm_hook(self.compression_state, compression_hook)  # type: ignore[union-attr]
+        assert isinstance(self.model, DistributedDataParallel)  # what DDPStrategy.configure_ddp wraps the module in
+        self.model.register_comm_hook(self.compression_state, compression_hook)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:

@@ -205,7 +205,7 @@ def shard_model(
         row_wise = sorted(
             name
             for module_plan in plan.plan.values()
-            for name, parameter in module_plan.items()  # type: ignore[union-attr]
+            for name, parameter in module_plan.items()
             if parameter.sharding_type in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
         )
         if row_wise:

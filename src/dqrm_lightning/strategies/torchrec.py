@@ -48,7 +48,7 @@ class TorchRecStrategy(TorchRecStrategyBase):
         assert isinstance(strategy, ReplicatedEmbeddingStrategy)
     """
 
-    def __new__(  # type: ignore[misc]
+    def __new__(  # type: ignore[misc]  # a factory: it returns the strategy of the chosen layout
         cls,
         embeddings: str = "sharded",
         sharding: str | dict[str, str] = "table_wise",
@@ -59,7 +59,7 @@ class TorchRecStrategy(TorchRecStrategyBase):
         **kwargs: Any,
     ) -> ShardedEmbeddingStrategy | ReplicatedEmbeddingStrategy:
         # the layout's own checks first: an unknown layout or sharding type, a setting of the other layout
-        EmbeddingLayout(embeddings, sharding, dense_embedding_gradients)  # type: ignore[arg-type]
+        EmbeddingLayout(embeddings, sharding, dense_embedding_gradients)  # type: ignore[arg-type]  # it checks the str
         if embeddings == "replicated":
             if qcomm_forward or qcomm_backward:
                 raise ValueError(
