@@ -8,6 +8,12 @@ TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 DEMO_ROOT := runs/demo
+DEMO_FP32 := $(DEMO_ROOT)/fp32
+DEMO_INT4 := $(DEMO_ROOT)/int4
+DEMO_ARTIFACT := $(DEMO_INT4)/model.dqrm
+# Options for both demo fits, e.g. DEMO_FIT_ARGS="--trainer.max_epochs 3" (both runs get the same).
+DEMO_FIT_ARGS ?=
+DQRM := $(VENV)/bin/dqrm
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow bench clean
@@ -30,10 +36,18 @@ $(STAMP): pyproject.toml requirements/torchrec.txt | $(PY)
 $(DEMO_DATA)/truth.json: | $(STAMP)
 	$(VENV)/bin/dqrm data synth --preset demo --rows 200000 --seed 1 --out $(DEMO_DATA)
 
+# FP32 DLRM, then the same model with whole-model INT4 QAT (the paper's setting), each in its own root so that
+# `--ckpt_path best` finds that run's best-validation checkpoint; the INT4 one is exported and the artifact tested.
+# Ends with the comparison table (python -m dqrm_lightning.report RUN_ROOT...).
 demo: $(STAMP) $(DEMO_DATA)/truth.json
-	$(VENV)/bin/dqrm fit -c configs/demo.yaml --trainer.default_root_dir $(DEMO_ROOT)
-	$(VENV)/bin/dqrm test -c configs/demo.yaml --trainer.default_root_dir $(DEMO_ROOT) --ckpt_path best
-	$(PY) -m dqrm_lightning.report $(DEMO_ROOT)
+	$(DQRM) fit -c configs/demo.yaml --trainer.default_root_dir $(DEMO_FP32) $(DEMO_FIT_ARGS)
+	$(DQRM) test -c configs/demo.yaml --trainer.default_root_dir $(DEMO_FP32) --ckpt_path best
+	$(DQRM) fit -c configs/demo.yaml -c configs/qat/int4.yaml --trainer.default_root_dir $(DEMO_INT4) $(DEMO_FIT_ARGS)
+	$(DQRM) test -c configs/demo.yaml -c configs/qat/int4.yaml --trainer.default_root_dir $(DEMO_INT4) --ckpt_path best
+	$(DQRM) export --ckpt "$$(ls -t $(DEMO_INT4)/lightning_logs/version_*/checkpoints/best.ckpt | head -n 1)" \
+		--out $(DEMO_ARTIFACT)
+	$(DQRM) test -c configs/demo.yaml --trainer.default_root_dir $(DEMO_INT4) --artifact $(DEMO_ARTIFACT)
+	$(PY) -m dqrm_lightning.report $(DEMO_FP32) $(DEMO_INT4)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
