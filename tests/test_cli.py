@@ -94,8 +94,12 @@ def test_synth_fit_test_predict(tmp_path):
     _, test = dqrm("test", *common, "--ckpt_path", best)
     assert 0.0 < test["test"]["test/auc"] <= 1.0
     assert test["bayes_optimal"]["test"]["auc"] > test["test"]["test/auc"] - 0.05
-    _, again = dqrm("test", *common, "--ckpt_path", "best")  # resolved under default_root_dir
+    result = run_cli("test", *common, "--ckpt_path", "best")  # resolved under default_root_dir
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads(summary_path(result.stdout).read_text())
     assert again["test"]["test/auc"] == pytest.approx(test["test"]["test/auc"], abs=1e-6)
+    assert again["config"]["ckpt_path"] == best  # the file it loaded
+    assert "warn" not in result.stderr.lower()  # e.g. Lightning's "callbacks used to create the checkpoint"
     user_threads = os.environ | {"OMP_NUM_THREADS": "1"}  # the usual environment variable wins over --threads
     _, validate = dqrm("validate", *common, "--ckpt_path", best, "--threads", "2", env=user_threads)
     assert (validate["threads"]["intra_op"], validate["threads"]["intra_op_from"]) == (1, "OMP_NUM_THREADS")

@@ -100,7 +100,8 @@ def verify_integrity(checkpoint: Any, path: _PATH) -> Any:
 DIGESTS_FILE = "digests.json"
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 24):
@@ -112,7 +113,7 @@ def write_directory_digests(path: _PATH) -> None:
     """Record the sha256 of every file of a checkpoint directory in its ``digests.json`` (after all are written)."""
     directory = Path(path)
     files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != DIGESTS_FILE)
-    digests = {name: _file_sha256(directory / name) for name in files}
+    digests = {name: file_sha256(directory / name) for name in files}
     (directory / DIGESTS_FILE).write_text(json.dumps({"sha256": digests}, indent=1, sort_keys=True))
 
 
@@ -134,7 +135,7 @@ def verify_directory(path: _PATH) -> None:
             raise CheckpointError(f"{directory / name}: missing from the checkpoint directory")
         if name not in expected:
             raise CheckpointError(f"{directory / name}: not part of the checkpoint (not in its {DIGESTS_FILE})")
-        if _file_sha256(directory / name) != expected[name]:
+        if file_sha256(directory / name) != expected[name]:
             raise CheckpointError(
                 f"{directory / name}: corrupt checkpoint: the file does not match the sha256 digest written with it "
                 "(changed or damaged bytes); use another checkpoint (e.g. the previous last.ckpt or best.ckpt)"

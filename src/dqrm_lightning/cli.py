@@ -318,8 +318,13 @@ class DQRMCLI(LightningCLI):
             raise ConfigError("`weights_only: false` is not supported: checkpoints load without unpickling objects")
         if "ckpt_path" in arguments:
             arguments["ckpt_path"] = self._checkpoint
+            self.config[self.subcommand]["ckpt_path"] = self._checkpoint  # the summary names the file it loaded
         if "weights_only" in inspect.signature(getattr(self.trainer, self.subcommand)).parameters:
             arguments["weights_only"] = True
+        if self.subcommand != "fit":
+            # validate/test/predict restore the model only: the training callbacks whose state the checkpoint holds
+            # (ModelCheckpoint, ...) are not needed, though Lightning warns that they are missing
+            warnings.filterwarnings("ignore", message=".*when using `ckpt_path`, callbacks used to create")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         given = sys.argv[1:] if args is None else args

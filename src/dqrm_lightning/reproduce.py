@@ -92,7 +92,7 @@ def run(base: list[str], out: Path, names: list[str] | None = None) -> list[dict
         if exp.ptq:
             if fp32 is None:
                 continue
-            result = _post_training(exp, fp32, base, root, out / "runs" / exp.name / "artifact", log)
+            result = _post_training(exp, exp.ptq, fp32, base, root, out / "runs" / exp.name / "artifact", log)
         else:
             result = _trained(exp, base, root, log)
             if exp.name == "fp32":
@@ -127,12 +127,13 @@ def _trained(exp: Experiment, base: list[str], root: list[str], log: Path) -> di
 
 
 def _post_training(
-    exp: Experiment, fp32: dict[str, Any], base: list[str], root: list[str], artifact: Path, log: Path
+    exp: Experiment, scales: str, fp32: dict[str, Any], base: list[str], root: list[str], artifact: Path, log: Path
 ) -> dict[str, Any]:
-    """Quantize the FP32 run's best checkpoint after training (INT4 tables and MLPs), then validate and test it."""
+    """Quantize the FP32 run's best checkpoint after training (INT4 tables and MLPs, ``scales``: ``trained`` or
+    ``init``), then validate and test it."""
     best = fp32["fit"]["checkpoints"]["best"]
     export = ["export", "--ckpt", best, "--out", str(artifact), "--embedding-bits", "4", "--mlp-bits", "4"]
-    _dqrm([*export, "--ptq-scales", exp.ptq], log)
+    _dqrm([*export, "--ptq-scales", scales], log)
     val = _dqrm(["validate", *base, *root, "--artifact", str(artifact)], log)
     test = _dqrm(["test", *base, *root, "--artifact", str(artifact)], log)
     manifest = json.loads((artifact / "manifest.json").read_text())

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dqrm_lightning.checkpoint import file_sha256
+
 FORMAT = "dqrm-artifact"
 VERSION = 2  # 2: the manifest carries its own sha256 (``digest``)
 _DTYPES = ("|u1", "<f4")  # what the writer stores: packed codes (bytes) and float32 arrays
@@ -84,14 +86,6 @@ class Artifact:
     manifest: dict[str, Any]
     tables: dict[str, np.ndarray] = field(default_factory=dict)
     mlp: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(16 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_output_dir(out: str | Path, force: bool = False) -> None:
@@ -152,7 +146,7 @@ class ArtifactWriter:
         array = np.ascontiguousarray(array)
         array.tofile(path)
         self.files[name] = {
-            "sha256": _sha256(path),
+            "sha256": file_sha256(path),
             "bytes": path.stat().st_size,
             "dtype": array.dtype.str,
             "shape": list(array.shape),
@@ -238,7 +232,7 @@ def _open_file(root: Path, name: str, meta: dict[str, Any], verify: bool) -> np.
     size = file.stat().st_size
     if size != meta["bytes"]:
         raise ArtifactError(f"{file}: {size} bytes, the manifest says {meta['bytes']} (truncated or modified)")
-    if verify and _sha256(file) != meta["sha256"]:
+    if verify and file_sha256(file) != meta["sha256"]:
         raise ArtifactError(f"{file}: sha256 mismatch (the file was modified)")
     if meta["dtype"] not in _DTYPES:
         raise ArtifactError(f"{file}: unsupported dtype {meta['dtype']!r} (expected one of {_DTYPES})")
