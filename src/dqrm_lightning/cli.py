@@ -11,17 +11,14 @@ with one line naming the argument (``dqrm fit: error: `qat.scale_period` must be
 from __future__ import annotations
 
 import argparse
-import csv
 import difflib
 import gc
-import glob
 import importlib
 import inspect
 import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +48,7 @@ from dqrm_lightning.data.dataset import rank_slices
 from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
+from dqrm_lightning.runs import find_checkpoint, read_metrics, remove_if_unused, run_version, wandb_run_id
 from dqrm_lightning.strategies import (  # registers --trainer.strategy torchrec
     TorchRecStrategyBase,
 )
@@ -147,7 +145,7 @@ class DQRMCLI(LightningCLI):
             ThreadPolicy(self._setting("threads")),
         ]
         if config.get("logger") in (None, True):
-            version = _run_version(self._checkpoint, root) if self.subcommand == "fit" else None
+            version = run_version(self._checkpoint, root) if self.subcommand == "fit" else None
             kwargs["logger"], previous_metrics = self._default_loggers(root, version)
             if previous_metrics:
                 callbacks.append(ContinuedMetrics(previous_metrics))
@@ -199,8 +197,8 @@ class DQRMCLI(LightningCLI):
         wandb_id = None
         if version is not None:
             run_dir = Path(csv_logger.log_dir)
-            previous = _read_metrics(run_dir / "metrics.csv")
-            wandb_id = _wandb_run_id(run_dir)
+            previous = read_metrics(run_dir / "metrics.csv")
+            wandb_id = wandb_run_id(run_dir)
             for message in ("Experiment logs directory", "Checkpoint directory"):  # expected: continuing in place
                 warnings.filterwarnings("ignore", message=f".*{message} .* exists and is not empty.*")
         else:
@@ -451,146 +449,12 @@ def _qualify(message: str, prefix: str, names: set[str]) -> str:
     return re.sub(r"`(\w+)", qualify, message)
 
 
-def _run_version(checkpoint: str | None, root: str) -> int | None:
-    """N when ``checkpoint`` is ``<root>/lightning_logs/version_N/checkpoints/*``: a run to continue in place."""
-    if not checkpoint:
-        return None
-    path = Path(checkpoint).resolve()
-    run_dir = path.parent.parent
-    match = re.fullmatch(r"version_(\d+)", run_dir.name)
-    if path.parent.name != "checkpoints" or match is None:
-        return None
-    return int(match.group(1)) if run_dir.parent == (Path(root) / "lightning_logs").resolve() else None
-
-
-def _read_metrics(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _wandb_run_id(run_dir: Path) -> str | None:
-    """The id of the newest wandb run under ``run_dir/wandb`` (directories ``[offline-]run-<time>-<id>``)."""
-    runs = sorted(run_dir.glob("wandb/*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
-    return runs[-1].name.rsplit("-", 1)[1] if runs else None
-
-
 def _remove_unused_log_dir(cli: DQRMCLI | None) -> None:
     """A run that failed before it logged or saved anything leaves no ``version_N`` directory behind."""
     path = getattr(cli, "_new_log_dir", None)
     trainer = getattr(cli, "trainer", None)
-    if path is None or not path.is_dir() or (trainer is not None and not trainer.is_global_zero):
-        return
-    kept = ("metrics.csv", "summary.json", "checkpoints")
-    if not any((path / name).exists() for name in kept):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def find_checkpoint(root: str | os.PathLike, which: str) -> str:
-    """The newest ``<root>/lightning_logs/version_*/checkpoints/<which>.ckpt``."""
-    candidates = glob.glob(os.path.join(root, "lightning_logs", "version_*", "checkpoints", f"{which}.ckpt"))
-    if not candidates:
-        raise FileNotFoundError(f"no {which}.ckpt under {root}/lightning_logs/*/checkpoints; pass --ckpt_path PATH")
-    return max(candidates, key=os.path.getmtime)
-
-
-# ------------------------------------------------------------------------------------------------ dqrm data ...
-def _data_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dqrm data", description="Synthetic Criteo data and raw-file preparation")
-    sub = parser.add_subparsers(dest="command", required=True)
-    synth = sub.add_parser("synth", help="write synthetic data in the raw Criteo format, with its true click model")
-    synth.add_argument("--preset", default="demo", help="demo or kaggle")
-    synth.add_argument("--rows", type=int, required=True, help="rows over all splits")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--out", required=True, help="output directory")
-    synth.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
-    synth.add_argument("--rows-per-file", type=int, default=None)
-    prep = sub.add_parser("prepare", help="parse raw Criteo files into memory-mappable shards (resumable)")
-    prep.add_argument("--train-files", nargs="*", default=None)
-    prep.add_argument("--val-files", nargs="*", default=None)
-    prep.add_argument("--test-files", nargs="*", default=None)
-    prep.add_argument("--kaggle-train-txt", default=None, help="Kaggle train.txt (DLRM 7-day split)")
-    prep.add_argument("--terabyte-dir", default=None, help="directory with Terabyte day_0 .. day_23")
-    prep.add_argument("--out", required=True, help="prepared directory")
-    prep.add_argument("--on-bad-line", choices=("error", "skip"), default="error")
-    prep.add_argument("--negative-subsample", type=float, default=0.0)
-    prep.add_argument("--rows-per-shard", type=int, default=1 << 21)
-    prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--no-progress", action="store_true")
-    return parser
-
-
-def data_main(argv: list[str]) -> str:
-    """Run ``dqrm data ...``; returns the path of the summary it wrote."""
-    args = _data_parser().parse_args(argv)
-    apply_threads(resolve(None, local_processes_from_env()))  # pyarrow's pool: this process's share of the CPUs
-    result = _data_synth(args) if args.command == "synth" else _data_prepare(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "summary.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
-    return str(path)
-
-
-def _data_synth(args: argparse.Namespace) -> dict[str, Any]:
-    """``dqrm data synth``: write the synthetic dataset and print each split's Bayes-optimal metrics."""
-    start = time.perf_counter()
-    from dqrm_lightning.data.synthetic import synthesize
-
-    result = synthesize(
-        args.preset,
-        args.rows,
-        args.seed,
-        Path(args.out),
-        split_fractions=tuple(args.split),
-        rows_per_file=args.rows_per_file,
-        progress=True,
-    )
-    seconds = time.perf_counter() - start
-    result = {"command": "data synth", **result, "seconds": seconds, "rows_per_s": args.rows / seconds}
-    for split, values in result.get("splits", {}).items():
-        if isinstance(values, dict) and values.get("bayes_auc") is not None:
-            print(
-                f"{split}: rows={values['rows']} positive rate {values['positive_rate']:.4f} "
-                f"Bayes-optimal AUC {values['bayes_auc']:.4f} log loss {values['bayes_log_loss']:.4f}"
-            )
-    return result
-
-
-def _data_prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """``dqrm data prepare``: parse the raw files into shards and print the rows and skipped lines."""
-    start = time.perf_counter()
-    from dqrm_lightning.data.prepare import PrepareOptions, prepare, raw_jobs
-
-    jobs = raw_jobs(args.train_files, args.val_files, args.test_files, args.kaggle_train_txt, args.terabyte_dir)
-    if not jobs:
-        raise SystemExit("dqrm data prepare: no input files (use --train-files, --kaggle-train-txt or --terabyte-dir)")
-    options = PrepareOptions(
-        rows_per_shard=args.rows_per_shard,
-        on_bad_line=args.on_bad_line,
-        negative_subsample=args.negative_subsample,
-        seed=args.seed,
-    )
-    meta = prepare(jobs, Path(args.out), options, progress=not args.no_progress)
-    seconds = time.perf_counter() - start
-    rows = {s: v["rows"] for s, v in meta["splits"].items()}
-    result = {
-        "command": "data prepare",
-        "out": str(Path(args.out)),
-        "rows": rows,
-        "skipped_lines": meta["skipped_lines"],
-        "skip_examples": meta["skip_examples"],
-        "seconds": seconds,
-        "rows_per_s": meta["rows"] / max(meta["seconds"], 1e-9),
-    }
-    print(
-        f"prepared {sum(rows.values())} rows {rows} in {seconds:.1f}s "
-        f"({result['rows_per_s']:,.0f} rows/s); skipped lines: {meta['skipped_lines']}"
-    )
-    for example in meta["skip_examples"]:
-        print(f"  skipped: {example}")
-    return result
+    if path is not None and (trainer is None or trainer.is_global_zero):
+        remove_if_unused(path)
 
 
 def _quiet_known_warnings() -> None:
@@ -617,56 +481,6 @@ def _quiet_known_warnings() -> None:
         handler.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
 
 
-def export_main(argv: list[str]) -> str:
-    """Run ``dqrm export``; returns the path of the summary it wrote."""
-    parser = argparse.ArgumentParser(prog="dqrm export", description="Export a checkpoint to a packed INT-N artifact")
-    parser.add_argument("--ckpt", required=True, help="checkpoint (QAT, or FP32 for post-training quantization)")
-    parser.add_argument("--out", required=True, help="artifact directory")
-    parser.add_argument("--embedding-bits", type=int, default=None, help="FP32 checkpoints: PTQ table bits")
-    parser.add_argument("--mlp-bits", type=int, default=None, help="FP32 checkpoints: PTQ MLP weight bits")
-    parser.add_argument(
-        "--ptq-scales",
-        choices=("trained", "init"),
-        default="trained",
-        help="PTQ scales from the trained tables (honest) or the initial ones (the reference code's)",
-    )
-    parser.add_argument("--mlp", choices=("quantized", "fp32"), default="quantized", help="MLP weights in the artifact")
-    parser.add_argument(
-        "--force", action="store_true", help="replace --out even if it holds files that are not a previous artifact"
-    )
-    args = parser.parse_args(argv)
-    from dqrm_lightning.export.exporter import export_checkpoint
-
-    start = time.perf_counter()
-    manifest = export_checkpoint(
-        args.ckpt,
-        args.out,
-        embedding_bits=args.embedding_bits,
-        mlp_bits=args.mlp_bits,
-        ptq_scales=args.ptq_scales,
-        quantize_mlp=args.mlp == "quantized",
-        force=args.force,
-    )
-    sizes = manifest["bytes"]
-    bits = sorted({t["bits"] for t in manifest["tables"]})
-    print(
-        f"exported {args.ckpt} -> {args.out}: table bits {bits}, {manifest['quantization']}, "
-        f"{sizes['payload']:,} bytes = {sizes['ratio']:.4f} x the FP32 model ({sizes['fp32_model']:,} bytes)"
-    )
-    summary = {
-        "command": "export",
-        "artifact": str(args.out),
-        "quantization": manifest["quantization"],
-        "bytes": sizes,
-        "table_bits": {t["feature"]: t["bits"] for t in manifest["tables"]},
-        "mlp_bits": {layer["name"]: layer["bits"] for layer in manifest["mlp"]},
-        "seconds": time.perf_counter() - start,
-    }
-    path = Path(args.out) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2))
-    return str(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dqrm`` console script."""
     from_command_line = argv is None  # LightningCLI then reads sys.argv itself (given both, it warns)
@@ -684,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"workspace: {dashboard_main(argv[1:])}", flush=True)
         return
     if argv and argv[0] == "export":
+        from dqrm_lightning.commands.export import main as export_main
         from dqrm_lightning.export.artifact import ArtifactError
 
         try:
@@ -693,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"summary: {path}", flush=True)
         return
     if argv and argv[0] == "data":
+        from dqrm_lightning.commands.data import main as data_main
         from dqrm_lightning.data.criteo import CriteoFormatError
 
         try:

@@ -1,0 +1,2 @@
+"""The ``dqrm`` subcommands beside LightningCLI's: ``data`` and ``export`` (``reproduce`` and ``dashboard`` live in
+their own modules)."""

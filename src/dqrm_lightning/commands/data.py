@@ -1,0 +1,112 @@
+"""``dqrm data synth|prepare``: synthetic Criteo-format data, and raw files prepared into memory-mappable shards.
+
+Each writes ``summary.json`` into its ``--out`` directory and returns its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from dqrm_lightning.threads import apply as apply_threads
+from dqrm_lightning.threads import local_processes_from_env, resolve
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dqrm data", description="Synthetic Criteo data and raw-file preparation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    synth = sub.add_parser("synth", help="write synthetic data in the raw Criteo format, with its true click model")
+    synth.add_argument("--preset", default="demo", help="demo or kaggle")
+    synth.add_argument("--rows", type=int, required=True, help="rows over all splits")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    synth.add_argument("--rows-per-file", type=int, default=None)
+    prep = sub.add_parser("prepare", help="parse raw Criteo files into memory-mappable shards (resumable)")
+    prep.add_argument("--train-files", nargs="*", default=None)
+    prep.add_argument("--val-files", nargs="*", default=None)
+    prep.add_argument("--test-files", nargs="*", default=None)
+    prep.add_argument("--kaggle-train-txt", default=None, help="Kaggle train.txt (DLRM 7-day split)")
+    prep.add_argument("--terabyte-dir", default=None, help="directory with Terabyte day_0 .. day_23")
+    prep.add_argument("--out", required=True, help="prepared directory")
+    prep.add_argument("--on-bad-line", choices=("error", "skip"), default="error")
+    prep.add_argument("--negative-subsample", type=float, default=0.0)
+    prep.add_argument("--rows-per-shard", type=int, default=1 << 21)
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str]) -> str:
+    """Run ``dqrm data ...``; returns the path of the summary it wrote."""
+    args = _parser().parse_args(argv)
+    apply_threads(resolve(None, local_processes_from_env()))  # pyarrow's pool: this process's share of the CPUs
+    result = _synth(args) if args.command == "synth" else _prepare(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return str(path)
+
+
+def _synth(args: argparse.Namespace) -> dict[str, Any]:
+    """``dqrm data synth``: write the synthetic dataset and print each split's Bayes-optimal metrics."""
+    start = time.perf_counter()
+    from dqrm_lightning.data.synthetic import synthesize
+
+    result = synthesize(
+        args.preset,
+        args.rows,
+        args.seed,
+        Path(args.out),
+        split_fractions=tuple(args.split),
+        rows_per_file=args.rows_per_file,
+        progress=True,
+    )
+    seconds = time.perf_counter() - start
+    result = {"command": "data synth", **result, "seconds": seconds, "rows_per_s": args.rows / seconds}
+    for split, values in result.get("splits", {}).items():
+        if isinstance(values, dict) and values.get("bayes_auc") is not None:
+            print(
+                f"{split}: rows={values['rows']} positive rate {values['positive_rate']:.4f} "
+                f"Bayes-optimal AUC {values['bayes_auc']:.4f} log loss {values['bayes_log_loss']:.4f}"
+            )
+    return result
+
+
+def _prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """``dqrm data prepare``: parse the raw files into shards and print the rows and skipped lines."""
+    start = time.perf_counter()
+    from dqrm_lightning.data.prepare import PrepareOptions, prepare, raw_jobs
+
+    jobs = raw_jobs(args.train_files, args.val_files, args.test_files, args.kaggle_train_txt, args.terabyte_dir)
+    if not jobs:
+        raise SystemExit("dqrm data prepare: no input files (use --train-files, --kaggle-train-txt or --terabyte-dir)")
+    options = PrepareOptions(
+        rows_per_shard=args.rows_per_shard,
+        on_bad_line=args.on_bad_line,
+        negative_subsample=args.negative_subsample,
+        seed=args.seed,
+    )
+    meta = prepare(jobs, Path(args.out), options, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    rows = {s: v["rows"] for s, v in meta["splits"].items()}
+    result = {
+        "command": "data prepare",
+        "out": str(Path(args.out)),
+        "rows": rows,
+        "skipped_lines": meta["skipped_lines"],
+        "skip_examples": meta["skip_examples"],
+        "seconds": seconds,
+        "rows_per_s": meta["rows"] / max(meta["seconds"], 1e-9),
+    }
+    print(
+        f"prepared {sum(rows.values())} rows {rows} in {seconds:.1f}s "
+        f"({result['rows_per_s']:,.0f} rows/s); skipped lines: {meta['skipped_lines']}"
+    )
+    for example in meta["skip_examples"]:
+        print(f"  skipped: {example}")
+    return result
