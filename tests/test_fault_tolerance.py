@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dqrm_lightning.export.exporter import read_checkpoint
-from tests.test_cli import demo_args, dqrm, synth_demo
+from tests.helpers.cli import demo_args, dqrm, synth_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -9,7 +9,7 @@ import torch
 from dqrm_lightning.comms.compression import GradientCompressionConfig
 from dqrm_lightning.strategies import TorchRecStrategy
 from dqrm_lightning.strategies.base import META_FILE
-from tests.test_cli import demo_args, dqrm, synth_demo
+from tests.helpers.cli import demo_args, dqrm, synth_demo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
