@@ -22,8 +22,6 @@ from dqrm_lightning.strategies.base import META_FILE
 from tests.helpers.cli import FAST, on_sample, run_cli
 from tests.helpers.model import save_checkpoint, trained_module
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 
 class RunsCode:
     """Unpickling this runs a shell command (what a malicious checkpoint would do)."""

@@ -11,8 +11,6 @@ from dqrm_lightning.strategies import TorchRecStrategy
 from dqrm_lightning.strategies.base import META_FILE
 from tests.helpers.cli import demo_args, dqrm, synth_demo
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 DP = ["-c", "configs/parallel/data_parallel.yaml"]
 INT8 = [*DP, "-c", "configs/parallel/int8_compression.yaml"]
 

@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import process
 from tests.helpers.cli import demo_args, summary_path, synth_demo
 
-pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.multiprocess]
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ import torch
 from tests.helpers import process
 from tests.helpers.cli import REPO, demo_args, dqrm, run_cli, synth_demo
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
