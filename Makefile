@@ -16,7 +16,7 @@ DEMO_FIT_ARGS ?=
 DQRM := $(VENV)/bin/dqrm
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow lint bench clean
 
 install: $(STAMP)
 
@@ -54,6 +54,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Style and types: ruff's checks and formatting, and mypy with its settings from pyproject.toml ([tool.mypy]).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(DEMO_ROOT) $(DEMO_DATA) .pytest_cache

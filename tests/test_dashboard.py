@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from dqrm_lightning.dashboard import load_spec, metric_keys
-from tests.test_cli import FAST, dqrm, on_sample, summary_path
+from tests.helpers.cli import FAST, dqrm, on_sample, summary_path
 
 
 def _logged(output: str) -> set[str]:

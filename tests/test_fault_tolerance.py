@@ -14,9 +14,7 @@ import pytest
 import torch
 
 from dqrm_lightning.export.exporter import read_checkpoint
-from tests.test_cli import demo_args, dqrm, synth_demo
-
-pytestmark = pytest.mark.filterwarnings("ignore")
+from tests.helpers.cli import demo_args, dqrm, synth_demo
 
 EVERY = "7"  # a periodic checkpoint every 7 steps (mid-epoch: 75 steps per epoch here)
 

@@ -7,39 +7,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from dqrm_lightning.checkpoint import CheckpointError
-from dqrm_lightning.data.dataset import make_batch
 from dqrm_lightning.export.size import model_bytes
 from dqrm_lightning.model import DLRMModule, model_shape
 from dqrm_lightning.strategies.sharding import gather_full
-
-KAGGLE = [
-    1460,
-    583,
-    10131227,
-    2202608,
-    305,
-    24,
-    12517,
-    633,
-    3,
-    93145,
-    5683,
-    8351593,
-    3194,
-    27,
-    14992,
-    5461306,
-    10,
-    5652,
-    2173,
-    4,
-    7046547,
-    18,
-    15,
-    286181,
-    105,
-    142572,
-]
+from tests.helpers.model import KAGGLE, random_batch
 
 
 def tiny_module(rows=50, **kwargs):
@@ -48,12 +19,6 @@ def tiny_module(rows=50, **kwargs):
     )
     module.configure_model()
     return module
-
-
-def random_batch(batch_size=32, rows=50, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, rows, size=(batch_size, 26))
-    return make_batch(rng.random((batch_size, 13), dtype=np.float32), ids, rng.integers(0, 2, batch_size))
 
 
 def _tables(module):

@@ -12,8 +12,8 @@ import pytest
 from nbclient import NotebookClient
 
 import dqrm_lightning
+from tests.helpers.cli import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 TINY_ROWS = "20000"
 

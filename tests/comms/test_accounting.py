@@ -1,7 +1,7 @@
 import pytest
 
 from dqrm_lightning.comms.accounting import ModelShape, bytes_per_iteration, touched_rows_upper_bound
-from tests.test_model import KAGGLE
+from tests.helpers.model import KAGGLE
 
 KAGGLE_SHAPE = ModelShape(KAGGLE, 16, [(13, 512), (512, 256), (256, 64), (64, 16), (367, 512), (512, 256), (256, 1)])
 

@@ -14,30 +14,15 @@ import torch
 
 from dqrm_lightning.data.datamodule import CriteoDataModule, _worker_init
 from tests.helpers import process
+from tests.helpers.cli import REPO
 from tests.helpers.criteo import write_rows
-
-
-def _datamodule(tmp_path, workers: int) -> CriteoDataModule:
-    files = {
-        s: str(write_rows(tmp_path / f"{s}.tsv", n, seed=i))
-        for i, (s, n) in enumerate([("train", 700), ("val", 50), ("test", 50)])
-    }
-    datamodule = CriteoDataModule(
-        **{f"{s}_files": f for s, f in files.items()},
-        batch_size=64,
-        num_workers=workers,
-        seed=5,
-        categorical_encoding="hash",
-        num_embeddings_per_feature=[97] * 26,
-    )
-    datamodule.setup("fit")
-    return datamodule
+from tests.helpers.training import loader_datamodule
 
 
 def test_workers_start_from_a_forkserver_and_read_what_the_training_process_reads(tmp_path):
-    in_process = _datamodule(tmp_path, 0).train_dataloader()
+    in_process = loader_datamodule(tmp_path, 0).train_dataloader()
     assert in_process.num_workers == 0
-    loader = _datamodule(tmp_path, 2).train_dataloader()
+    loader = loader_datamodule(tmp_path, 2).train_dataloader()
     assert loader.multiprocessing_context.get_start_method() == "forkserver"
     assert loader.worker_init_fn.func is _worker_init
     assert loader.worker_init_fn.keywords == {"rank_pid": os.getpid()}
@@ -52,8 +37,8 @@ def test_workers_start_from_a_forkserver_and_read_what_the_training_process_read
 _READER = """
 import sys, time
 from pathlib import Path
-from tests.data.test_datamodule import _datamodule
-loader = iter(_datamodule(Path(sys.argv[1]), 1).train_dataloader())
+from tests.helpers.training import loader_datamodule
+loader = iter(loader_datamodule(Path(sys.argv[1]), 1).train_dataloader())
 next(loader)
 print(" ".join(str(w.pid) for w in loader._workers), flush=True)
 time.sleep(600)
@@ -70,8 +55,7 @@ def _alive(pid: int) -> bool:
 
 def test_workers_exit_when_their_rank_is_killed(tmp_path):
     command = [sys.executable, "-c", _READER, str(tmp_path)]
-    repo = Path(__file__).resolve().parents[2]
-    with process.session(command, cwd=repo, stdout=subprocess.PIPE, text=True) as reader:
+    with process.session(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as reader:
         workers = [int(pid) for pid in reader.stdout.readline().split()]
         assert len(workers) == 1
         assert _alive(workers[0])

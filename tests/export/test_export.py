@@ -11,8 +11,7 @@ from dqrm_lightning.export.inference import ArtifactDLRM, load_inference_model
 from dqrm_lightning.export.size import quantized_model_bytes
 from dqrm_lightning.model import DLRMModule, model_shape
 from dqrm_lightning.quant.config import QATConfig
-from tests.quant.test_embedding_qat import ROWS, qat_module
-from tests.test_model import random_batch
+from tests.helpers.model import ROWS, random_batch, save_checkpoint, trained_module
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
@@ -30,32 +29,6 @@ def test_int4_packing_is_fbgemms():
     np.testing.assert_array_equal(pack_codes(values.int().numpy(), 4), fbgemm.numpy())
 
 
-def _trained(config: QATConfig, steps: int = 15) -> DLRMModule:
-    module = qat_module(config) if config.enabled else _fp32()
-    optimizer = module.configure_optimizers()
-    for step in range(steps):
-        if module.embedding_quantizer is not None:
-            module.embedding_quantizer.maybe_refresh(step)
-        batch = random_batch(seed=step, rows=ROWS)
-        optimizer.zero_grad()
-        module._loss(module(batch), batch).backward()
-        optimizer.step()
-    return module.eval()
-
-
-def _fp32() -> DLRMModule:
-    torch.manual_seed(0)
-    module = DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
-    module.configure_model()
-    return module
-
-
-def _save(module: DLRMModule, path) -> None:
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-
-
 CONFIGS = [
     QATConfig(embedding_bits=4, mlp_bits=4),
     QATConfig(embedding_bits=2, mlp_bits=8, embedding_mode="asymmetric"),
@@ -68,11 +41,11 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=["int4", "int2-asym-mlp8", "mixed-ref-bias", "per-tensor", "act8"])
 @pytest.mark.parametrize("engine", ["torchrec", "plain"])
 def test_exported_predictions_equal_qat_eval(tmp_path, config, engine):
-    module = _trained(config)
+    module = trained_module(config)
     batch = random_batch(seed=123, rows=ROWS, batch_size=256)
     with torch.no_grad():
         expected = torch.sigmoid(module(batch))
-    _save(module, tmp_path / "m.ckpt")
+    save_checkpoint(module, tmp_path / "m.ckpt")
     export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
     model = load_inference_model(tmp_path / "art", engine)
     got = torch.sigmoid(model(batch.dense_features, batch.sparse_features).squeeze(-1))
@@ -80,8 +53,8 @@ def test_exported_predictions_equal_qat_eval(tmp_path, config, engine):
 
 
 def test_artifact_size_formula(tmp_path):
-    module = _trained(QATConfig(embedding_bits=4, mlp_bits=4))
-    _save(module, tmp_path / "m.ckpt")
+    module = trained_module(QATConfig(embedding_bits=4, mlp_bits=4))
+    save_checkpoint(module, tmp_path / "m.ckpt")
     manifest = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
     tables = 26 * ROWS * 8 * 4 // 8  # rows x D x 4 bits, packed
     mlp = 0
@@ -94,8 +67,8 @@ def test_artifact_size_formula(tmp_path):
 
 
 def test_tampered_truncated_or_foreign_artifacts_are_refused(tmp_path):
-    module = _trained(QATConfig(embedding_bits=4))
-    _save(module, tmp_path / "m.ckpt")
+    module = trained_module(QATConfig(embedding_bits=4))
+    save_checkpoint(module, tmp_path / "m.ckpt")
     export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
     load_artifact(tmp_path / "art")  # intact: fine
     table = tmp_path / "art" / "tables" / "C3.bin"
@@ -119,8 +92,8 @@ def test_tampered_truncated_or_foreign_artifacts_are_refused(tmp_path):
 @pytest.fixture
 def artifact(tmp_path):
     """An intact INT4 artifact."""
-    module = _trained(QATConfig(embedding_bits=4), steps=2)
-    _save(module, tmp_path / "m.ckpt")
+    module = trained_module(QATConfig(embedding_bits=4), steps=2)
+    save_checkpoint(module, tmp_path / "m.ckpt")
     export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
     load_artifact(tmp_path / "art")  # intact: fine
     return tmp_path / "art"
@@ -195,8 +168,8 @@ def test_an_artifact_of_other_table_sizes_is_refused_naming_the_argument(artifac
 
 
 def test_ptq_of_an_fp32_checkpoint_trained_vs_init_scales(tmp_path):
-    module = _trained(QATConfig(embedding_bits=None), steps=30)
-    _save(module, tmp_path / "fp32.ckpt")
+    module = trained_module(QATConfig(embedding_bits=None), steps=30)
+    save_checkpoint(module, tmp_path / "fp32.ckpt")
     with pytest.raises(ValueError, match="embedding_bits"):
         export_checkpoint(tmp_path / "fp32.ckpt", tmp_path / "x")
     trained = export_checkpoint(tmp_path / "fp32.ckpt", tmp_path / "trained", embedding_bits=4)

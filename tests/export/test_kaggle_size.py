@@ -7,7 +7,7 @@ from dqrm_lightning.export.artifact import load_artifact
 from dqrm_lightning.export.exporter import export_checkpoint
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
-from tests.test_model import KAGGLE, random_batch
+from tests.helpers.model import KAGGLE, random_batch
 
 
 @pytest.mark.slow

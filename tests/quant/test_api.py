@@ -19,7 +19,7 @@ from dqrm_lightning.quant import (
     enable_fake_quant,
     prepare_qat,
 )
-from tests.test_model import random_batch
+from tests.helpers.model import random_batch
 
 ROWS = 30
 

@@ -9,16 +9,7 @@ from dqrm_lightning.model import DLRMModule, model_shape
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.fake_quant import fp16_ceil
 from dqrm_lightning.strategies.sharding import gather_full
-from tests.test_model import random_batch
-
-ROWS = 40
-
-
-def qat_module(config: QATConfig, rows: int = ROWS) -> DLRMModule:
-    torch.manual_seed(0)
-    module = DLRMModule([rows] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
-    module.prepare_qat(config)
-    return module
+from tests.helpers.model import KAGGLE, ROWS, qat_module, random_batch
 
 
 def full_table(module: DLRMModule, feature: str) -> torch.Tensor:
@@ -166,8 +157,6 @@ def test_every_supported_bit_width_is_accepted_per_table_and_by_rows():
 
 
 def test_quantized_model_bytes_kaggle_int4_is_an_eighth():
-    from tests.test_model import KAGGLE
-
     module = DLRMModule(
         KAGGLE, embedding_dim=16, dense_arch_layer_sizes=[512, 256, 64, 16], over_arch_layer_sizes=[512, 256, 1]
     )

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.fake_quant import symmetric_scale
-from tests.test_model import random_batch
+from tests.helpers.model import random_batch
 
 ROWS = 64
 WORLD = 2

@@ -9,9 +9,7 @@ import torch
 from dqrm_lightning.comms.compression import GradientCompressionConfig
 from dqrm_lightning.strategies import TorchRecStrategy
 from dqrm_lightning.strategies.base import META_FILE
-from tests.test_cli import demo_args, dqrm, synth_demo
-
-pytestmark = pytest.mark.filterwarnings("ignore")
+from tests.helpers.cli import demo_args, dqrm, synth_demo
 
 DP = ["-c", "configs/parallel/data_parallel.yaml"]
 INT8 = [*DP, "-c", "configs/parallel/int8_compression.yaml"]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import process
-from tests.test_cli import demo_args, summary_path, synth_demo
+from tests.helpers.cli import demo_args, summary_path, synth_demo
 
-pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.multiprocess]
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from dqrm_lightning.comms.ddp_hook import CompressionState, compression_hook
 from dqrm_lightning.data.dataset import make_batch
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.strategies.sharding import EmbeddingLayout, EmbeddingPlacement, _shard_index, gather_full
-from tests.test_model import random_batch
+from tests.helpers.model import random_batch
 
 ROWS, GLOBAL_BATCH, STEPS = 50, 64, 6
 LAYOUTS = {

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import demo_args, dqrm, run_cli, synth_demo
-
-pytestmark = pytest.mark.filterwarnings("ignore")
+from tests.helpers import process
+from tests.helpers.cli import REPO, demo_args, dqrm, run_cli, synth_demo
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +83,6 @@ def test_single_process_checkpoint_loads_on_two_processes(data, tmp_path):
 def test_a_dying_rank_stops_the_run_with_an_error_instead_of_a_hang(data, tmp_path):
     import sys
     import time
-
-    from tests.helpers import process
-    from tests.test_cli import REPO
 
     args = [
         *demo_args(data, tmp_path / "r"),

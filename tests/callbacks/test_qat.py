@@ -6,7 +6,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from dqrm_lightning.callbacks import QuantizationAwareTraining
 from dqrm_lightning.quant import QATConfig
 from dqrm_lightning.strategies.sharding import gather_full
-from tests.test_resume import _datamodule, _module, _trainer
+from tests.helpers.training import quiet_trainer, small_datamodule, small_module
 
 PERIOD = 7
 
@@ -24,22 +24,26 @@ def _state(module):
 
 def test_qat_state_survives_checkpoint_and_resume_exactly(tmp_path):
     per_epoch = 32  # 1000 rows / batch 32
-    reference = _module()
-    _trainer(tmp_path / "ref", [_qat()], max_epochs=2).fit(reference, datamodule=_datamodule(tmp_path))
+    reference = small_module()
+    quiet_trainer(tmp_path / "ref", [_qat()], max_epochs=2).fit(reference, datamodule=small_datamodule(tmp_path))
     quantizer = reference.embedding_quantizer
     assert int(quantizer.refreshes) == len(range(0, 2 * per_epoch, PERIOD))
     assert int(quantizer.last_refresh_step) == (2 * per_epoch - 1) // PERIOD * PERIOD
 
     stop = per_epoch + 10
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, save_top_k=-1)
-    _trainer(tmp_path / "a", [_qat(), checkpoint], max_steps=stop).fit(_module(), datamodule=_datamodule(tmp_path))
+    quiet_trainer(tmp_path / "a", [_qat(), checkpoint], max_steps=stop).fit(
+        small_module(), datamodule=small_datamodule(tmp_path)
+    )
     path = next((tmp_path / "ckpt").glob("*.ckpt"))
     saved = torch.load(path, weights_only=True)
     assert saved["qat_config"]["embedding_bits"] == 4
     assert int(saved["state_dict"]["embedding_quantizer.refreshes"]) == len(range(0, stop, PERIOD))
 
-    resumed = _module()
-    _trainer(tmp_path / "b", [_qat()], max_epochs=2).fit(resumed, datamodule=_datamodule(tmp_path), ckpt_path=path)
+    resumed = small_module()
+    quiet_trainer(tmp_path / "b", [_qat()], max_epochs=2).fit(
+        resumed, datamodule=small_datamodule(tmp_path), ckpt_path=path
+    )
     want, got = _state(reference), _state(resumed)
     assert want.keys() == got.keys()
     for key in want:
@@ -47,9 +51,9 @@ def test_qat_state_survives_checkpoint_and_resume_exactly(tmp_path):
 
 
 def test_warmup_epochs_train_fp32_first(tmp_path):
-    module = _module()
+    module = small_module()
     qat = QuantizationAwareTraining(QATConfig(embedding_bits=4, scale_period=PERIOD, warmup_epochs=1))
-    _trainer(tmp_path, [qat], max_epochs=2).fit(module, datamodule=_datamodule(tmp_path))
+    quiet_trainer(tmp_path, [qat], max_epochs=2).fit(module, datamodule=small_datamodule(tmp_path))
     quantizer = module.embedding_quantizer
     assert int(quantizer.start_step) == 32  # quantization started with the second epoch
     assert int(quantizer.refreshes) == len(range(32, 64, PERIOD))

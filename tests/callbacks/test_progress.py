@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
 from dqrm_lightning.callbacks import LineProgress, StepTimer, TerminalProgress
-from tests.test_resume import _datamodule, _module
+from tests.helpers.training import small_datamodule, small_module
 
 
 class SlowLoop(pl.Callback):
@@ -29,7 +29,7 @@ def _fit(tmp_path, callbacks, **kwargs):
         callbacks=callbacks,
         **kwargs,
     )
-    trainer.fit(_module(), datamodule=_datamodule(tmp_path))
+    trainer.fit(small_module(), datamodule=small_datamodule(tmp_path))
     return trainer
 
 
@@ -80,5 +80,5 @@ def test_the_bar_of_a_run_resumed_mid_epoch_knows_the_epoch_and_its_total(tmp_pa
         max_epochs=1,
         callbacks=[bar, Probe()],
     )
-    trainer.fit(_module(), datamodule=_datamodule(tmp_path), ckpt_path=path)
+    trainer.fit(small_module(), datamodule=small_datamodule(tmp_path), ckpt_path=path)
     assert seen[0] == (32, "Epoch 0: ")  # not "Training: 12/?"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import demo_args, dqrm, run_cli, summary_path, synth_demo
+from tests.helpers.cli import demo_args, dqrm, run_cli, summary_path, synth_demo
 
 STOP_AT = 30  # the signal arrives as step 30 starts; the run saves after it
 

@@ -16,11 +16,11 @@ import torch.distributed.checkpoint as dcp
 
 from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, read_dcp
 from dqrm_lightning.export.exporter import export_checkpoint, read_checkpoint
+from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.strategies import TorchRecStrategy
 from dqrm_lightning.strategies.base import META_FILE
-from tests.test_cli import FAST, on_sample, run_cli
-
-pytestmark = pytest.mark.filterwarnings("ignore")
+from tests.helpers.cli import FAST, on_sample, run_cli
+from tests.helpers.model import save_checkpoint, trained_module
 
 
 class RunsCode:
@@ -141,10 +141,7 @@ def test_the_cli_refuses_malicious_checkpoints(tmp_path, criteo_sample, marker):
 
 
 def test_the_cli_refuses_a_tampered_artifact_naming_the_file(tmp_path, criteo_sample):
-    from tests.export.test_export import _save, _trained
-    from tests.quant.test_embedding_qat import QATConfig
-
-    _save(_trained(QATConfig(embedding_bits=4), steps=1), tmp_path / "m.ckpt")
+    save_checkpoint(trained_module(QATConfig(embedding_bits=4), steps=1), tmp_path / "m.ckpt")
     export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
     table = tmp_path / "art" / "tables" / "C7.bin"
     data = bytearray(table.read_bytes())

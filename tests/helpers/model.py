@@ -1,0 +1,85 @@
+"""Small DLRM modules and random batches for tests, and the table sizes of the Criteo Kaggle data."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dqrm_lightning.data.dataset import make_batch
+from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.quant.config import QATConfig
+
+KAGGLE = [
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
+]
+
+ROWS = 40  # rows per table of the QAT modules below
+
+
+def random_batch(batch_size=32, rows=50, seed=0):
+    """A seeded batch of ``batch_size`` samples whose ids are below ``rows``."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, rows, size=(batch_size, 26))
+    return make_batch(rng.random((batch_size, 13), dtype=np.float32), ids, rng.integers(0, 2, batch_size))
+
+
+def qat_module(config: QATConfig, rows: int = ROWS) -> DLRMModule:
+    """A seeded small DLRM prepared for QAT with ``config``."""
+    torch.manual_seed(0)
+    module = DLRMModule([rows] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    module.prepare_qat(config)
+    return module
+
+
+def _fp32_module() -> DLRMModule:
+    torch.manual_seed(0)
+    module = DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    module.configure_model()
+    return module
+
+
+def trained_module(config: QATConfig, steps: int = 15) -> DLRMModule:
+    """:func:`qat_module` (or the same model in fp32 when ``config`` quantizes nothing) after ``steps`` training steps
+    on random batches, in eval mode."""
+    module = qat_module(config) if config.enabled else _fp32_module()
+    optimizer = module.configure_optimizers()
+    for step in range(steps):
+        if module.embedding_quantizer is not None:
+            module.embedding_quantizer.maybe_refresh(step)
+        batch = random_batch(seed=step, rows=ROWS)
+        optimizer.zero_grad()
+        module._loss(module(batch), batch).backward()
+        optimizer.step()
+    return module.eval()
+
+
+def save_checkpoint(module: DLRMModule, path) -> None:
+    """``module`` as a single-file checkpoint like Lightning writes (state dict, hyper-parameters, QAT state)."""
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
