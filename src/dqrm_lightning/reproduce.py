@@ -114,16 +114,10 @@ def _trained(exp: Experiment, base: list[str], root: list[str], log: Path) -> di
     test = _dqrm(["test", *base, *exp.qat, *root, "--ckpt_path", fit["checkpoints"]["best"]], log)
     loop = (fit.get("speed") or {}).get("loop_samples_per_s")
     batch = fit["config"]["data"]["batch_size"]
-    return {
-        "exp": exp,
-        "fit": fit,
-        "test": test,
-        "val_final": fit["val"]["final"],
-        "val_best": fit["val"]["best"],
-        "curve": _curve(fit),
-        "bytes": fit["model_bytes"].get("quantized", fit["model_bytes"]["fp32"]),
-        "ms_per_step": 1000.0 * batch / loop if loop else None,
-    }
+    size = fit["model_bytes"].get("quantized", fit["model_bytes"]["fp32"])
+    result = _result(exp, test, fit["val"]["final"], fit["val"]["best"], size)
+    ms_per_step = 1000.0 * batch / loop if loop else None
+    return result | {"fit": fit, "curve": _curve(fit), "ms_per_step": ms_per_step}
 
 
 def _post_training(
@@ -137,14 +131,22 @@ def _post_training(
     val = _dqrm(["validate", *base, *root, "--artifact", str(artifact)], log)
     test = _dqrm(["test", *base, *root, "--artifact", str(artifact)], log)
     manifest = json.loads((artifact / "manifest.json").read_text())
+    size = manifest["bytes"]["payload"] + 4 * len(manifest["tables"])  # + fp16 scale, offset per table
+    return _result(exp, test, val["val"]["final"], val["val"]["final"], size)
+
+
+def _result(
+    exp: Experiment, test: dict[str, Any], val_final: dict[str, float], val_best: dict[str, float], size: int
+) -> dict[str, Any]:
+    """One experiment's row of the tables (no training curve or step time unless it trained)."""
     return {
         "exp": exp,
         "fit": None,
         "test": test,
-        "val_final": val["val"]["final"],
-        "val_best": val["val"]["final"],
+        "val_final": val_final,
+        "val_best": val_best,
         "curve": [],
-        "bytes": manifest["bytes"]["payload"] + 4 * len(manifest["tables"]),  # + fp16 scale, offset per table
+        "bytes": size,
         "ms_per_step": None,
     }
 
