@@ -48,14 +48,8 @@ def test_int8_with_error_compensation_matches_fp32_data_parallel(data, tmp_path)
     assert weight.shape[0] == 2
     assert weight.abs().sum() > 0
     assert not torch.equal(weight[0], weight[1])  # each rank feeds back its own quantization error
-
-    # resuming the INT8 run after its first epoch ends where the uninterrupted run ended
-    _, first = dqrm("fit", *demo_args(data, tmp_path / "s"), "--trainer.max_epochs", "1", *INT8)
-    _, resumed = dqrm(
-        "fit", *demo_args(data, tmp_path / "s"), "--trainer.max_epochs", "2", *INT8,
-        "--ckpt_path", first["checkpoints"]["last"],
-    )  # fmt: skip
-    assert resumed["val"]["final"]["val/auc"] == pytest.approx(auc_int8, abs=1e-6)
+    # exact resume of this mode (residuals restored per rank): tests/test_fault_tolerance.py and
+    # tests/callbacks/test_interrupt.py
 
 
 @pytest.mark.parametrize(
