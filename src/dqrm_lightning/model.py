@@ -30,6 +30,7 @@ from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
 from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.export.inference import ArtifactDLRM, load_inference_model
 from dqrm_lightning.metrics import BestTracker, ClickMetrics, binary_auroc, binary_log_loss
+from dqrm_lightning.names import QAT_CONFIG_KEY, QUANTIZER_PREFIX, table_name
 from dqrm_lightning.quant import EmbeddingQuantizer, QATConfig, prepare_qat
 from dqrm_lightning.strategies.sharding import (
     EmbeddingPlacement,
@@ -43,26 +44,6 @@ _OPTIMIZERS: dict[str, type[torch.optim.SGD | torch.optim.Adagrad]] = {
     "sgd": torch.optim.SGD,
     "adagrad": torch.optim.Adagrad,
 }
-
-# Where a DLRMModule checkpoint keeps things (the exporter reads them by these names)
-QAT_CONFIG_KEY = "qat_config"  # asdict(QATConfig) of a QAT model: the checkpoint describes its own quantization
-QUANTIZER_PREFIX = "embedding_quantizer."  # state of DLRMModule.embedding_quantizer (scales, offsets, counters)
-MLP_ARCHS = ("dense_arch", "over_arch")  # the bottom and top MLP, in forward order
-
-
-def table_name(feature: str) -> str:
-    """The embedding table of a sparse feature (``C3`` -> ``t_C3``)."""
-    return f"t_{feature}"
-
-
-def dlrm_key(name: str) -> str:
-    """State-dict key of a DLRM parameter or buffer (``over_arch.model.0.weight``) in a DLRMModule checkpoint."""
-    return f"model.{name}"
-
-
-def table_key(feature: str) -> str:
-    """State-dict key of a feature's FP32 table in a DLRMModule checkpoint."""
-    return dlrm_key(f"sparse_arch.embedding_bag_collection.embedding_bags.{table_name(feature)}.weight")
 
 
 def model_shape(hparams: Mapping[str, Any]) -> ModelShape:

@@ -9,7 +9,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
-from dqrm_lightning.model import DLRMModule, table_name
+from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.names import table_name
 from dqrm_lightning.quant import (
     EmbeddingQuantizer,
     FakeQuantizedLinear,

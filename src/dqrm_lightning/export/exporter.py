@@ -21,7 +21,8 @@ from dqrm_lightning.checkpoint import load_file, read_dcp, verify_directory
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.export.artifact import ArtifactWriter, check_output_dir, pack_codes
 from dqrm_lightning.export.size import model_bytes
-from dqrm_lightning.model import MLP_ARCHS, QAT_CONFIG_KEY, QUANTIZER_PREFIX, dlrm_key, model_shape, table_key
+from dqrm_lightning.model import model_shape
+from dqrm_lightning.names import MLP_ARCHS, QAT_CONFIG_KEY, QUANTIZER_PREFIX, dlrm_key, table_key
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.embedding import EmbeddingQuantizer
 from dqrm_lightning.quant.fake_quant import grid_from_extrema, qrange, quantize_codes

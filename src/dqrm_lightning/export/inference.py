@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dqrm_lightning.export.artifact import Artifact, dequantized_mlp_weight, load_artifact, unpack_codes
+from dqrm_lightning.names import table_name
 
 
 class _InputQuantizer(nn.Module):
@@ -119,7 +120,7 @@ class TorchRecDLRM(ArtifactDLRM):
             if bits == 16:  # FBGEMM has no INT16 rows: serve the dequantized values in FP32
                 values = unpack_codes(codes, 16, table["dim"]).float() * table["scale"] + table["offset"]
                 codes, bits = values.contiguous().view(torch.uint8), 32
-            name = f"t_{table['feature']}"
+            name = table_name(table["feature"])
             configs.append(
                 EmbeddingBagConfig(
                     name=name,

@@ -43,6 +43,8 @@ from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from typing_extensions import override
 
+from dqrm_lightning.names import table_name
+
 logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
 
 
@@ -80,7 +82,7 @@ class EmbeddingLayout:
     def sharding_type(self, feature: str) -> str | None:
         """The sharding type asked for a feature's table (``None``: the planner's choice)."""
         if isinstance(self.sharding, Mapping):
-            for key in (feature, f"t_{feature}", "default"):
+            for key in (feature, table_name(feature), "default"):
                 if key in self.sharding:
                     return self.sharding[key]
             return None
@@ -89,7 +91,7 @@ class EmbeddingLayout:
     def check_tables(self, features: list[str]) -> None:
         """Refuse per-table keys that name no table."""
         if isinstance(self.sharding, Mapping):
-            known = {*features, *(f"t_{f}" for f in features), "default"}
+            known = {*features, *(table_name(f) for f in features), "default"}
             unknown = sorted(set(self.sharding) - known)
             if unknown:
                 raise ValueError(f"`sharding` names unknown tables {unknown}; tables are {features[0]}..{features[-1]}")
