@@ -59,10 +59,19 @@ _LINKED = "model.num_embeddings_per_feature"
 _RAW_INPUTS = ("train_files", "val_files", "test_files", "kaggle_train_txt", "terabyte_dir")
 
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
+# The subcommands beside LightningCLI's: the module whose ``main(argv)`` runs one, and the label of the path it returns
+_TOOLS = {
+    "data": ("dqrm_lightning.commands.data", "summary"),
+    "export": ("dqrm_lightning.commands.export", "summary"),
+    "compare": ("dqrm_lightning.commands.compare", "summary"),
+    "reproduce": ("dqrm_lightning.reproduce", "summary"),
+    "dashboard": ("dqrm_lightning.dashboard", "workspace"),
+}
 _MORE_COMMANDS = (
     "more subcommands: `dqrm data synth|prepare` (synthetic Criteo data; raw files -> prepared shards), "
-    "`dqrm export` (checkpoint -> packed INT-N artifact), `dqrm reproduce` (the paper's tables), "
-    "`dqrm dashboard` (the wandb workspace); each takes --help"
+    "`dqrm export` (checkpoint -> packed INT-N artifact), `dqrm compare` (models' predictions over seeds, with "
+    "confidence intervals), `dqrm reproduce` (the paper's tables), `dqrm dashboard` (the wandb workspace); each "
+    "takes --help"
 )
 
 
@@ -487,35 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     remember_user_environment()
     _quiet_known_warnings()
-    if argv and argv[0] == "reproduce":
-        from dqrm_lightning.reproduce import main as reproduce_main
-
-        print(f"summary: {reproduce_main(argv[1:])}", flush=True)
-        return
-    if argv and argv[0] == "dashboard":
-        from dqrm_lightning.dashboard import main as dashboard_main
-
-        print(f"workspace: {dashboard_main(argv[1:])}", flush=True)
-        return
-    if argv and argv[0] == "export":
-        from dqrm_lightning.commands.export import main as export_main
-        from dqrm_lightning.export.artifact import ArtifactError
-
-        try:
-            path = export_main(argv[1:])
-        except (ArtifactError, FileNotFoundError, ValueError) as err:
-            raise _one_line("dqrm export", err) from None
-        print(f"summary: {path}", flush=True)
-        return
-    if argv and argv[0] == "data":
-        from dqrm_lightning.commands.data import main as data_main
-        from dqrm_lightning.data.criteo import CriteoFormatError
-
-        try:
-            path = data_main(argv[1:])
-        except (CriteoFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
-            raise _one_line("dqrm data", err) from None
-        print(f"summary: {path}", flush=True)
+    if argv and argv[0] in _TOOLS:
+        _run_tool(argv[0], argv[1:])
         return
     from dqrm_lightning.export.artifact import ArtifactError
 
@@ -533,6 +515,17 @@ def main(argv: list[str] | None = None) -> None:
         _name_dead_ranks(DQRMCLI.last, command)
         raise
     _close_process_group()  # after a run that succeeded on every rank (a failed one exits with its own error)
+
+
+def _run_tool(name: str, argv: list[str]) -> None:
+    """``dqrm NAME ...`` for a subcommand beside LightningCLI's: its ``main(argv)`` returns the path it wrote, printed
+    last; a mistake in the user's input (a missing file, a bad value) is one line."""
+    module, label = _TOOLS[name]
+    try:
+        path = importlib.import_module(module).main(argv)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        raise _one_line(f"dqrm {name}", err) from None
+    print(f"{label}: {path}", flush=True)
 
 
 def _one_line(command: str, err: BaseException, message: str | None = None) -> SystemExit:
