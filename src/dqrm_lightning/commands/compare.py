@@ -83,11 +83,8 @@ def compare(
         losses = [weighted_log_loss(labels, probs) for _, probs, _ in runs]
         models[name] = {
             "seeds": len(runs),
-            "auc": {"mean": float(np.mean(aucs)), "std": float(np.std(aucs, ddof=1)) if len(runs) > 1 else 0.0},
-            "log_loss": {
-                "mean": float(np.mean(losses)),
-                "std": float(np.std(losses, ddof=1)) if len(runs) > 1 else 0.0,
-            },
+            "auc": _spread(aucs),
+            "log_loss": _spread(losses),
             "per_seed": {"auc": aucs, "log_loss": losses},
         }
     base = [probs for _, probs, _ in loaded["baseline"]]
@@ -99,13 +96,21 @@ def compare(
     return {"rows": len(rows), "models": models, "difference": differences, "replicates": replicates}
 
 
+def _spread(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation over seeds (``None`` for one seed)."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+
+
+def _text(spread: dict[str, Any]) -> str:
+    return f"{spread['mean']:.4f}" + (f" ± {spread['std']:.4f}" if spread["std"] is not None else "")
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Markdown: one row per model, then the differences with their intervals."""
     lines = ["| model | seeds | test AUC (mean ± std) | test log loss (mean ± std) |", "|---|---|---|---|"]
     for name, model in result["models"].items():
         auc, loss = model["auc"], model["log_loss"]
-        auc_text, loss_text = f"{auc['mean']:.4f} ± {auc['std']:.4f}", f"{loss['mean']:.4f} ± {loss['std']:.4f}"
-        lines.append(f"| {name} | {model['seeds']} | {auc_text} | {loss_text} |")
+        lines.append(f"| {name} | {model['seeds']} | {_text(auc)} | {_text(loss)} |")
     for metric, label in (("auc", "AUC"), ("log_loss", "log loss")):
         d = result["difference"][metric]
         lines.append(
