@@ -20,3 +20,13 @@ def _teardown_process_group():
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """A test that runs `dqrm` in this process (`main([...])`) leaves no environment variable behind: `dqrm` notes
+    at start whether OMP_NUM_THREADS is the user's, and a later test's child process would inherit that note."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
