@@ -56,6 +56,7 @@ from dqrm_lightning.threads import apply as apply_threads
 from dqrm_lightning.threads import local_processes_from_env, remember_user_environment, resolve
 
 _LINKED = "model.num_embeddings_per_feature"
+_WITHOUT_VALIDATION = " (or `--trainer.limit_val_batches 0` to train without validation)"
 _RAW_INPUTS = ("train_files", "val_files", "test_files", "kaggle_train_txt", "terabyte_dir")
 
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -215,13 +216,13 @@ class DQRMCLI(LightningCLI):
         loggers: list[Logger] = [csv_logger]
         mode = wandb_mode(self._setting("wandb"))
         if mode != "disabled":
-            run_version = csv_logger.version
+            number = csv_logger.version
             csv_logger.experiment  # noqa: B018 - the CSV log directory first: wandb's files then land in it
             wandb_logger = WandbLogger(
                 project=self._setting("wandb_project"),
-                save_dir=os.path.join(root, "lightning_logs", f"version_{run_version}"),
+                save_dir=os.path.join(root, "lightning_logs", f"version_{number}"),
                 offline=mode == "offline",
-                name=f"{self.subcommand}-v{run_version}",
+                name=f"{self.subcommand}-v{number}",
                 id=wandb_id,
             )
             # Lightning passes `anonymous=None`, which wandb (>= 0.19) warns about on every run: leave it unset
@@ -242,7 +243,7 @@ class DQRMCLI(LightningCLI):
             needed = ["train"]
         for split in needed:
             if data["rows"][split] == 0:
-                hint = " (or `--trainer.limit_val_batches 0` to train without validation)" if split == "val" else ""
+                hint = _WITHOUT_VALIDATION if split == "val" else ""
                 raise ConfigError(f"the {split} split is empty: give `--data.{split}_files`{hint}")
         if self.subcommand == "predict":
             return  # scoring needs no labels
@@ -251,7 +252,7 @@ class DQRMCLI(LightningCLI):
                 continue
             if self.subcommand == "fit":
                 need = "training" if split == "train" else "validation"
-                hint = " (or `--trainer.limit_val_batches 0` to train without validation)" if split == "val" else ""
+                hint = _WITHOUT_VALIDATION if split == "val" else ""
                 advice = f"{need} needs labeled (40-field) lines{hint}"
             else:
                 advice = "score it with `dqrm predict`" + (" (as `--data.test_files`)" if split != "test" else "")

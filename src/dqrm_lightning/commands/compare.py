@@ -67,14 +67,11 @@ def compare(
     """The comparison as a JSON-friendly dict (see the module docstring)."""
     if len(baseline) != len(candidate):
         raise ValueError(f"give one candidate file per baseline seed: {len(baseline)} and {len(candidate)}")
-    loaded = {
-        name: [read_predictions(p) for p in paths] for name, paths in (("baseline", baseline), ("candidate", candidate))
-    }
+    paths = {"baseline": baseline, "candidate": candidate}
+    loaded = {name: [read_predictions(path) for path in files] for name, files in paths.items()}
     rows, _, labels = loaded["baseline"][0]
     for name, runs in loaded.items():
-        for path, (other_rows, _, other_labels) in zip(
-            baseline if name == "baseline" else candidate, runs, strict=True
-        ):
+        for path, (other_rows, _, other_labels) in zip(paths[name], runs, strict=True):
             if not (np.array_equal(other_rows, rows) and np.array_equal(other_labels, labels)):
                 raise ValueError(f"{path}: not the same test rows and labels as {baseline[0]}")
     models: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dqrm_lightning.checkpoint import load_file, read_dcp, verify_directory
+from dqrm_lightning.checkpoint import load_file, read_dcp
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.export.artifact import ArtifactWriter, check_output_dir, pack_codes
 from dqrm_lightning.export.size import model_bytes
@@ -44,9 +44,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         return load_file(path, mmap=True)
     from dqrm_lightning.strategies.base import META_FILE
 
-    verify_directory(path)
-    rest = load_file(path / META_FILE)
-    return rest | read_dcp(path, ("state_dict",))
+    tensors = read_dcp(path, ("state_dict",))  # checks every file of the directory against its digests first
+    return load_file(path / META_FILE) | tensors
 
 
 def export_checkpoint(
