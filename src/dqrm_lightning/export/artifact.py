@@ -6,6 +6,7 @@ Layout of an artifact directory::
                            and the sha256 of the manifest itself (``digest``)
     tables/C1.bin ...      table codes, row-major, packed: INT2 four per byte, INT4 two per byte (element 2k in the low
                            nibble, as FBGEMM), INT8 one byte, INT16 two bytes (little endian), FP32 four bytes
+    tables/C1.sb.bin ...   row-wise tables only: float16 (rows, 2), each row's scale and bias
     mlp/<layer>.w.bin      MLP weight codes (INT4 packed two per byte, INT8) or float32 weights
     mlp/<layer>.s.bin      float32 scale per output row (quantized layers)
     mlp/<layer>.b.bin      float32 bias (the value the QAT model used)
@@ -13,9 +14,12 @@ Layout of an artifact directory::
 Codes are stored unsigned: ``u = q + 2^(b-1)`` for the symmetric grid (``q`` signed), ``u = q`` for the asymmetric
 one; each table's value is ``u * scale + offset`` with a float16-exact ``scale`` and ``offset`` (``offset =
 -2^(b-1) * scale`` for symmetric tables), which is exactly FBGEMM's row-wise INT-N format with the same scale and bias
-on every row. Loading checks the manifest's own digest, every file's size and sha256, that file names stay inside the
-artifact, and that each table's and layer's file has the shape its entry describes, before use: a tampered,
-truncated or incomplete artifact is refused with a message naming the file.
+on every row. A row-wise table (entry ``"granularity": "per_row"``) has instead its own scale and bias per row, in
+the ``scale_bias`` file of its entry.
+
+Loading checks the manifest's own digest, every file's size and sha256, that file names stay inside the artifact,
+and that each table's and layer's file has the shape its entry describes, before use: a tampered, truncated or
+incomplete artifact is refused with a message naming the file.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import torch
 from dqrm_lightning.checkpoint import file_sha256
 
 FORMAT = "dqrm-artifact"
-VERSION = 2  # 2: the manifest carries its own sha256 (``digest``)
-_DTYPES = ("|u1", "<f4")  # what the writer stores: packed codes (bytes) and float32 arrays
+VERSION = 3  # 2: the manifest carries its own sha256 (``digest``); 3: row-wise tables (``scale_bias`` files)
+_READS = (2, VERSION)  # version 2 artifacts are version 3 ones without row-wise tables
+_DTYPES = ("|u1", "<f4", "<f2")  # what the writer stores: packed codes (bytes), float32 and float16 arrays
 
 
 class ArtifactError(ValueError):
@@ -85,6 +90,7 @@ class Artifact:
     path: Path
     manifest: dict[str, Any]
     tables: dict[str, np.ndarray] = field(default_factory=dict)
+    scale_bias: dict[str, np.ndarray] = field(default_factory=dict)  # row-wise tables: float16 (rows, 2)
     mlp: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
@@ -193,10 +199,10 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
         raise ArtifactError(f"{manifest_path}: unreadable manifest ({err})") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{manifest_path}: unreadable manifest (not a JSON object)")
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in _READS:
         raise ArtifactError(
             f"{manifest_path}: format {manifest.get('format')!r} v{manifest.get('version')} unsupported "
-            f"(this version reads {FORMAT!r} v{VERSION}; export the checkpoint again)"
+            f"(this version reads {FORMAT!r} v{'/v'.join(map(str, _READS))}; export the checkpoint again)"
         )
     if manifest.get("digest") != manifest_digest(manifest):
         raise ArtifactError(f"{manifest_path}: digest mismatch (the manifest was modified)")
@@ -207,6 +213,10 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
             array = _entry_file(arrays, table["file"], manifest_path, f"table {table['feature']}")
             _check_shape(root / table["file"], array, (table["rows"], row_bytes(table["bits"], table["dim"])))
             artifact.tables[table["feature"]] = array
+            if table.get("scale_bias"):
+                scale_bias = _entry_file(arrays, table["scale_bias"], manifest_path, f"table {table['feature']}")
+                _check_shape(root / table["scale_bias"], scale_bias, (table["rows"], 2), np.float16)
+                artifact.scale_bias[table["feature"]] = scale_bias
         for layer in manifest["mlp"]:
             files = {key: layer[key] for key in ("weight", "scale", "bias") if layer.get(key)}
             artifact.mlp[layer["name"]] = {
@@ -251,12 +261,21 @@ def _entry_file(arrays: dict[str, np.ndarray], name: str, manifest_path: Path, w
     return arrays[name]
 
 
-def _check_shape(file: Path, array: np.ndarray, expected: tuple[int, int]) -> None:
-    if array.ndim == 2 and array.dtype == np.uint8 and tuple(array.shape) == expected:
+def _check_shape(file: Path, array: np.ndarray, expected: tuple[int, int], dtype: type = np.uint8) -> None:
+    if array.ndim == 2 and array.dtype == dtype and tuple(array.shape) == expected:
         return
     raise ArtifactError(
-        f"{file}: holds {array.dtype} {list(array.shape)}, its table entry needs uint8 {list(expected)}"
+        f"{file}: holds {array.dtype} {list(array.shape)}, its table entry needs {np.dtype(dtype)} {list(expected)}"
     )
+
+
+def scale_bias(artifact: Artifact, table: dict[str, Any]) -> torch.Tensor:
+    """(rows, 2) float16 ``(scale, bias)`` of every row of a quantized table (manifest entry ``table``): its own per
+    row for a row-wise table, the table's on every row (a broadcast view) otherwise. A row's value is
+    ``codes * scale + bias``, as in FBGEMM's row-wise INT-N format."""
+    if table["feature"] in artifact.scale_bias:
+        return torch.from_numpy(np.array(artifact.scale_bias[table["feature"]]))
+    return torch.tensor([table["scale"], table["offset"]], dtype=torch.float16).expand(table["rows"], 2)
 
 
 def dequantized_mlp_weight(layer: dict[str, Any], arrays: dict[str, np.ndarray]) -> torch.Tensor:

@@ -25,7 +25,7 @@ from dqrm_lightning.model import model_shape
 from dqrm_lightning.names import MLP_ARCHS, QAT_CONFIG_KEY, QUANTIZER_PREFIX, dlrm_key, table_key
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.embedding import EmbeddingQuantizer
-from dqrm_lightning.quant.fake_quant import grid_from_extrema, qrange, quantize_codes
+from dqrm_lightning.quant.fake_quant import Mode, grid_from_extrema, qrange, quantize_codes, row_grid
 from dqrm_lightning.quant.linear import FakeQuantizedLinear, linear_kwargs
 
 PtqScales = Literal["trained", "init"]
@@ -85,20 +85,21 @@ def export_checkpoint(
         raise ValueError(f"{ckpt_path}: not a DLRMModule checkpoint (no hyper_parameters)")
     config, ptq = _quantization(checkpoint, ckpt_path, embedding_bits, mlp_bits, ptq_scales)
     state = checkpoint["state_dict"]
-    quantizer = EmbeddingQuantizer(list(DEFAULT_CAT_NAMES), list(hp["num_embeddings_per_feature"]), config)
+    rows = list(hp["num_embeddings_per_feature"])
+    quantizer = EmbeddingQuantizer(list(DEFAULT_CAT_NAMES), rows, int(hp["embedding_dim"]), config)
     quantizer.load_saved(_under(state, QUANTIZER_PREFIX))
     if ptq is None and config.quantizes_embeddings and not quantizer.initialized:
         ptq = "trained"  # never trained with quantization active (e.g. stopped in the FP32 warm-up)
     with ArtifactWriter(out, force) as writer:
+        bits = quantizer.table_bits()  # the trained bits (saved with the quantizer)
         tables = [
-            _write_table(writer, f, state[table_key(feature)].float(), config, quantizer, ptq)
+            _write_table(writer, f, state[table_key(feature)].float(), bits[feature], config, quantizer, ptq)
             for f, feature in enumerate(DEFAULT_CAT_NAMES)
         ]
         layers = [
             _write_layer(writer, name, layer, config if quantize_mlp else None) for name, layer in _mlp_layers(state)
         ]
-        payload = sum(meta["bytes"] for meta in writer.files.values())
-        manifest = _manifest(hp, config, ptq, ckpt_path, tables, layers, payload)
+        manifest = _manifest(hp, config, ptq, ckpt_path, tables, layers, _sizes(hp, tables, writer.files))
         writer.finish(manifest)
         return manifest | {"files": writer.files}
 
@@ -110,10 +111,9 @@ def _manifest(
     ckpt_path: str | Path,
     tables: list[dict[str, Any]],
     layers: list[dict[str, Any]],
-    payload: int,
+    sizes: dict[str, Any],
 ) -> dict[str, Any]:
     """The manifest of an artifact, without its file list and digest (which the writer adds)."""
-    fp32_bytes = model_bytes(model_shape(hp))
     return {
         "model": {
             "num_embeddings_per_feature": [int(r) for r in hp["num_embeddings_per_feature"]],
@@ -127,7 +127,30 @@ def _manifest(
         "source_checkpoint": str(ckpt_path),
         "tables": tables,
         "mlp": layers,
-        "bytes": {"payload": payload, "fp32_model": fp32_bytes, "ratio": payload / fp32_bytes},
+        "bytes": sizes,
+    }
+
+
+def _sizes(hp: dict[str, Any], tables: list[dict[str, Any]], files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``bytes``: ``payload`` (its files), ``model`` (the payload plus the fp16 scale and offset of
+    each per-table quantized table, kept in the manifest: :func:`~dqrm_lightning.export.size.quantized_model_bytes`),
+    ``scale_bias`` (the tables' scales and offsets, included in both), ``tables`` (the stored tables) and the FP32
+    counterparts with their ratios."""
+    payload = sum(meta["bytes"] for meta in files.values())
+    in_manifest = 4 * sum(1 for t in tables if t["bits"] != 32 and "scale_bias" not in t)
+    per_row = sum(files[t["scale_bias"]]["bytes"] for t in tables if "scale_bias" in t)
+    stored_tables = in_manifest + per_row + sum(files[t["file"]]["bytes"] for t in tables)
+    fp32_model = model_bytes(model_shape(hp))
+    fp32_tables = sum(4 * t["rows"] * t["dim"] for t in tables)
+    return {
+        "payload": payload,
+        "model": payload + in_manifest,
+        "scale_bias": in_manifest + per_row,
+        "tables": stored_tables,
+        "fp32_model": fp32_model,
+        "fp32_tables": fp32_tables,
+        "ratio": payload / fp32_model,
+        "table_ratio": stored_tables / fp32_tables,
     }
 
 
@@ -155,17 +178,23 @@ def _write_table(
     writer: ArtifactWriter,
     f: int,
     weight: torch.Tensor,
+    bits: int | None,
     config: QATConfig,
     quantizer: EmbeddingQuantizer,
     ptq: PtqScales | None,
 ) -> dict[str, Any]:
-    """Write table ``f`` (FP32, or unsigned codes at its bits) and return its manifest entry."""
+    """Write table ``f`` (FP32, or unsigned codes at ``bits``) and return its manifest entry."""
     feature, (rows, dim) = DEFAULT_CAT_NAMES[f], weight.shape
-    bits = config.table_bits(feature, rows)
     entry: dict[str, Any] = {"feature": feature, "rows": int(rows), "dim": int(dim), "mode": config.embedding_mode}
     if bits is None:
         entry |= {"bits": 32, "scale": 1.0, "offset": 0.0}
         entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(weight.numpy(), 32))
+        return entry
+    if config.embedding_granularity == "per_row":  # each row's own grid, as QAT computed it from the same rows
+        codes, scale_bias = _row_wise_codes(weight, bits, config.embedding_mode)
+        entry |= {"bits": bits, "granularity": "per_row"}
+        entry["scale_bias"] = writer.add(f"tables/{feature}.sb.bin", scale_bias)
+        entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
         return entry
     if ptq is None:  # the QAT model's frozen grid
         scale, offset = float(quantizer.scale[f]), float(quantizer.offset[f])
@@ -235,6 +264,25 @@ def _write_layer(
 def _under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``state`` below ``prefix``, keyed without it."""
     return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _row_wise_codes(weight: torch.Tensor, bits: int, mode: Mode) -> tuple[np.ndarray, np.ndarray]:
+    """Unsigned codes (rows, D) of a table on each row's own grid, and the grids as float16 (rows, 2) ``(scale,
+    bias)`` (FBGEMM's row-wise format: value ``u * scale + bias``), a million rows at a time."""
+    codes = np.empty(weight.shape, dtype=np.int32)
+    scale_bias = np.empty((weight.shape[0], 2), dtype=np.float16)
+    low, high = qrange(bits, mode)
+    lo, hi = torch.tensor(float(low)), torch.tensor(float(high))
+    for start in range(0, weight.shape[0], 1 << 20):
+        chunk = weight[start : start + (1 << 20)]  # (n, D)
+        scale, offset = row_grid(chunk, bits, mode)  # (n, 1) each
+        chunk_codes = quantize_codes(chunk, scale, lo, hi, offset)
+        if mode == "symmetric":  # unsigned codes u = q + 2^(b-1): value = u * s - 2^(b-1) * s
+            chunk_codes += 2 ** (bits - 1)
+            offset = -(2 ** (bits - 1)) * scale
+        codes[start : start + len(chunk)] = chunk_codes.numpy()
+        scale_bias[start : start + len(chunk)] = torch.cat([scale, offset], dim=1).half().numpy()
+    return codes, scale_bias
 
 
 def _chunked_codes(weight: torch.Tensor, scale: float, offset: float, low: int, high: int) -> np.ndarray:

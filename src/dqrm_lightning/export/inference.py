@@ -13,7 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dqrm_lightning.export.artifact import Artifact, dequantized_mlp_weight, load_artifact, unpack_codes
+from dqrm_lightning.export.artifact import (
+    Artifact,
+    dequantized_mlp_weight,
+    load_artifact,
+    scale_bias,
+    unpack_codes,
+)
 from dqrm_lightning.names import table_name
 
 
@@ -88,6 +94,9 @@ class PlainTorchDLRM(ArtifactDLRM):
         super().__init__(artifact)
         self.tables = {t["feature"]: t for t in artifact.manifest["tables"]}
         self.codes = {f: torch.from_numpy(np.array(artifact.tables[f])) for f in self.feature_names}
+        self.scale_bias = {
+            t["feature"]: scale_bias(artifact, t) for t in artifact.manifest["tables"] if t["bits"] != 32
+        }
 
     def embed(self, features: Any) -> torch.Tensor:
         out = []
@@ -99,7 +108,8 @@ class PlainTorchDLRM(ArtifactDLRM):
             if table["bits"] == 32:
                 out.append(codes)
             else:
-                out.append(codes.float() * table["scale"] + table["offset"])
+                grid = self.scale_bias[feature][ids.long()].float()  # (B, 2)
+                out.append(codes.float() * grid[:, :1] + grid[:, 1:])
         return torch.stack(out, dim=1)  # (B, F, D)
 
 
@@ -118,7 +128,8 @@ class TorchRecDLRM(ArtifactDLRM):
             bits = table["bits"]
             codes = torch.from_numpy(np.array(artifact.tables[table["feature"]]))
             if bits == 16:  # FBGEMM has no INT16 rows: serve the dequantized values in FP32
-                values = unpack_codes(codes, 16, table["dim"]).float() * table["scale"] + table["offset"]
+                grid = scale_bias(artifact, table).float()  # (rows, 2)
+                values = unpack_codes(codes, 16, table["dim"]).float() * grid[:, :1] + grid[:, 1:]
                 codes, bits = values.contiguous().view(torch.uint8), 32
             name = table_name(table["feature"])
             configs.append(
@@ -133,8 +144,7 @@ class TorchRecDLRM(ArtifactDLRM):
             if bits == 32:
                 weights[name] = (codes.reshape(table["rows"], -1), None)
             else:
-                scale_bias = torch.tensor([table["scale"], table["offset"]], dtype=torch.float16).view(torch.uint8)
-                weights[name] = (codes, scale_bias.expand(table["rows"], 4).contiguous())
+                weights[name] = (codes, scale_bias(artifact, table).contiguous().view(torch.uint8))  # (rows, 4)
         self.ebc = QuantEBC(
             tables=configs, is_weighted=False, device=torch.device("cpu"), table_name_to_quantized_weights=weights
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dqrm_lightning.comms.accounting import ModelShape
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
-from dqrm_lightning.quant.config import QATConfig
+from dqrm_lightning.quant.config import QATConfig, stored_table_bytes
 
 
 def model_bytes(shape: ModelShape, embedding_bits: int = 32, dense_bits: int = 32) -> int:
@@ -23,13 +23,19 @@ def model_bytes(shape: ModelShape, embedding_bits: int = 32, dense_bits: int = 3
 
 
 def quantized_model_bytes(shape: ModelShape, config: QATConfig) -> int:
-    """Bytes of the INT-N model: packed table codes plus one fp16 scale and offset per quantized table, MLP weight
-    rows at their bits (packed to whole bytes) with a float32 scale each, float32 biases; FP32 parts at 4 bytes."""
+    """Bytes of the INT-N model as the artifact stores it: each table at the bits :meth:`QATConfig.assign_bits` gives
+    it (:func:`~dqrm_lightning.quant.config.stored_table_bytes`: packed codes plus an fp16 scale and offset per table,
+    or per row for ``per_row`` tables; FP32 tables at 4 bytes a value), MLP weight rows at their bits (packed to
+    whole bytes) with a float32 scale each, float32 biases. This is the manifest's ``bytes.model``.
+
+    It is the artifact size, not the serving memory: FBGEMM's row-wise INT-N tables (TorchRec's quantized
+    EmbeddingBagCollection) hold an fp16 scale and bias on every row, so a ``per_table`` table takes the ``per_row``
+    bytes once loaded.
+    """
     dim = shape.embedding_dim
-    tables = 0
-    for feature, rows in zip(DEFAULT_CAT_NAMES, shape.table_rows, strict=True):
-        bits = config.table_bits(feature, rows)
-        tables += rows * dim * 4 if bits is None else -(-rows * dim * bits // 8) + 4
+    rows = dict(zip(DEFAULT_CAT_NAMES, shape.table_rows, strict=True))
+    bits = config.assign_bits(rows, dim)
+    tables = sum(stored_table_bytes(rows[f], dim, bits[f], config.embedding_granularity) for f in rows)
     mlp = 0
     for width, out in shape.mlp_layers:
         weight = 4 * width * out if config.mlp_bits is None else out * (-(-width * config.mlp_bits // 8) + 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +12,8 @@ from dqrm_lightning.quant.fake_quant import SUPPORTED_BITS, Mode, Ste
 MLPGranularity = Literal["per_row", "per_tensor"]
 BiasMode = Literal["fp32", "reference"]
 ScaleTracking = Literal["periodic", "exact"]
+EmbeddingGranularity = Literal["per_table", "per_row"]
+BUDGET_BITS = (8, 4, 2)  # candidate bits of the size-budget policy, widest first
 
 
 @dataclass
@@ -28,6 +31,14 @@ class QATConfig:
         embedding_bits_by_rows: size policy ``[[min_rows, bits], ...]``: a table gets the bits of the largest
             ``min_rows`` it reaches (applied before ``embedding_bits_per_table``).
         embedding_mode: ``symmetric`` (reference code) or ``asymmetric`` (min/max grid, paper Fig. 2).
+        embedding_granularity: ``per_table`` (one grid per table, refreshed every ``scale_period`` steps: the paper)
+            or ``per_row`` (every row has its own float16 scale and bias from its own min/max, FBGEMM's row-wise
+            INT-N format; stateless, so ``scale_period`` and ``scale_tracking`` do not affect these tables).
+        size_budget: a fraction of the FP32 bytes of the embedding tables (MLPs excluded: their bits are
+            ``mlp_bits``) that the stored tables, codes plus scales and biases, must fit in, e.g. ``0.125``; ``None``
+            (default) for no budget. The bits then come from a greedy size policy (:meth:`assign_bits`):
+            every table not named in ``embedding_bits_per_table`` starts at ``embedding_bits`` (8 when ``None``),
+            and the table whose next step down in {8, 4, 2} saves the most bytes is lowered until the tables fit.
         ste: straight-through gradient: ``identity`` (reference) or ``clipped``.
         scale_period: refresh each table's scale at step 0 and then every ``scale_period`` optimizer steps
             (1 = the paper's "naive" baseline, refreshed every step).
@@ -53,6 +64,8 @@ class QATConfig:
     embedding_bits_per_table: dict[str, int] | None = None  # None: no overrides (stored as {})
     embedding_bits_by_rows: list[list[int]] | None = None  # None: no size policy (stored as [])
     embedding_mode: Mode = "symmetric"
+    embedding_granularity: EmbeddingGranularity = "per_table"
+    size_budget: float | None = None
     ste: Ste = "identity"
     scale_period: int = 200
     period_off_by_one: bool = False
@@ -94,6 +107,22 @@ class QATConfig:
             raise ValueError(f"`embedding_mode` must be 'symmetric' or 'asymmetric', got {self.embedding_mode!r}")
         if self.ste not in ("identity", "clipped"):
             raise ValueError(f"`ste` must be 'identity' or 'clipped', got {self.ste!r}")
+        if self.embedding_granularity not in ("per_table", "per_row"):
+            raise ValueError(
+                f"`embedding_granularity` must be 'per_table' or 'per_row', got {self.embedding_granularity!r}"
+            )
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        if self.size_budget is None:
+            return
+        budget = self.size_budget
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+            raise ValueError(f"`size_budget` must be a fraction in (0, 1] of the FP32 table bytes, got {budget!r}")
+        if self.embedding_bits_by_rows:
+            raise ValueError(
+                "`size_budget` chooses the bits itself: it cannot be combined with `embedding_bits_by_rows`"
+            )
 
     def _check_schedule(self) -> None:
         if isinstance(self.scale_period, bool) or not isinstance(self.scale_period, int) or self.scale_period <= 0:
@@ -117,7 +146,7 @@ class QATConfig:
 
     @property
     def quantizes_embeddings(self) -> bool:
-        return self.embedding_bits is not None or bool(self.embedding_bits_per_table)
+        return self.embedding_bits is not None or bool(self.embedding_bits_per_table) or self.size_budget is not None
 
     @property
     def enabled(self) -> bool:
@@ -133,11 +162,53 @@ class QATConfig:
                 bits = rule_bits
         return self.embedding_bits_per_table.get(feature, bits)
 
+    def assign_bits(self, table_rows: Mapping[str, int], dim: int) -> dict[str, int | None]:
+        """Bits of every table (``None`` = FP32), by feature: :meth:`table_bits` of each, or under ``size_budget``
+        the greedy size policy.
+
+        The policy starts every table not pinned by ``embedding_bits_per_table`` at ``embedding_bits`` (8 when
+        ``None``) and repeatedly lowers, to the next of {8, 4, 2}, the table whose step saves the most bytes (ties:
+        the first feature), until the stored tables (:func:`stored_table_bytes`, scales and biases included) fit in
+        ``size_budget`` x their FP32 bytes. The sequence of steps does not depend on the budget, so the result is
+        deterministic and monotone: a smaller budget never gives a table more bits.
+
+        Raises:
+            ValueError: the budget is unreachable even with every free table at INT2 (names the smallest fraction).
+        """
+        assert self.embedding_bits_per_table is not None  # __post_init__ stores None as {}
+        if self.size_budget is None:
+            return {feature: self.table_bits(feature, rows) for feature, rows in table_rows.items()}
+        start = self.embedding_bits or max(BUDGET_BITS)
+        bits: dict[str, int | None] = {f: self.embedding_bits_per_table.get(f, start) for f in table_rows}
+        free = [f for f in table_rows if f not in self.embedding_bits_per_table]
+
+        def size(feature: str, table_bits: int | None) -> int:
+            return stored_table_bytes(table_rows[feature], dim, table_bits, self.embedding_granularity)
+
+        budget = self.size_budget * sum(size(f, None) for f in table_rows)
+        total = sum(size(f, b) for f, b in bits.items())
+        while total > budget:
+            steps = [
+                (size(f, bits[f]) - size(f, _lower(bits[f])), -i, f) for i, f in enumerate(free) if _lower(bits[f])
+            ]
+            if not steps:
+                fp32 = sum(size(f, None) for f in table_rows)
+                raise ValueError(
+                    f"`size_budget` {self.size_budget} is unreachable: with every table at INT{min(BUDGET_BITS)} "
+                    f"({self.embedding_granularity}) the tables take {total / fp32:.4f} of their FP32 bytes"
+                )
+            saved, _, feature = max(steps)
+            bits[feature] = _lower(bits[feature])
+            total -= saved
+        return bits
+
     _STRUCTURAL = (
         "embedding_bits",
         "embedding_bits_per_table",
         "embedding_bits_by_rows",
         "embedding_mode",
+        "embedding_granularity",
+        "size_budget",
         "ste",
         "mlp_bits",
         "mlp_granularity",
@@ -152,6 +223,21 @@ class QATConfig:
     def effective_period(self) -> int:
         """Optimizer steps between two refreshes."""
         return self.scale_period + (1 if self.period_off_by_one else 0)
+
+
+def stored_table_bytes(rows: int, dim: int, bits: int | None, granularity: EmbeddingGranularity) -> int:
+    """Bytes a table takes in the artifact: FP32 rows (``bits`` ``None``), or codes packed per row to whole bytes plus
+    an fp16 scale and bias per table (``per_table``) or per row (``per_row``)."""
+    if bits is None:
+        return rows * dim * 4
+    codes = rows * -(-dim * bits // 8)
+    return codes + 4 * (rows if granularity == "per_row" else 1)
+
+
+def _lower(bits: int | None) -> int | None:
+    """The next smaller candidate bit width of the size policy (``None`` below the smallest, or for FP32)."""
+    smaller = [b for b in BUDGET_BITS if bits is not None and b < bits]
+    return smaller[0] if smaller else None
 
 
 def _is_bits(value: object, allow_none: bool = False, choices: tuple[int, ...] = SUPPORTED_BITS) -> bool:

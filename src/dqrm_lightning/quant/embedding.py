@@ -19,6 +19,10 @@ table-sized temporary), at the first training step and then every ``scale_period
 in between and during evaluation. Under sharding every rank reduces its local shards and the extrema are all-reduced,
 so all ranks hold identical scales. Scales, offsets, bits and the refresh counters are buffers: they are saved in
 checkpoints and a resumed run continues exactly.
+
+With ``embedding_granularity: per_row`` each looked-up row is quantized on its own grid, computed from that row's
+extrema when it is looked up (:func:`~dqrm_lightning.quant.fake_quant.row_grid`): nothing is stored or refreshed
+for it, so ``scale_period`` and ``scale_tracking`` play no part (the per-table buffers are still kept, unused).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dqrm_lightning.quant.config import QATConfig
-from dqrm_lightning.quant.fake_quant import fake_quantize, grid_from_extrema, qrange
+from dqrm_lightning.quant.fake_quant import fake_quantize, grid_from_extrema, qrange, row_grid
 
 
 class TableAccess:
@@ -96,6 +100,11 @@ def table_rows(ebc: nn.Module) -> dict[str, int]:
     return {cfg.feature_names[0]: int(cfg.num_embeddings) for cfg in _table_configs(ebc)}
 
 
+def embedding_dim(ebc: nn.Module) -> int:
+    """The embedding dimension D of an EmbeddingBagCollection (sharded or not) whose tables all share it."""
+    return int(_table_configs(ebc)[0].embedding_dim)
+
+
 class _TopRows:
     """The ``k`` rows of a table with the largest per-row extreme (max, or -min for the low side), and ``tau``: every
     row outside the set is known to have a value <= ``tau``."""
@@ -154,6 +163,7 @@ class EmbeddingQuantizer(nn.Module):
     Args:
         feature_names: the F features in SparseArch output order.
         table_rows: rows of each feature's table.
+        embedding_dim: D (the bits of a ``size_budget`` depend on it).
         config: the QAT settings.
     """
 
@@ -170,11 +180,12 @@ class EmbeddingQuantizer(nn.Module):
     last_refresh_step: torch.Tensor  # () int64
     start_step: torch.Tensor  # () int64
 
-    def __init__(self, feature_names: list[str], table_rows: list[int], config: QATConfig) -> None:
+    def __init__(self, feature_names: list[str], table_rows: list[int], embedding_dim: int, config: QATConfig) -> None:
         super().__init__()
         self.feature_names = list(feature_names)
         self.config = config
-        bits = [config.table_bits(f, rows) for f, rows in zip(feature_names, table_rows, strict=True)]
+        assigned = config.assign_bits(dict(zip(feature_names, table_rows, strict=True)), embedding_dim)
+        bits = [assigned[f] for f in feature_names]
         self.register_buffer("bits", torch.tensor([b or 0 for b in bits], dtype=torch.int64))
         ranges = [qrange(b, config.embedding_mode) if b else (0, 0) for b in bits]
         self.register_buffer("qmin", torch.tensor([r[0] for r in ranges], dtype=torch.float32))
@@ -322,10 +333,8 @@ class EmbeddingQuantizer(nn.Module):
         lengths = features.lengths().view(len(features.keys()), -1)  # (F, B)
         one_hot = bool((lengths == 1).all())
         if one_hot:
-            offset = self.offset.view(shape) if self.config.embedding_mode == "asymmetric" else None
-            out = fake_quantize(
-                pooled, self.scale.view(shape), self.qmin.view(shape), self.qmax.view(shape), offset, self.config.ste
-            )
+            scale, offset = self._grid(pooled)
+            out = fake_quantize(pooled, scale, self.qmin.view(shape), self.qmax.view(shape), offset, self.config.ste)
             if not self._all_quantized:
                 out = torch.where(self.quantized.view(shape), out, pooled)
         else:
@@ -334,6 +343,17 @@ class EmbeddingQuantizer(nn.Module):
             with torch.no_grad():
                 self.last_error = (out - pooled).abs().mean(dim=(0, 2)).detach()  # (F,)
         return out
+
+    def _grid(self, rows: torch.Tensor, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scale, offset)`` of rows (B, F, D) of every table, or rows (N, D) of table ``f``: the table's frozen
+        grid, or under ``per_row`` each row's own; ``offset`` is ``None`` for the symmetric grid."""
+        per_feature = slice(None) if f is None else f
+        shape = (1, -1, 1) if f is None else ()  # broadcast per feature over (B, F, D), or a scalar
+        if self.config.embedding_granularity == "per_row":
+            scale, offset = row_grid(rows, self.bits[per_feature].clamp_min(2).view(shape), self.config.embedding_mode)
+        else:
+            scale, offset = self.scale[per_feature].view(shape), self.offset[per_feature].view(shape)
+        return scale, (offset if self.config.embedding_mode == "asymmetric" else None)
 
     @torch.no_grad()
     def _multi_hot_correction(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -349,13 +369,17 @@ class EmbeddingQuantizer(nn.Module):
             jagged = per_feature[name]
             ids = jagged.values()
             rows = self.tables.rows(name, ids).float()  # (N, D)
-            q = fake_quantize(rows, self.scale[f], self.qmin[f], self.qmax[f], self.offset[f])
+            scale, offset = self._grid(rows, f)
+            q = fake_quantize(rows, scale, self.qmin[f], self.qmax[f], offset)
             bag = torch.repeat_interleave(torch.arange(batch), jagged.lengths().long())
             correction[:, f, :].index_add_(0, bag, (q - rows).to(pooled.dtype))
         return correction
 
     # --------------------------------------------------------------------------------------------- reports
     def scales(self) -> dict[str, float]:
+        """The frozen scale of each quantized table (none under ``per_row``: every row has its own)."""
+        if self.config.embedding_granularity == "per_row":
+            return {}
         return {f: float(s) for f, s, q in zip(self.feature_names, self.scale, self.quantized, strict=True) if q}
 
     def errors(self) -> dict[str, float]:

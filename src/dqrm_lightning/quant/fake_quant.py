@@ -8,6 +8,8 @@ float16 scale and bias per row) compute the same values:
 * asymmetric (the paper's Fig. 2): ``s = (max W - min W) / (2^b - 1)``, ``beta = min W``,
   ``q = clamp(round((x - beta) / s), 0, 2^b - 1)``, value ``q * s + beta``.
 
+``W`` is a whole table (per-table grids, the paper) or one row (:func:`row_grid`, FBGEMM's row-wise format).
+
 ``round`` is round-half-to-even (``torch.round``). The scale is rounded *up* to the next float16 so a freshly computed
 scale never clips the table it was computed from.
 
@@ -71,6 +73,14 @@ def grid_from_extrema(
         scale = symmetric_scale(torch.maximum(low.abs(), high.abs()), bits)
         return scale, torch.zeros_like(scale)
     return asymmetric_scale(low, high, bits)
+
+
+def row_grid(rows: torch.Tensor, bits: torch.Tensor | int, mode: Mode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise ``(scale, offset)``, each (..., 1): the :func:`grid_from_extrema` of every row of ``rows`` (..., D)
+    over its own D values (FBGEMM's row-wise INT-N format: a float16 scale and bias per row). ``bits`` broadcasts
+    against (..., 1). No gradient flows into the grid."""
+    low, high = torch.aminmax(rows.detach().float(), dim=-1, keepdim=True)
+    return grid_from_extrema(low, high, bits, mode)
 
 
 class _FakeQuantize(torch.autograd.Function):

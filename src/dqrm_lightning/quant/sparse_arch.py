@@ -12,7 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from typing_extensions import override
 
 from dqrm_lightning.quant.config import QATConfig
-from dqrm_lightning.quant.embedding import EmbeddingQuantizer, table_rows
+from dqrm_lightning.quant.embedding import EmbeddingQuantizer, embedding_dim, table_rows
 
 
 class FakeQuantizedSparseArch(nn.Module):
@@ -46,7 +46,7 @@ class FakeQuantizedSparseArch(nn.Module):
         ebc = arch.embedding_bag_collection
         features = list(arch.sparse_feature_names)
         rows = table_rows(ebc)
-        quantizer = EmbeddingQuantizer(features, [rows[feature] for feature in features], config)
+        quantizer = EmbeddingQuantizer(features, [rows[feature] for feature in features], embedding_dim(ebc), config)
         quantizer.attach(ebc)
         return cls(ebc, features, quantizer)
 
