@@ -35,10 +35,25 @@ CONFIGS = [
     QATConfig(embedding_bits=8, embedding_bits_per_table={"C1": 16, "C2": 2}, mlp_bits=4, mlp_bias="reference"),
     QATConfig(embedding_bits=4, mlp_bits=4, mlp_granularity="per_tensor"),
     QATConfig(embedding_bits=4, mlp_bits=4, mlp_activation_bits=8),
+    QATConfig(embedding_bits=4, mlp_bits=4, embedding_granularity="per_row"),
+    QATConfig(embedding_bits=2, embedding_mode="asymmetric", embedding_granularity="per_row"),
+    QATConfig(embedding_bits=2, embedding_granularity="per_row"),
+    QATConfig(size_budget=0.3, embedding_granularity="per_row", embedding_mode="asymmetric"),  # INT8 and INT4 at D = 8
+]
+IDS = [
+    "int4",
+    "int2-asym-mlp8",
+    "mixed-ref-bias",
+    "per-tensor",
+    "act8",
+    "int4-row",
+    "int2-row-asym",
+    "int2-row",
+    "budget",
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["int4", "int2-asym-mlp8", "mixed-ref-bias", "per-tensor", "act8"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("engine", ["torchrec", "plain"])
 def test_exported_predictions_equal_qat_eval(tmp_path, config, engine):
     module = trained_module(config)
@@ -64,6 +79,46 @@ def test_artifact_size_formula(tmp_path):
     # the analytic size also counts each table's fp16 scale and offset, which live in the manifest
     analytic = quantized_model_bytes(model_shape(module.hparams), module.qat_config)
     assert manifest["bytes"]["payload"] == analytic - 26 * 4
+    assert manifest["bytes"]["model"] == analytic
+    assert manifest["bytes"]["scale_bias"] == 26 * 4
+
+
+@pytest.mark.parametrize("engine", ["torchrec", "plain"])
+@pytest.mark.parametrize(("bits", "mode"), [(4, "symmetric"), (2, "asymmetric")])
+def test_row_wise_artifact_embeds_exactly_as_qat_eval_and_counts_its_scales(tmp_path, bits, mode, engine):
+    config = QATConfig(embedding_bits=bits, embedding_mode=mode, embedding_granularity="per_row", mlp_bits=4)
+    module = trained_module(config)
+    batch = random_batch(seed=7, rows=ROWS, batch_size=64)
+    with torch.no_grad():
+        expected = module.dlrm.sparse_arch(batch.sparse_features)  # (B, F, D)
+    save_checkpoint(module, tmp_path / "m.ckpt")
+    manifest = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
+    model = load_inference_model(tmp_path / "art", engine)
+    torch.testing.assert_close(model.embed(batch.sparse_features), expected, rtol=0, atol=0)
+    scale_bias = load_artifact(tmp_path / "art").scale_bias["C7"]
+    assert scale_bias.dtype == np.float16
+    assert scale_bias.shape == (ROWS, 2)
+    sizes = manifest["bytes"]
+    assert sizes["scale_bias"] == 26 * ROWS * 4  # per row: fp16 scale and bias, all in the payload
+    assert sizes["tables"] == 26 * ROWS * (8 * bits // 8 + 4)
+    assert sizes["model"] == sizes["payload"] == quantized_model_bytes(model_shape(module.hparams), config)
+    assert sizes["table_ratio"] == (8 * bits // 8 + 4) / 32
+
+
+def test_a_version_2_artifact_still_loads(artifact):
+    _edit_manifest(artifact, lambda m: m.update(version=2))  # version 2 = version 3 without row-wise tables
+    model = load_inference_model(artifact, "plain")
+    batch = random_batch(seed=1, rows=ROWS)
+    assert model(batch.dense_features, batch.sparse_features).shape == (32, 1)
+
+
+def test_a_row_wise_scale_file_of_the_wrong_shape_is_refused(tmp_path):
+    module = trained_module(QATConfig(embedding_bits=4, embedding_granularity="per_row"), steps=1)
+    save_checkpoint(module, tmp_path / "m.ckpt")
+    export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
+    _edit_manifest(tmp_path / "art", lambda m: m["tables"][0].update(scale_bias="tables/C2.bin"))
+    with pytest.raises(ArtifactError, match=r"C2\.bin: holds uint8 \[40, 4\], its table entry needs float16 \[40, 2\]"):
+        load_artifact(tmp_path / "art")
 
 
 def test_tampered_truncated_or_foreign_artifacts_are_refused(tmp_path):

@@ -10,6 +10,7 @@ from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.fake_quant import fp16_ceil
 from dqrm_lightning.strategies.sharding import gather_full
 from tests.helpers.model import KAGGLE, ROWS, qat_module, random_batch
+from tests.helpers.quant import brute_force_row_wise
 
 
 def full_table(module: DLRMModule, feature: str) -> torch.Tensor:
@@ -53,6 +54,34 @@ def test_multi_hot_quantizes_rows_before_pooling():
             torch.testing.assert_close(pooled[b, f], expected, rtol=0, atol=2e-7)
             # summing after quantizing differs from quantizing the sum (the reference code's pooled-output quirk)
     assert pooled.shape == (batch_size, 26, 8)
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_per_row_one_hot_output_is_each_row_on_its_own_grid(bits, mode):
+    config = QATConfig(embedding_bits=bits, embedding_mode=mode, embedding_granularity="per_row")
+    module = qat_module(config)
+    batch = random_batch(batch_size=16, rows=ROWS)
+    pooled = module.dlrm.sparse_arch(batch.sparse_features)  # (B, F, D)
+    for f, feature in enumerate(DEFAULT_CAT_NAMES):
+        rows = full_table(module, feature)[batch.sparse_features[feature].values()]  # (B, D)
+        expected = brute_force_row_wise(rows.numpy(), bits, mode)[2]
+        np.testing.assert_array_equal(pooled[:, f, :].detach().numpy(), expected)
+    assert module.embedding_quantizer.scales() == {}  # no per-table scale to report
+
+
+def test_per_row_multi_hot_quantizes_each_row_on_its_own_grid_before_pooling():
+    module = qat_module(QATConfig(embedding_bits=4, embedding_granularity="per_row", embedding_mode="asymmetric"))
+    lengths = torch.tensor([2, 0, 3] * 26, dtype=torch.int32)
+    values = torch.randint(0, ROWS, (int(lengths.sum()),))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=list(DEFAULT_CAT_NAMES), values=values, lengths=lengths)
+    pooled = module.dlrm.sparse_arch(kjt)
+    for f, feature in enumerate(DEFAULT_CAT_NAMES[:4]):
+        table = brute_force_row_wise(full_table(module, feature).numpy(), 4, "asymmetric")[2]  # every row quantized
+        ids = kjt[feature].values().split(kjt[feature].lengths().tolist())
+        for b, bag in enumerate(ids):
+            expected = torch.from_numpy(table[bag.numpy()]).sum(dim=0)
+            torch.testing.assert_close(pooled[b, f], expected, rtol=0, atol=2e-7)
 
 
 def test_gradient_reaches_only_looked_up_rows_through_the_quantizer():
@@ -139,6 +168,12 @@ def test_mixed_precision_policy():
         ({"mlp_bits": 4, "mlp_activation_bits": 3}, "^`mlp_activation_bits` must be"),
         ({"mlp_activation_bits": 8}, "^`mlp_activation_bits` needs `mlp_bits`"),
         ({"embedding_mode": "log"}, "^`embedding_mode`"),
+        ({"embedding_granularity": "per_group"}, "^`embedding_granularity` must be 'per_table' or 'per_row', got"),
+        ({"size_budget": 0}, r"^`size_budget` must be a fraction in \(0, 1\] of the FP32 table bytes, got 0$"),
+        ({"size_budget": 1.5}, "^`size_budget` must be a fraction"),
+        ({"size_budget": True}, "^`size_budget` must be a fraction"),
+        ({"size_budget": "0.1"}, "^`size_budget` must be a fraction"),
+        ({"size_budget": 0.2, "embedding_bits_by_rows": [[10, 2]]}, "^`size_budget` .* `embedding_bits_by_rows`"),
     ],
 )
 def test_bad_config_names_the_argument(kwargs, message):

@@ -10,8 +10,10 @@ from dqrm_lightning.quant.fake_quant import (
     fp16_ceil,
     qrange,
     quantize_codes,
+    row_grid,
     symmetric_scale,
 )
+from tests.helpers.quant import brute_force_row_wise
 
 
 def brute_force_symmetric(x: np.ndarray, scale: float, bits: int) -> np.ndarray:
@@ -97,3 +99,25 @@ def test_per_feature_broadcast_matches_per_table_loop():
     for f, (s, lo, hi) in enumerate(itertools.zip_longest(scale, qmin, qmax)):
         ref = torch.clamp(torch.round(pooled[:, f] / s), lo, hi) * s
         torch.testing.assert_close(out[:, f], ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_row_grid_matches_a_brute_force_loop_over_rows(bits, mode):
+    torch.manual_seed(bits)
+    table = torch.randn(30, 16) * torch.rand(30, 1) + torch.randn(30, 1)  # rows of different spreads and centres
+    table[3] = 0.25  # a constant row
+    table[4, :] = torch.linspace(-1, 1, 16) * 1e-9  # a row below the smallest scale
+    codes_ref, scale_bias_ref, values_ref = brute_force_row_wise(table.numpy(), bits, mode)
+    scale, offset = row_grid(table, bits, mode)  # (30, 1) each
+    lo, hi = (float(v) for v in qrange(bits, mode))
+    np.testing.assert_array_equal(scale.squeeze(1).numpy(), scale_bias_ref[:, 0])
+    np.testing.assert_array_equal(offset.squeeze(1).numpy(), scale_bias_ref[:, 1])
+    assert scale.half().float().equal(scale)
+    assert offset.half().float().equal(offset)
+    codes = quantize_codes(table, scale, torch.tensor(lo), torch.tensor(hi), offset)
+    np.testing.assert_array_equal(codes.numpy(), codes_ref)
+    values = fake_quantize(table, scale, torch.tensor(lo), torch.tensor(hi), offset)
+    np.testing.assert_array_equal(values.numpy(), values_ref)
+    if mode == "asymmetric":  # every row reaches its own top code: the scale of its extremes, not the table's
+        assert (codes.amax(dim=1) == hi).sum() >= 28

@@ -194,8 +194,9 @@ class QATConfig:
             if not steps:
                 fp32 = sum(size(f, None) for f in table_rows)
                 raise ValueError(
-                    f"`size_budget` {self.size_budget} is unreachable: with every table at INT{min(BUDGET_BITS)} "
-                    f"({self.embedding_granularity}) the tables take {total / fp32:.4f} of their FP32 bytes"
+                    f"`size_budget` {self.size_budget} is unreachable: with all tables it may lower at "
+                    f"INT{min(BUDGET_BITS)} ({self.embedding_granularity}) the tables take {total / fp32:.4f} "
+                    "of their FP32 bytes"
                 )
             saved, _, feature = max(steps)
             bits[feature] = _lower(bits[feature])
