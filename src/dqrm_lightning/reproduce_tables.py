@@ -35,13 +35,13 @@ PROTOCOLS = (
 
 
 def paper_protocol(curve: list[dict[str, Any]]) -> tuple[float, int] | None:
-    """The paper's figure of one run: the best test AUC over its evaluations and the epoch it was reached at (the
-    first, on ties); ``None`` when the test split was not scored during training."""
+    """The paper's figure of one run: the best test AUC over its evaluations and the epoch (1-based, the first on
+    ties) it was reached in; ``None`` when the test split was not scored during training."""
     scored = [point for point in curve if point.get("test_auc") is not None]
     if not scored:
         return None
     best = max(scored, key=lambda point: point["test_auc"])  # max keeps the first of equal values
-    return float(best["test_auc"]), int(best["epoch"])
+    return float(best["test_auc"]), int(best["epoch"]) + 1  # metrics.csv counts epochs from 0
 
 
 def aggregate(
