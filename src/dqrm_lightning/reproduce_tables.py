@@ -152,6 +152,7 @@ def plot(results: dict[str, list[SeedResult]], experiments: list[Experiment], pa
         length = min(len(curve) for curve in curves)
         mean = np.mean([curve[:length] for curve in curves], axis=0)
         axis.plot(range(1, length + 1), mean, color=colour, linewidth=2.2, marker="o", label=exp.label)
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_xlabel("evaluation (epoch end unless validating within epochs)")
     axis.set_ylabel("validation AUC")
     seeds = max((len(results[e.name]) for e in shown), default=0)
