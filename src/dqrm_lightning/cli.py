@@ -241,6 +241,8 @@ class DQRMCLI(LightningCLI):
         needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[self.subcommand]
         if self.subcommand == "fit" and self.trainer.limit_val_batches == 0:
             needed = ["train"]
+        elif self.subcommand in ("fit", "validate") and self.datamodule.hparams.get("evaluate_test_split"):
+            needed.append("test")  # scored at every validation
         for split in needed:
             if data["rows"][split] == 0:
                 hint = _WITHOUT_VALIDATION if split == "val" else ""

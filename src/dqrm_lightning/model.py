@@ -322,17 +322,24 @@ class DLRMModule(pl.LightningModule):
             logger.log_metrics(values, step=self.trainer.global_step)
 
     @override
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.val_metrics.update_logits(self(batch), batch.labels)
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # a second loader is the test split (CriteoDataModule's `evaluate_test_split`)
+        metrics = self.val_metrics if dataloader_idx == 0 else self.test_metrics
+        metrics.update_logits(self(batch), batch.labels)
 
     @override
     def on_validation_epoch_end(self) -> None:
         values = {k: float(v) for k, v in self.val_metrics.compute().items()}
         self.val_metrics.reset()
+        test_values: dict[str, float] = {}
+        if self.test_metrics["auc"].update_count:  # the test split at this evaluation (the paper's protocol)
+            test_values = {k.replace("test/", "fit_test/"): float(v) for k, v in self.test_metrics.compute().items()}
+            self.test_metrics.reset()
         if not self.trainer.sanity_checking:
             self.val_best.update(values)
             self.log_dict(values, prog_bar=True)
             self.log_dict({k.replace("val/", "val_best/"): v for k, v in self.val_best.best.items()})
+            self.log_dict(test_values)
 
     @override
     def test_step(self, batch: Batch, batch_idx: int) -> None:

@@ -1,24 +1,28 @@
-"""``dqrm reproduce``: the DQRM paper's tables on one data set and seed, as Markdown and a plot.
+"""``dqrm reproduce``: the DQRM paper's tables on one data set over several seeds, as Markdown, JSON and plots.
 
-Runs (each a ``dqrm fit`` then ``dqrm test`` on the best checkpoint, same data, same seed):
+Runs, for every seed (each a ``dqrm fit``, then ``dqrm predict`` of the labeled test split with the checkpoint of the
+best validation AUC; same data for every seed, the model seed and the training-order seed change):
 
 * Table 2 / Fig. 3a: FP32; embedding-only INT16, INT8, INT4, INT2 (MLP FP32, P = 200);
 * Table 3: whole-model INT4 (tables and MLP weights) with P = 200 (DQRM) and P = 1 (naive), and post-training
   INT4 of the FP32 model (scales from the trained tables; and the reference code's init-scale variant);
-* Table 5: whole-model INT4 with P in {1, 200, 500}.
+* Table 5: whole-model INT4 with P in {1, 200, 500};
+* further experiments given as QAT config files (``--experiment NAME=configs/qat/x.yaml``).
 
-Protocol (stated in the output): validation AUC/accuracy/log loss after every epoch; "best" = best value of each
-metric over those evaluations (the paper's protocol), "final" = last epoch; test metrics from the checkpoint with the
-best validation AUC; ms/step = mean training step (loop, data included) after warm-up.
+Two protocols, both in the output: *val-selected* (the checkpoint with the best validation AUC, tested once: what one
+deploys) and *paper* (the best test AUC over all evaluations during training, as the DQRM reference code reports it:
+model selection on the test split; the test split is scored at every validation for it). Differences against FP32
+pair seed ``k`` with FP32's seed ``k`` on the same test rows, with a paired bootstrap confidence interval
+(:mod:`dqrm_lightning.commands.compare`). Aggregation, tables and plots: :mod:`dqrm_lightning.reproduce_tables`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
-import os
-import platform
+import re
 import subprocess
 import sys
 import time
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from dqrm_lightning.commands.compare import score
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Experiment:
 
 
 EXPERIMENTS = [
-    Experiment("fp32", "FP32", ("t2", "t3")),
+    Experiment("fp32", "FP32", ("t2", "t3", "extra")),
     Experiment("emb_int16", "embeddings INT16", ("t2",), ["-c", "configs/qat/emb_int16.yaml"]),
     Experiment("emb_int8", "embeddings INT8", ("t2",), ["-c", "configs/qat/emb_int8.yaml"]),
     Experiment("emb_int4", "embeddings INT4", ("t2",), ["-c", "configs/qat/emb_int4.yaml"]),
@@ -50,11 +54,28 @@ EXPERIMENTS = [
     Experiment("ptq_int4", "PTQ INT4 (trained scales)", ("t3",), ptq="trained"),
     Experiment("ptq_int4_init", "PTQ INT4 (init scales, reference code)", ("t3",), ptq="init"),
 ]
-TABLES = {
-    "t2": "Table 2 / Fig. 3a: embedding bit width (MLP FP32)",
-    "t3": "Table 3: whole-model INT4 (tables + MLP weights) vs FP32, naive QAT and PTQ",
-    "t5": "Table 5: scale refresh period P (whole-model INT4)",
-}
+# the data arguments that give a run its data (after `--`); without one, a synthetic preset's data is generated
+_DATA_ARGUMENTS = ("train_files", "val_files", "test_files", "kaggle_train_txt", "terabyte_dir", "prepared_dir")
+
+
+@dataclass
+class SeedResult:
+    """One experiment trained (or post-training quantized) on one seed.
+
+    ``curve``: one entry per evaluation during training, ``{"epoch", "step", "val_auc", "test_auc"}`` (``test_auc``
+    ``None`` unless the test split was scored at every validation); empty for post-training quantization.
+    """
+
+    seed: int
+    val_best: dict[str, float]
+    val_final: dict[str, float]
+    test: dict[str, float]  # test AUC and log loss of the val-selected model, from its predictions
+    predictions: str
+    bytes: int
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    ms_per_step: float | None = None
+    minutes: float = 0.0
+    fit: dict[str, Any] | None = None  # the fit's summary.json (not written to reproduce's summary)
 
 
 def _dqrm(args: list[str], log: Path) -> dict[str, Any]:
@@ -71,200 +92,212 @@ def _dqrm(args: list[str], log: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) | {"_path": str(path)}
 
 
-def _curve(fit: dict[str, Any]) -> list[float]:
-    path = Path(fit["_path"]).with_name("metrics.csv")
-    with open(path, newline="") as handle:
-        return [float(row["val/auc"]) for row in csv.DictReader(handle) if row.get("val/auc")]
+def read_curve(metrics_csv: Path) -> list[dict[str, Any]]:
+    """Every evaluation of a fit from its ``metrics.csv``: epoch, step, validation AUC and (when the test split was
+    scored at each validation, ``data.evaluate_test_split``) test AUC."""
+    with open(metrics_csv, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/auc")]
+    return [
+        {
+            "epoch": int(row["epoch"]),
+            "step": int(row["step"]),
+            "val_auc": float(row["val/auc"]),
+            "test_auc": float(row["fit_test/auc"]) if row.get("fit_test/auc") else None,
+        }
+        for row in rows
+    ]
 
 
-def run(base: list[str], out: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run the experiments (all, or ``names``) with the base arguments; returns one result per experiment."""
+def _predictions_path(summary: dict[str, Any]) -> str:
+    """The predictions file of a ``dqrm predict`` summary (several ranks' files: their common prefix)."""
+    entry = summary["predictions"]
+    return re.sub(r"\.rank\d+$", "", entry["path"]) if "files" in entry else entry["path"]
+
+
+def run(
+    base: list[str], out: Path, experiments: list[Experiment], seeds: list[int], paper_protocol: bool = True
+) -> dict[str, list[SeedResult]]:
+    """Run ``experiments`` for every seed (all experiments of a seed, then the next seed); one result per experiment
+    and seed. Post-training quantization rows quantize the same seed's FP32 model (skipped without one)."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    results: list[dict[str, Any]] = []
-    fp32: dict[str, Any] | None = None
-    for exp in EXPERIMENTS:
-        if names and exp.name not in names and not (exp.ptq and "fp32" in names):
-            continue
-        root = ["--trainer.default_root_dir", str(out / "runs" / exp.name), "--wandb", "disabled"]
-        root += ["--trainer.enable_progress_bar", "false"]
-        start = time.time()
-        if exp.ptq:
-            if fp32 is None:
-                continue
-            result = _post_training(exp, exp.ptq, fp32, base, root, out / "runs" / exp.name / "artifact", log)
-        else:
-            result = _trained(exp, base, root, log)
-            if exp.name == "fp32":
-                fp32 = result
-        result["minutes"] = (time.time() - start) / 60
-        results.append(result)
-        print(
-            f"{exp.label}: val AUC best {result['val_best']['val/auc']:.4f} "
-            f"final {result['val_final']['val/auc']:.4f}, "
-            f"test AUC {result['test']['test']['test/auc']:.4f} ({result['minutes']:.1f} min)",
-            flush=True,
-        )
-    return results
+    results: dict[str, list[SeedResult]] = {exp.name: [] for exp in experiments}
+    for seed in seeds:
+        seeded = [*base, "--seed_everything", str(seed), "--data.seed", str(seed)]
+        if paper_protocol:
+            seeded += ["--data.evaluate_test_split", "true"]
+        fp32: SeedResult | None = None
+        for exp in experiments:
+            root = ["--trainer.default_root_dir", str(out / "runs" / exp.name / f"seed_{seed}"), "--wandb", "disabled"]
+            root += ["--trainer.enable_progress_bar", "false"]
+            start = time.time()
+            if exp.ptq:
+                if fp32 is None:
+                    continue
+                artifact = out / "runs" / exp.name / f"seed_{seed}" / "artifact"
+                result = _post_training(exp.ptq, fp32, seed, base, root, artifact, log)
+            else:
+                result = _trained(exp, seed, seeded, root, log)
+                fp32 = result if exp.name == "fp32" else fp32
+            result.minutes = (time.time() - start) / 60
+            results[exp.name].append(result)
+            print(
+                f"{exp.label}, seed {seed}: val AUC best {result.val_best['val/auc']:.4f}, test AUC "
+                f"{result.test['auc']:.4f} ({result.minutes:.1f} min)",
+                flush=True,
+            )
+    return {name: runs for name, runs in results.items() if runs}
 
 
-def _trained(exp: Experiment, base: list[str], root: list[str], log: Path) -> dict[str, Any]:
-    """Train an experiment, then test its best-validation checkpoint."""
+def _trained(exp: Experiment, seed: int, base: list[str], root: list[str], log: Path) -> SeedResult:
+    """Train an experiment, then score the test split with its best-validation checkpoint."""
     fit = _dqrm(["fit", *base, *exp.qat, *root], log)
-    test = _dqrm(["test", *base, *exp.qat, *root, "--ckpt_path", fit["checkpoints"]["best"]], log)
+    best = fit["checkpoints"]["best"]
+    predict = _dqrm(["predict", *base, *exp.qat, *root, "--ckpt_path", best], log)
+    predictions = _predictions_path(predict)
     loop = (fit.get("speed") or {}).get("loop_samples_per_s")
     batch = fit["config"]["data"]["batch_size"]
-    size = fit["model_bytes"].get("quantized", fit["model_bytes"]["fp32"])
-    result = _result(exp, test, fit["val"]["final"], fit["val"]["best"], size)
-    ms_per_step = 1000.0 * batch / loop if loop else None
-    return result | {"fit": fit, "curve": _curve(fit), "ms_per_step": ms_per_step}
+    return SeedResult(
+        seed=seed,
+        val_best=fit["val"]["best"],
+        val_final=fit["val"]["final"],
+        test=score(predictions),
+        predictions=predictions,
+        bytes=fit["model_bytes"].get("quantized", fit["model_bytes"]["fp32"]),
+        curve=read_curve(Path(fit["_path"]).with_name("metrics.csv")),
+        ms_per_step=1000.0 * batch / loop if loop else None,
+        fit=fit,
+    )
 
 
 def _post_training(
-    exp: Experiment, scales: str, fp32: dict[str, Any], base: list[str], root: list[str], artifact: Path, log: Path
-) -> dict[str, Any]:
+    scales: str, fp32: SeedResult, seed: int, base: list[str], root: list[str], artifact: Path, log: Path
+) -> SeedResult:
     """Quantize the FP32 run's best checkpoint after training (INT4 tables and MLPs, ``scales``: ``trained`` or
-    ``init``), then validate and test it."""
-    best = fp32["fit"]["checkpoints"]["best"]
+    ``init``), then validate it and score the test split."""
+    assert fp32.fit is not None  # a trained run
+    best = fp32.fit["checkpoints"]["best"]
     export = ["export", "--ckpt", best, "--out", str(artifact), "--embedding-bits", "4", "--mlp-bits", "4"]
     _dqrm([*export, "--ptq-scales", scales], log)
     val = _dqrm(["validate", *base, *root, "--artifact", str(artifact)], log)
-    test = _dqrm(["test", *base, *root, "--artifact", str(artifact)], log)
+    predict = _dqrm(["predict", *base, *root, "--artifact", str(artifact)], log)
     manifest = json.loads((artifact / "manifest.json").read_text())
-    size = manifest["bytes"]["payload"] + 4 * len(manifest["tables"])  # + fp16 scale, offset per table
-    return _result(exp, test, val["val"]["final"], val["val"]["final"], size)
+    predictions = _predictions_path(predict)
+    return SeedResult(
+        seed=seed,
+        val_best=val["val"]["final"],
+        val_final=val["val"]["final"],
+        test=score(predictions),
+        predictions=predictions,
+        bytes=manifest["bytes"]["payload"] + 4 * len(manifest["tables"]),  # + fp16 scale, offset per table
+    )
 
 
-def _result(
-    exp: Experiment, test: dict[str, Any], val_final: dict[str, float], val_best: dict[str, float], size: int
-) -> dict[str, Any]:
-    """One experiment's row of the tables (no training curve or step time unless it trained)."""
-    return {
-        "exp": exp,
-        "fit": None,
-        "test": test,
-        "val_final": val_final,
-        "val_best": val_best,
-        "curve": [],
-        "bytes": size,
-        "ms_per_step": None,
-    }
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dqrm reproduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="demo", help="a config of configs/ (configs/NAME.yaml): demo, kaggle, ...")
+    parser.add_argument("--out", required=True, help="output directory (results.md, summary.json, plots, runs/)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="directory of the data's train*/val*/test* files; for a synthetic preset generated there when missing "
+        "(default: OUT/data)",
+    )
+    parser.add_argument("--rows", type=int, default=200_000, help="synthetic presets: rows to generate")
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds: SEED_START, SEED_START + 1, ...")
+    first = parser.add_mutually_exclusive_group()
+    first.add_argument("--seed-start", type=int, default=None, help="the first seed (default 1)")
+    first.add_argument("--seed", type=int, default=None, help="the same as --seed-start (one seed unless --seeds)")
+    parser.add_argument("--data-seed", type=int, default=None, help="seed of generated data (default: the first seed)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these experiments (fp32 adds its PTQ rows)")
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        metavar="NAME=CONFIG",
+        help="also run a QAT config file as experiment NAME (repeatable), compared against FP32",
+    )
+    parser.add_argument(
+        "--paper-protocol",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score the test split at every validation for the paper's protocol (best test AUC over evaluations)",
+    )
+    parser.add_argument("--replicates", type=int, default=1000, help="bootstrap resamples of the test rows")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: arguments for every run, e.g. data paths")
+    return parser
 
 
-def markdown(results: list[dict[str, Any]], command: str, bayes: dict[str, Any] | None) -> str:
-    """The results as Markdown tables, one per paper table."""
-    fp32_bytes = next((r["bytes"] for r in results if r["exp"].name == "fp32"), None)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    lines = [
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine}.",
-        "",
-        "Protocol: validation after every epoch; best = best value of each metric "
-        "over the evaluations (the paper's protocol), final = last epoch; test = checkpoint with the best "
-        "validation AUC; ms/step = training loop time per step after warm-up (data loading included).",
-        "",
-    ]
-    if bayes:
-        lines += [
-            f"Bayes-optimal (true click model) AUC: val {bayes['val']['auc']:.4f}, test {bayes['test']['auc']:.4f}; "
-            f"log loss: val {bayes['val']['log_loss']:.4f}, test {bayes['test']['log_loss']:.4f}.",
-            "",
-        ]
-    for key, title in TABLES.items():
-        rows = [r for r in results if key in r["exp"].tables]
-        if not rows:
-            continue
-        lines += [
-            f"### {title}",
-            "",
-            "| model | val AUC best | val AUC final | val acc best | val log loss best | "
-            "test AUC | test acc | test log loss | size (MB) | size / FP32 | ms/step |",
-            "|" + "---|" * 11,
-        ]
-        for r in rows:
-            vb, vf, t = r["val_best"], r["val_final"], r["test"]["test"]
-            ratio = f"{r['bytes'] / fp32_bytes:.3f}" if fp32_bytes else "-"
-            ms = f"{r['ms_per_step']:.2f}" if r["ms_per_step"] else "-"
-            lines.append(
-                f"| {r['exp'].label} | {vb['val/auc']:.4f} | {vf['val/auc']:.4f} | {vb['val/accuracy']:.4f} | "
-                f"{vb['val/log_loss']:.4f} | {t['test/auc']:.4f} | {t['test/accuracy']:.4f} | "
-                f"{t['test/log_loss']:.4f} | {r['bytes'] / 1e6:.3f} | {ratio} | {ms} |"
+def _experiments(parser: argparse.ArgumentParser, only: list[str] | None, given: list[str]) -> list[Experiment]:
+    """The built-in experiments selected by ``--only`` (all without it), then those of ``--experiment``."""
+    known = [exp.name for exp in EXPERIMENTS]
+    unknown = [name for name in only or [] if name not in known]
+    if unknown:  # before any data is generated or run started
+        parser.error(f"unknown experiment for --only: {', '.join(unknown)}; choose from {', '.join(known)}")
+    selected = [e for e in EXPERIMENTS if not only or e.name in only or (e.ptq is not None and "fp32" in only)]
+    for item in given:
+        name, _, config = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not config:
+            parser.error(f"--experiment takes NAME=CONFIG (a QAT config file), got {item!r}")
+        if name in known or any(e.name == name for e in selected):
+            parser.error(f"--experiment {item}: the name {name!r} is taken; choose another")
+        if not Path(config).is_file():
+            parser.error(f"--experiment {item}: no such config file {config!r}")
+        selected.append(Experiment(name, name, ("extra",), ["-c", config]))
+    return selected
+
+
+def _preset_config(parser: argparse.ArgumentParser, preset: str) -> Path:
+    config = Path("configs") / f"{preset}.yaml"
+    if not config.is_file():
+        names = sorted(path.stem for path in Path("configs").glob("*.yaml"))
+        parser.error(f"--preset {preset}: no configs/{preset}.yaml; choose from {', '.join(names) or '(none here)'}")
+    return config
+
+
+def _data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The data of every run: the paths after ``--`` when given; else the train*/val*/test* files of ``--data``;
+    else a synthetic preset's data, generated once into ``--data`` (default ``OUT/data``) with ``--data-seed``."""
+    if any(a.split("=", 1)[0] in {f"--data.{key}" for key in _DATA_ARGUMENTS} for a in extra):
+        return []
+    data = Path(args.data or Path(args.out) / "data")
+    if not glob.glob(str(data / "train*")):
+        from dqrm_lightning.data.synthetic import PRESETS, synthesize
+
+        if args.preset not in PRESETS or not _config_reads_files(_preset_config(parser, args.preset)):
+            parser.error(
+                f"--preset {args.preset} reads data you give: pass --data DIR (train*/val*/test* files) or its "
+                f"paths after `--` (e.g. `-- --data.kaggle_train_txt train.txt`)"
             )
-        lines.append("")
-    return "\n".join(lines)
+        synthesize(args.preset, args.rows, args.data_seed, data)
+    return [arg for split in ("train", "val", "test") for arg in (f"--data.{split}_files", f"{data}/{split}*")]
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Validation AUC per epoch for FP32 and each bit width."""
-    import matplotlib
+def _config_reads_files(config: Path) -> bool:
+    """Whether a preset's config reads train*/val*/test* files (a generated data set can stand in for them)."""
+    import yaml
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        if r["curve"] and ("t2" in r["exp"].tables or r["exp"].name == "int4_p200"):
-            axis.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", label=r["exp"].label)
-    epochs = max((len(r["curve"]) for r in results), default=0)
-    axis.set_xticks(range(1, epochs + 1))
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("validation AUC")
-    axis.set_title("Validation AUC per epoch (DLRM, same data and seed)")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    return bool(data.get("train_files"))
 
 
 def main(argv: list[str]) -> str:
-    parser = argparse.ArgumentParser(prog="dqrm reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=("demo", "kaggle"), default="demo")
-    parser.add_argument("--out", required=True, help="output directory (results.md, val_auc.png, runs/)")
-    parser.add_argument("--data", default=None, help="demo: directory of synthetic data (generated when missing)")
-    parser.add_argument("--rows", type=int, default=200_000, help="demo: rows to generate")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--only", nargs="*", default=None, help="run only these experiments")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: arguments for every fit, e.g. data paths")
-    args = parser.parse_args(argv)
-    known = [exp.name for exp in EXPERIMENTS]
-    unknown = [name for name in args.only or [] if name not in known]
-    if unknown:  # before any data is generated or run started
-        parser.error(f"unknown experiment for --only: {', '.join(unknown)}; choose from {', '.join(known)}")
-    out = Path(args.out)
-    extra = [a for a in args.extra if a != "--"]
-    base = ["-c", f"configs/{args.preset}.yaml", "--seed_everything", str(args.seed), *extra]
-    if args.preset == "demo":
-        data = Path(args.data or out / "data")
-        if not (data / "truth.json").exists():
-            from dqrm_lightning.data.synthetic import synthesize
+    """Run ``dqrm reproduce``; returns the path of the summary it wrote."""
+    from dqrm_lightning import reproduce_tables
 
-            synthesize("demo", args.rows, args.seed, data)
-        for split in ("train", "val", "test"):
-            base += [f"--data.{split}_files", f"{data}/{split}*"]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.replicates < 1:
+        parser.error(f"--seeds and --replicates must be >= 1, got {args.seeds} and {args.replicates}")
+    experiments = _experiments(parser, args.only, args.experiment)
+    config = _preset_config(parser, args.preset)
+    start = args.seed_start if args.seed_start is not None else args.seed if args.seed is not None else 1
+    seeds = list(range(start, start + args.seeds))
+    args.data_seed = start if args.data_seed is None else args.data_seed
+    extra = [a for a in args.extra if a != "--"]
+    base = ["-c", str(config), *_data_arguments(parser, args, extra), *extra]
+    out = Path(args.out)
+    began = time.time()
+    results = run(base, out, experiments, seeds, args.paper_protocol)
     command = "dqrm reproduce " + " ".join(argv)
-    results = run(base, out, args.only)
-    fit_bayes = next((r["fit"].get("bayes_optimal") for r in results if r["fit"]), None)
-    text = markdown(results, command, fit_bayes if fit_bayes and "test" in fit_bayes else None)
-    (out / "results.md").write_text(text + "\n")
-    if any(r["curve"] for r in results):
-        plot(results, out / "val_auc.png")
-    print(text)
-    summary = {
-        "command": command,
-        "results": {
-            r["exp"].name: {
-                "val_best": r["val_best"],
-                "val_final": r["val_final"],
-                "test": r["test"]["test"],
-                "bytes": r["bytes"],
-                "ms_per_step": r["ms_per_step"],
-                "val_auc_per_epoch": r["curve"],
-            }
-            for r in results
-        },
-    }
-    path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=2))
-    return str(path)
+    return reproduce_tables.write(results, experiments, out, command, args.replicates, time.time() - began)

@@ -61,6 +61,17 @@ class _AucTable:
         return float(np.dot(pos, below + 0.5 * neg) / total)
 
 
+def spread(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation of one figure over seeds (std ``None`` for one seed: no spread seen)."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+
+
+def format_spread(values: dict[str, float | None], digits: int = 4) -> str:
+    """``mean ± std`` of :func:`spread` (the mean alone for one seed)."""
+    std = values["std"]
+    return f"{values['mean']:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
 @dataclass
 class Interval:
     """A difference (candidate - baseline, mean over seeds) with its paired bootstrap confidence interval."""

@@ -101,3 +101,24 @@ def test_truth_metrics_of_synthetic_data_are_those_of_truth_json(tmp_path):
     plain = CriteoDataModule(train_files=str(tmp_path / "raw" / "train.tsv"), num_embeddings_per_feature=[97] * 26)
     (tmp_path / "raw" / "train.tsv.truth.npy").rename(tmp_path / "hidden.npy")
     assert plain.truth_metrics() == {}  # no true probabilities: no ceiling
+
+
+def test_the_test_split_is_a_second_validation_loader_on_request_and_seeds_share_prepared_data(tmp_path):
+    files = {
+        s: str(write_rows(tmp_path / f"{s}.tsv", n, seed=i))
+        for i, (s, n) in enumerate([("train", 90), ("val", 30), ("test", 20)])
+    }
+    common = {f"{s}_files": f for s, f in files.items()} | {
+        "num_embeddings_per_feature": [97] * 26,
+        "eval_batch_size": 8,
+    }
+    plain = CriteoDataModule(**common, seed=1)
+    both = CriteoDataModule(**common, seed=2, evaluate_test_split=True)
+    assert both.prepared_dir == plain.prepared_dir  # the seed only orders training rows here: the data is shared
+    subsampled = [CriteoDataModule(**common, seed=s, negative_subsample=0.5).prepared_dir for s in (1, 2)]
+    assert subsampled[0] != subsampled[1]  # the seed draws the sub-sample: other data
+    plain.setup("fit")
+    both.setup("fit")
+    assert not isinstance(plain.val_dataloader(), list)
+    val, test = both.val_dataloader()
+    assert [sum(len(b.labels) for b in loader) for loader in (val, test)] == [30, 20]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dqrm_lightning.stats import paired_bootstrap, weighted_auc, weighted_log_loss
+from dqrm_lightning.stats import format_spread, paired_bootstrap, spread, weighted_auc, weighted_log_loss
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +61,12 @@ def read_predictions(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows, table[:, 1], table[:, 2].astype(np.int64)
 
 
+def score(path: str) -> dict[str, float]:
+    """Test AUC and log loss of one run's prediction file(s) (as :func:`compare` computes them)."""
+    _, probs, labels = read_predictions(path)
+    return {"auc": weighted_auc(labels, probs), "log_loss": weighted_log_loss(labels, probs)}
+
+
 def compare(
     baseline: list[str], candidate: list[str], replicates: int = 1000, level: float = 0.95, seed: int = 0
 ) -> dict[str, Any]:
@@ -80,8 +86,8 @@ def compare(
         losses = [weighted_log_loss(labels, probs) for _, probs, _ in runs]
         models[name] = {
             "seeds": len(runs),
-            "auc": _spread(aucs),
-            "log_loss": _spread(losses),
+            "auc": spread(aucs),
+            "log_loss": spread(losses),
             "per_seed": {"auc": aucs, "log_loss": losses},
         }
     base = [probs for _, probs, _ in loaded["baseline"]]
@@ -93,21 +99,12 @@ def compare(
     return {"rows": len(rows), "models": models, "difference": differences, "replicates": replicates}
 
 
-def _spread(values: list[float]) -> dict[str, float | None]:
-    """Mean and sample standard deviation over seeds (``None`` for one seed)."""
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
-
-
-def _text(spread: dict[str, Any]) -> str:
-    return f"{spread['mean']:.4f}" + (f" ± {spread['std']:.4f}" if spread["std"] is not None else "")
-
-
 def format_table(result: dict[str, Any]) -> str:
     """Markdown: one row per model, then the differences with their intervals."""
     lines = ["| model | seeds | test AUC (mean ± std) | test log loss (mean ± std) |", "|---|---|---|---|"]
     for name, model in result["models"].items():
         auc, loss = model["auc"], model["log_loss"]
-        lines.append(f"| {name} | {model['seeds']} | {_text(auc)} | {_text(loss)} |")
+        lines.append(f"| {name} | {model['seeds']} | {format_spread(auc)} | {format_spread(loss)} |")
     for metric, label in (("auc", "AUC"), ("log_loss", "log loss")):
         d = result["difference"][metric]
         lines.append(

@@ -124,6 +124,9 @@ class CriteoDataModule(pl.LightningDataModule):
         negative_subsample: drop this fraction of negatives from the training split (Terabyte: 0.875).
         on_bad_line: ``"error"`` stops at the first malformed line, ``"skip"`` drops and counts bad lines.
         rows_per_shard: rows per prepared shard.
+        evaluate_test_split: also score the test split at every validation (a second validation loader; the model
+            logs it as ``fit_test/*``). This is the DQRM paper's protocol, the best test metric over all evaluations:
+            model selection on the test split, to be reported as such.
     """
 
     predict_split = "test"  # the split `predict` scores
@@ -149,6 +152,7 @@ class CriteoDataModule(pl.LightningDataModule):
         negative_subsample: float = 0.0,
         on_bad_line: OnBadLine = "error",
         rows_per_shard: int = 1 << 21,
+        evaluate_test_split: bool = False,
     ) -> None:
         super().__init__()
         # Table sizes are the model's hyper-parameter (linked from `table_sizes`); keeping them out of the data
@@ -287,7 +291,9 @@ class CriteoDataModule(pl.LightningDataModule):
         return self._loader("train", self._train_position)
 
     @override
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.hparams["evaluate_test_split"]:
+            return [self._loader("val"), self._loader("test")]
         return self._loader("val")
 
     @override

@@ -217,6 +217,8 @@ def cache_key(jobs: Sequence[FileJob], options: PrepareOptions) -> str:
         parts.append([os.path.abspath(job.path), stat.st_size, stat.st_mtime_ns, job.ranges])
     options_dict = asdict(options)
     options_dict["subsample_splits"] = list(options.subsample_splits)
+    if not options.negative_subsample:
+        options_dict["seed"] = 0  # the seed only draws the sub-sample: runs with other seeds share the prepared data
     blob = json.dumps([FORMAT_VERSION, parts, options_dict], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
