@@ -35,10 +35,14 @@ CONFIGS = [
     QATConfig(embedding_bits=8, embedding_bits_per_table={"C1": 16, "C2": 2}, mlp_bits=4, mlp_bias="reference"),
     QATConfig(embedding_bits=4, mlp_bits=4, mlp_granularity="per_tensor"),
     QATConfig(embedding_bits=4, mlp_bits=4, mlp_activation_bits=8),
+    QATConfig(embedding_bits=4, scale_learning="lsq", ste="clipped"),
+    QATConfig(embedding_bits=4, embedding_mode="asymmetric", scale_learning="lsq", rounding="stochastic"),
+    QATConfig(embedding_bits=2, rounding="stochastic"),
 ]
+IDS = ["int4", "int2-asym-mlp8", "mixed-ref-bias", "per-tensor", "act8", "lsq", "lsq-asym-sr", "int2-sr"]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["int4", "int2-asym-mlp8", "mixed-ref-bias", "per-tensor", "act8"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("engine", ["torchrec", "plain"])
 def test_exported_predictions_equal_qat_eval(tmp_path, config, engine):
     module = trained_module(config)

@@ -61,8 +61,8 @@ def fp16_nearest(value: torch.Tensor) -> torch.Tensor:
 def fp16_straight_through(value: torch.Tensor, minimum: float | None = None) -> torch.Tensor:
     """``value`` (clamped to ``minimum``) rounded to the nearest float16, with an identity gradient: a learned grid
     parameter as exactly representable in FBGEMM's fp16 scale and bias."""
-    rounded = fp16_nearest(value if minimum is None else value.clamp_min(minimum))
-    return value + (rounded - value).detach()
+    rounded = fp16_nearest(value.detach() if minimum is None else value.detach().clamp_min(minimum))
+    return rounded + (value - value.detach())  # exactly ``rounded`` (value + (rounded - value) may not be)
 
 
 def symmetric_scale(absmax: torch.Tensor, bits: torch.Tensor | int) -> torch.Tensor:
