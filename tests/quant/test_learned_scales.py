@@ -104,7 +104,8 @@ def test_learned_scales_start_from_the_extrema_train_in_the_dense_optimizer_and_
     quantizer = module.embedding_quantizer
     optimizer = module.configure_optimizers()
     learned = [group for group in optimizer.param_groups if any(p is quantizer.scale for p in group["params"])]
-    assert len(learned) == 1 and learned[0]["lr"] == pytest.approx(3 * module.hparams["learning_rate"])
+    assert len(learned) == 1
+    assert learned[0]["lr"] == pytest.approx(3 * module.hparams["learning_rate"])
     refreshed = []
     for step in range(6):
         refreshed.append(quantizer.maybe_refresh(step))

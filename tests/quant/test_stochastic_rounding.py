@@ -62,7 +62,8 @@ def test_one_hot_training_rounds_stochastically_and_evaluation_to_nearest():
     reference = qat_module(QATConfig(embedding_bits=4)).embedding_quantizer
     reference.maybe_refresh(0)
     steps = (first - nearest) / reference.scale.view(1, -1, 1)  # grid steps away from the nearest code
-    assert torch.equal(steps, steps.round()) and float(steps.abs().max()) == 1.0  # a neighbour at most
+    assert torch.equal(steps, steps.round())
+    assert float(steps.abs().max()) == 1.0  # a neighbour at most
 
 
 def test_multi_hot_training_rounds_stochastically_and_evaluation_to_nearest():
