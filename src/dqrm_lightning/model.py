@@ -269,9 +269,29 @@ class DLRMModule(pl.LightningModule):
             ids = {id(p) for p in tables}
             dense = [p for p in self.model.parameters() if id(p) not in ids]
             groups: list[dict[str, Any]] = [{"params": dense}, {"params": tables, "lr": self._sparse_lr}]
-            return optimizer(groups, lr=self.hparams["learning_rate"])
+            return optimizer(groups + self._learned_scale_groups(), lr=self.hparams["learning_rate"])
         dense = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
+        learned = self._learned_scale_groups()
+        if learned:
+            return optimizer([{"params": dense}, *learned], lr=self.hparams["learning_rate"])
         return optimizer(dense, lr=self.hparams["learning_rate"])
+
+    def _learned_scale_groups(self) -> list[dict[str, Any]]:
+        """The dense optimizer's parameter group of the embedding quantizer's learned scales (``scale_learning:
+        lsq``; none otherwise), at ``lsq_lr_scale`` times the dense learning rate."""
+        if self.embedding_quantizer is None or self.qat_config is None:
+            return []
+        params = list(self.embedding_quantizer.parameters())
+        if not params:
+            return []
+        return [{"params": params, "lr": self.hparams["learning_rate"] * self.qat_config.lsq_lr_scale}]
+
+    @override
+    def on_after_backward(self) -> None:
+        # Sharded tables: DistributedModelParallel data-parallelizes the MLPs only, so the learned scales' gradients
+        # are averaged here (with replicated tables DDP wraps this whole module and averages them).
+        if self.embedding_quantizer is not None and isinstance(self.model, DistributedModelParallel):
+            self.embedding_quantizer.average_gradients()
 
     # ---------------------------------------------------------------------------------------------------- forward
     @override

@@ -57,3 +57,29 @@ def test_warmup_epochs_train_fp32_first(tmp_path):
     quantizer = module.embedding_quantizer
     assert int(quantizer.start_step) == 32  # quantization started with the second epoch
     assert int(quantizer.refreshes) == len(range(32, 64, PERIOD))
+
+
+def _trained_grid(max_steps: int, tmp_path, name: str, *callbacks, ckpt_path=None):
+    """A module trained with learned asymmetric grids and stochastic rounding through the Trainer."""
+    config = QATConfig(embedding_bits=4, embedding_mode="asymmetric", scale_learning="lsq", rounding="stochastic")
+    module = small_module()
+    trainer = quiet_trainer(tmp_path / name, [QuantizationAwareTraining(config), *callbacks], max_steps=max_steps)
+    trainer.fit(module, datamodule=small_datamodule(tmp_path), ckpt_path=ckpt_path)
+    return module
+
+
+def test_learned_scales_train_and_resume_exactly_with_stochastic_rounding(tmp_path):
+    reference = _trained_grid(8, tmp_path, "ref")
+    quantizer = reference.embedding_quantizer
+    assert int(quantizer.refreshes) == 1  # set once from the extrema (low, high), then learned
+    initial_scale = (quantizer.high - quantizer.low) / 15
+    assert float((quantizer.scale.detach() - initial_scale).abs().max()) > 1e-3 * float(initial_scale.max())
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    _trained_grid(4, tmp_path, "a", checkpoint)
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    resumed = _trained_grid(8, tmp_path, "b", ckpt_path=path)
+    want, got = _state(reference), _state(resumed)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)

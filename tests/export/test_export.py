@@ -39,6 +39,10 @@ CONFIGS = [
     QATConfig(embedding_bits=2, embedding_mode="asymmetric", embedding_granularity="per_row"),
     QATConfig(embedding_bits=2, embedding_granularity="per_row"),
     QATConfig(size_budget=0.3, embedding_granularity="per_row", embedding_mode="asymmetric"),  # INT8 and INT4 at D = 8
+    QATConfig(embedding_bits=4, scale_learning="lsq", ste="clipped"),
+    QATConfig(embedding_bits=4, embedding_mode="asymmetric", scale_learning="lsq", rounding="stochastic"),
+    QATConfig(embedding_bits=2, rounding="stochastic"),
+    QATConfig(embedding_bits=4, embedding_mode="asymmetric", embedding_granularity="per_row", rounding="stochastic"),
 ]
 IDS = [
     "int4",
@@ -50,6 +54,10 @@ IDS = [
     "int2-row-asym",
     "int2-row",
     "budget",
+    "lsq",
+    "lsq-asym-sr",
+    "int2-sr",
+    "int4-row-sr",
 ]
 
 

@@ -62,3 +62,48 @@ def test_two_ranks_hold_identical_scales_from_all_shards(tmp_path: Path):
     assert results[0]["refreshes"] == results[1]["refreshes"] == 4  # steps 0, 2, 4 and the explicit one
     global_absmax = torch.maximum(results[0]["local_absmax"], results[1]["local_absmax"])
     torch.testing.assert_close(results[0]["scale"], symmetric_scale(global_absmax, 4), rtol=0, atol=0)
+
+
+def _lsq_rank(rank: int, store_path: str, out_dir: str) -> None:
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    module = DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    module.prepare_qat(QATConfig(embedding_bits=4, embedding_mode="asymmetric", scale_learning="lsq"))
+    quantizer = module.embedding_quantizer
+    optimizer = module.configure_optimizers()
+    grads = []
+    for step in range(3):
+        quantizer.maybe_refresh(step)
+        if step == 0:
+            initial = quantizer.scale.detach().clone()
+        batch = random_batch(batch_size=16, rows=ROWS, seed=10 * step + rank)  # each rank its own samples
+        optimizer.zero_grad()
+        module._loss(module(batch), batch).backward()
+        local = quantizer.scale.grad.clone()
+        module.on_after_backward()  # as the Trainer calls it: averages the learned scales' gradients
+        grads.append((local, quantizer.scale.grad.clone()))
+        optimizer.step()
+    result = {
+        "initial": initial,
+        "scale": quantizer.scale.detach().clone(),
+        "offset": quantizer.offset.detach().clone(),
+    }
+    result |= {"local_grad": grads[0][0], "averaged_grad": grads[0][1]}
+    torch.save(result, os.path.join(out_dir, f"lsq{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # as _rank
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_learn_identical_scales_from_averaged_gradients(tmp_path: Path):
+    mp.start_processes(_lsq_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    results = [torch.load(tmp_path / f"lsq{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert not torch.equal(results[0]["local_grad"], results[1]["local_grad"])  # each rank's own batch
+    mean = (results[0]["local_grad"] + results[1]["local_grad"]) / 2
+    for r in results:
+        torch.testing.assert_close(r["averaged_grad"], mean, rtol=1e-6, atol=0)
+    for key in ("scale", "offset"):
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=0, atol=0)
+    assert not torch.equal(results[0]["scale"], results[0]["initial"])  # learned

@@ -197,7 +197,8 @@ def _write_table(
         entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
         return entry
     if ptq is None:  # the QAT model's frozen grid
-        scale, offset = float(quantizer.scale[f]), float(quantizer.offset[f])
+        grid_scale, grid_offset = (t.detach() for t in quantizer.grid())  # as the QAT forward used it
+        scale, offset = float(grid_scale[f]), float(grid_offset[f])
     else:
         scale, offset = _ptq_grid(weight, bits, config, ptq)
     low, high = qrange(bits, config.embedding_mode)

@@ -14,6 +14,8 @@ BiasMode = Literal["fp32", "reference"]
 ScaleTracking = Literal["periodic", "exact"]
 EmbeddingGranularity = Literal["per_table", "per_row"]
 BUDGET_BITS = (8, 4, 2)  # candidate bits of the size-budget policy, widest first
+Rounding = Literal["nearest", "stochastic"]
+ScaleLearning = Literal["none", "lsq"]
 
 
 @dataclass
@@ -51,6 +53,13 @@ class QATConfig:
         mlp_bias: ``fp32`` (default) or ``reference`` (bias quantized with the row scale and the weight bits).
         mlp_activation_bits: also fake-quantize each MLP layer's input at these bits (4, 8 or 16; running max
             scale), or ``None`` (default, FP32 activations as in every paper run).
+        rounding: embedding codes in training forwards: ``nearest`` (default) or ``stochastic``
+            (``floor(x / s + u)``, ``u ~ U[0, 1)``: unbiased). Evaluation and export always round to nearest.
+        scale_learning: ``none`` (default: scales from the table extrema, refreshed every ``scale_period`` steps) or
+            ``lsq``: each table's scale (and, asymmetric, its offset) is a parameter trained by the dense optimizer
+            with the LSQ / LSQ+ gradient, initialised from the table extrema at the first quantized step and never
+            refreshed again (``scale_period`` then only sets that first grid).
+        lsq_lr_scale: the learned scales' learning rate as a multiple of the dense learning rate.
 
     Raises:
         ValueError: naming the first bad field in backticks, with the allowed values and the value received.
@@ -75,6 +84,9 @@ class QATConfig:
     mlp_granularity: MLPGranularity = "per_row"
     mlp_bias: BiasMode = "fp32"
     mlp_activation_bits: int | None = None
+    rounding: Rounding = "nearest"
+    scale_learning: ScaleLearning = "none"
+    lsq_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.embedding_bits_per_table = dict(self.embedding_bits_per_table or {})
@@ -82,6 +94,7 @@ class QATConfig:
         self._check_embeddings()
         self._check_schedule()
         self._check_mlp()
+        self._check_training_grid()
 
     def _check_embeddings(self) -> None:
         assert self.embedding_bits_per_table is not None  # __post_init__ stores None as {}
@@ -143,6 +156,22 @@ class QATConfig:
             raise ValueError("`mlp_activation_bits` needs `mlp_bits` (activation quantization is part of MLP QAT)")
         if self.mlp_bias not in ("fp32", "reference"):
             raise ValueError(f"`mlp_bias` must be 'fp32' or 'reference', got {self.mlp_bias!r}")
+
+    def _check_training_grid(self) -> None:
+        if self.rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"`rounding` must be 'nearest' or 'stochastic', got {self.rounding!r}")
+        if self.scale_learning not in ("none", "lsq"):
+            raise ValueError(f"`scale_learning` must be 'none' or 'lsq', got {self.scale_learning!r}")
+        lr_scale = self.lsq_lr_scale
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, int | float) or not 0 < lr_scale < float("inf"):
+            raise ValueError(f"`lsq_lr_scale` must be a positive number, got {self.lsq_lr_scale!r}")
+        if self.scale_learning == "lsq" and self.scale_tracking == "exact":
+            raise ValueError("`scale_learning: lsq` trains the scales: set `scale_tracking: periodic` (not 'exact')")
+        if self.scale_learning == "lsq" and getattr(self, "embedding_granularity", None) == "per_row":
+            # the design: one learned clipping ratio per table, row scale = ratio * the row's own extreme scale
+            raise NotImplementedError(
+                "`scale_learning: lsq` with `embedding_granularity: per_row` is not supported yet: use per-table grids"
+            )
 
     @property
     def quantizes_embeddings(self) -> bool:
@@ -214,6 +243,7 @@ class QATConfig:
         "mlp_bits",
         "mlp_granularity",
         "mlp_bias",
+        "scale_learning",
     )
 
     def structural_differences(self, other: QATConfig) -> list[str]:

@@ -23,6 +23,17 @@ checkpoints and a resumed run continues exactly.
 With ``embedding_granularity: per_row`` each looked-up row is quantized on its own grid, computed from that row's
 extrema when it is looked up (:func:`~dqrm_lightning.quant.fake_quant.row_grid`): nothing is stored or refreshed
 for it, so ``scale_period`` and ``scale_tracking`` play no part (the per-table buffers are still kept, unused).
+
+Two training options (``QATConfig.rounding``, ``QATConfig.scale_learning``):
+
+* stochastic rounding: training forwards round ``floor(v + u)``, ``u ~ U[0, 1)``; evaluation rounds to nearest, as
+  the exported model does. The noise of a training forward is drawn from its own generator seeded with
+  ``(torch.initial_seed(), optimizer step, forward within the step, rank)``: a run seeded with ``seed_everything``
+  draws the same noise again, also when resumed from a checkpoint, and the global random stream is not consumed.
+* learned scales (LSQ, LSQ+): ``scale`` (and, asymmetric, ``offset``) are parameters under the same state-dict keys,
+  set from the table extrema at the first refresh and then trained by the dense optimizer only. The forward uses
+  them clamped to the smallest float16 and rounded to float16 (straight-through): :meth:`EmbeddingQuantizer.grid`,
+  which export reads too, so the exported model predicts what QAT evaluation did. One-hot features only.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,7 +49,15 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dqrm_lightning.quant.config import QATConfig
-from dqrm_lightning.quant.fake_quant import fake_quantize, grid_from_extrema, qrange, row_grid
+from dqrm_lightning.quant.fake_quant import (
+    MIN_FP16_SCALE,
+    fake_quantize,
+    fp16_straight_through,
+    grid_from_extrema,
+    learned_fake_quantize,
+    qrange,
+    row_grid,
+)
 
 
 class TableAccess:
@@ -190,11 +210,12 @@ class EmbeddingQuantizer(nn.Module):
         ranges = [qrange(b, config.embedding_mode) if b else (0, 0) for b in bits]
         self.register_buffer("qmin", torch.tensor([r[0] for r in ranges], dtype=torch.float32))
         self.register_buffer("qmax", torch.tensor([r[1] for r in ranges], dtype=torch.float32))
-        self.register_buffer("scale", torch.ones(len(bits)))
+        self._learned = config.scale_learning == "lsq"
+        self._register_grid("scale", torch.ones(len(bits)))
         self.register_buffer("low", torch.zeros(len(bits)))  # table extrema at the last refresh (or exact tracking)
         self.register_buffer("high", torch.zeros(len(bits)))
         self.register_buffer("full_passes", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("offset", torch.zeros(len(bits)))
+        self._register_grid("offset", torch.zeros(len(bits)))
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_refresh_step", torch.full((), -1, dtype=torch.int64))
         self.register_buffer("start_step", torch.full((), -1, dtype=torch.int64))
@@ -205,6 +226,15 @@ class EmbeddingQuantizer(nn.Module):
         self.active = True  # False: the forward passes the FP32 rows through (see enable_fake_quant)
         self.record_error = False
         self.last_error: torch.Tensor | None = None
+        self._noise_step, self._noise_draws = -1, 0  # stochastic rounding: the step and the forwards drawn in it
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _register_grid(self, name: str, value: torch.Tensor) -> None:
+        """A grid tensor: a buffer, or with learned scales a parameter (the offset only where the grid has one)."""
+        if self._learned and (name == "scale" or self.config.embedding_mode == "asymmetric"):
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
 
     # --------------------------------------------------------------------------------------------- attaching
     def attach(self, ebc: nn.Module) -> None:
@@ -300,6 +330,8 @@ class EmbeddingQuantizer(nn.Module):
         exact tracking only at the start)."""
         if int(self.start_step) < 0 or not self.initialized:
             return True
+        if self._learned:
+            return False  # learned scales: the extrema set the first grid only
         if self.config.scale_tracking == "exact" and not self._top:
             return True  # exact tracking (new, resumed or switched on): one full pass finds the candidate rows
         if int(self.last_refresh_step) == step or self.config.scale_tracking == "exact":
@@ -307,6 +339,7 @@ class EmbeddingQuantizer(nn.Module):
         return (step - int(self.start_step)) % self.config.effective_period == 0
 
     def maybe_refresh(self, step: int) -> bool:
+        self._start_noise_step(step)
         if int(self.start_step) < 0:
             self.start_step.fill_(step)
         if self.due(step):
@@ -333,8 +366,7 @@ class EmbeddingQuantizer(nn.Module):
         lengths = features.lengths().view(len(features.keys()), -1)  # (F, B)
         one_hot = bool((lengths == 1).all())
         if one_hot:
-            scale, offset = self._grid(pooled)
-            out = fake_quantize(pooled, scale, self.qmin.view(shape), self.qmax.view(shape), offset, self.config.ste)
+            out = self._quantize_one_hot(pooled)
             if not self._all_quantized:
                 out = torch.where(self.quantized.view(shape), out, pooled)
         else:
@@ -352,7 +384,7 @@ class EmbeddingQuantizer(nn.Module):
         if self.config.embedding_granularity == "per_row":
             scale, offset = row_grid(rows, self.bits[per_feature].clamp_min(2).view(shape), self.config.embedding_mode)
         else:
-            scale, offset = self.scale[per_feature].view(shape), self.offset[per_feature].view(shape)
+            scale, offset = (value[per_feature].view(shape) for value in self.grid())
         return scale, (offset if self.config.embedding_mode == "asymmetric" else None)
 
     @torch.no_grad()
@@ -360,6 +392,8 @@ class EmbeddingQuantizer(nn.Module):
         """sum over each bag of (q(w) - w): (B, F, D), no gradient."""
         if self.config.ste != "identity":
             raise NotImplementedError("multi-hot QAT supports the identity straight-through gradient only")
+        if self._learned:
+            raise NotImplementedError("`scale_learning: lsq` learns the scales of one-hot features only")
         correction = torch.zeros_like(pooled)
         batch = pooled.shape[0]
         per_feature = features.to_dict()
@@ -370,17 +404,69 @@ class EmbeddingQuantizer(nn.Module):
             ids = jagged.values()
             rows = self.tables.rows(name, ids).float()  # (N, D)
             scale, offset = self._grid(rows, f)
-            q = fake_quantize(rows, scale, self.qmin[f], self.qmax[f], offset)
+            q = fake_quantize(rows, scale, self.qmin[f], self.qmax[f], offset, noise=self._rounding_noise(rows))
             bag = torch.repeat_interleave(torch.arange(batch), jagged.lengths().long())
             correction[:, f, :].index_add_(0, bag, (q - rows).to(pooled.dtype))
         return correction
 
+    def _quantize_one_hot(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Every (sample, feature) vector of ``pooled`` (B, F, D) on its table's grid; returns (B, F, D)."""
+        shape = (1, -1, 1)  # broadcast per feature over (B, F, D)
+        scale, grid_offset = self._grid(pooled)
+        qmin, qmax = self.qmin.view(shape), self.qmax.view(shape)
+        noise = self._rounding_noise(pooled)
+        if not self._learned:
+            return fake_quantize(pooled, scale, qmin, qmax, grid_offset, self.config.ste, noise)
+        values = pooled.shape[0] * pooled.shape[2]  # N: the values each table contributes to this batch
+        grad_scale = (values * self.qmax.clamp_min(1)).rsqrt().view(shape)  # LSQ's g = 1 / sqrt(N * Qp)
+        return learned_fake_quantize(pooled, scale, qmin, qmax, grad_scale, grid_offset, self.config.ste, noise)
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset), each (F,), as the forward and the exported model use them: the buffers, or the learned
+        parameters clamped to the smallest float16 and rounded to float16 with a straight-through gradient."""
+        if not self._learned:
+            return self.scale, self.offset
+        offset = fp16_straight_through(self.offset) if isinstance(self.offset, nn.Parameter) else self.offset
+        return fp16_straight_through(self.scale, MIN_FP16_SCALE), offset
+
+    def average_gradients(self) -> None:
+        """Average the learned scales' gradients over the ranks, where no DDP wrapper does it (sharded tables: the
+        quantizer sits outside DistributedModelParallel), so every rank keeps identical scales."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, averaged in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(averaged.view_as(g))
+
+    # ----------------------------------------------------------------------------------------- stochastic rounding
+    def _start_noise_step(self, step: int) -> None:
+        if step != self._noise_step:
+            self._noise_step, self._noise_draws = step, 0
+
+    def _rounding_noise(self, like: torch.Tensor) -> torch.Tensor | None:
+        """``U[0, 1)`` noise shaped like ``like`` for a stochastic-rounding training forward, else ``None`` (round to
+        nearest). Seeded from (initial seed, step, forward within the step, rank): see the module docstring."""
+        if self.config.rounding != "stochastic" or not self.training:
+            return None
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        entropy = [torch.initial_seed(), self._noise_step + 1, self._noise_draws, rank]
+        self._noise_draws += 1
+        generator = self._generators.get(like.device)
+        if generator is None:
+            generator = self._generators[like.device] = torch.Generator(device=like.device)
+        generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+        return torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
     # --------------------------------------------------------------------------------------------- reports
     def scales(self) -> dict[str, float]:
-        """The frozen scale of each quantized table (none under ``per_row``: every row has its own)."""
+        """The scale of each quantized table as the forward uses it (none under ``per_row``: every row has its own)."""
         if self.config.embedding_granularity == "per_row":
             return {}
-        return {f: float(s) for f, s, q in zip(self.feature_names, self.scale, self.quantized, strict=True) if q}
+        scale = self.grid()[0].detach()
+        return {f: float(s) for f, s, q in zip(self.feature_names, scale, self.quantized, strict=True) if q}
 
     def errors(self) -> dict[str, float]:
         """Mean |fake-quantized - FP32| of each quantized table in the last forward run with ``record_error``."""

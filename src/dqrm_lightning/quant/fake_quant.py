@@ -15,6 +15,15 @@ scale never clips the table it was computed from.
 
 Gradients: ``identity`` (default, as the reference code: the incoming gradient passes unchanged, also for clipped
 entries) or ``clipped`` (zero gradient where the value fell outside the grid).
+
+Stochastic rounding (training only): ``round(v)`` becomes ``floor(v + u)`` with ``u ~ U[0, 1)`` given as ``noise``, so
+the expected code is ``v`` (unbiased) and each code is one of the two grid points around ``v``.
+
+Learned scales (:func:`learned_fake_quantize`, LSQ: Esser et al. 2020, "Learned Step Size Quantization"; the offset
+as LSQ+: Bhalgat et al. 2020): with ``v = (x - offset) / scale`` and ``q`` its rounded code,
+``d out / d scale = q - v`` where ``q`` is inside the grid and ``qmin`` or ``qmax`` where it was clamped,
+``d out / d offset = 0`` inside and ``1`` where clamped, both multiplied by the gradient scale
+``g = 1 / sqrt(N * Qp)`` (N values quantized with that scale, Qp = ``qmax``).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ Mode = Literal["symmetric", "asymmetric"]
 Ste = Literal["identity", "clipped"]
 SUPPORTED_BITS = (2, 4, 8, 16)
 _MIN_SCALE = 1e-8
+MIN_FP16_SCALE = 2.0**-24  # the smallest positive float16: the floor of a learned scale
 
 
 def qrange(bits: int, mode: Mode = "symmetric") -> tuple[int, int]:
@@ -48,6 +58,13 @@ def fp16_ceil(value: torch.Tensor) -> torch.Tensor:
 
 def fp16_nearest(value: torch.Tensor) -> torch.Tensor:
     return value.float().half().float()
+
+
+def fp16_straight_through(value: torch.Tensor, minimum: float | None = None) -> torch.Tensor:
+    """``value`` (clamped to ``minimum``) rounded to the nearest float16, with an identity gradient: a learned grid
+    parameter as exactly representable in FBGEMM's fp16 scale and bias."""
+    rounded = fp16_nearest(value.detach() if minimum is None else value.detach().clamp_min(minimum))
+    return rounded + (value - value.detach())  # exactly ``rounded`` (value + (rounded - value) may not be)
 
 
 def symmetric_scale(absmax: torch.Tensor, bits: torch.Tensor | int) -> torch.Tensor:
@@ -93,9 +110,13 @@ class _FakeQuantize(torch.autograd.Function):
         qmin: torch.Tensor,
         qmax: torch.Tensor,
         clipped_ste: bool,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         codes = x / scale if offset is None else (x - offset) / scale  # a fresh tensor: the rest works in place
-        codes.round_()
+        if noise is None:
+            codes.round_()
+        else:  # stochastic rounding: floor(v + u), u ~ U[0, 1)
+            codes.add_(noise).floor_()
         ctx.clipped_ste = clipped_ste
         if clipped_ste:
             ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
@@ -103,11 +124,11 @@ class _FakeQuantize(torch.autograd.Function):
         return out if offset is None else out.add_(offset)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None, None]:
         if ctx.clipped_ste:
             (inside,) = ctx.saved_tensors
             grad = grad * inside
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def fake_quantize(
@@ -117,14 +138,71 @@ def fake_quantize(
     qmax: torch.Tensor,
     offset: torch.Tensor | None = None,
     ste: Ste = "identity",
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` on the grid ``(scale, offset, [qmin, qmax])``; all broadcast against ``x``.
 
-    Returns ``clamp(round((x - offset) / scale), qmin, qmax) * scale + offset`` with a straight-through gradient.
+    Returns ``clamp(round((x - offset) / scale), qmin, qmax) * scale + offset`` with a straight-through gradient;
+    with ``noise`` (``U[0, 1)`` values shaped like ``x``) the rounding is stochastic, ``floor(v + noise)``.
     """
     dtype = x.dtype
     offset = None if offset is None else offset.to(dtype)
-    return _FakeQuantize.apply(x, scale.to(dtype), offset, qmin.to(dtype), qmax.to(dtype), ste == "clipped")
+    return _FakeQuantize.apply(x, scale.to(dtype), offset, qmin.to(dtype), qmax.to(dtype), ste == "clipped", noise)
+
+
+class _LearnedFakeQuantize(torch.autograd.Function):
+    """Fake quantization with the LSQ / LSQ+ gradients of the scale and offset (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor | None,
+        qmin: torch.Tensor,
+        qmax: torch.Tensor,
+        grad_scale: torch.Tensor,
+        clipped_ste: bool,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        v = x / scale if offset is None else (x - offset) / scale
+        codes = v.round() if noise is None else (v + noise).floor_()
+        inside = (codes >= qmin) & (codes <= qmax)
+        codes.clamp_(qmin, qmax)
+        # d out / d scale before g: q - v inside the grid, the clamped code (qmin or qmax) outside
+        ctx.save_for_backward(codes - v * inside, inside, grad_scale)
+        ctx.shapes = (scale.shape, None if offset is None else offset.shape)
+        ctx.clipped_ste = clipped_ste
+        out = codes * scale
+        return out if offset is None else out.add_(offset)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        d_scale, inside, grad_scale = ctx.saved_tensors
+        scale_shape, offset_shape = ctx.shapes
+        grad_x = grad * inside if ctx.clipped_ste else grad
+        grad_s = (grad * d_scale).sum_to_size(scale_shape) * grad_scale
+        grad_offset = None if offset_shape is None else (grad * ~inside).sum_to_size(offset_shape) * grad_scale
+        return grad_x, grad_s, grad_offset, None, None, None, None, None
+
+
+def learned_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: torch.Tensor,
+    qmax: torch.Tensor,
+    grad_scale: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    ste: Ste = "clipped",
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`fake_quantize` whose ``scale`` (and ``offset``) receive the LSQ (LSQ+) gradients, times ``grad_scale``;
+    all broadcast against ``x``, and each gradient is summed to its tensor's shape. The gradient of ``x`` is the
+    straight-through ``ste`` (LSQ's is ``clipped``: zero where the code was clamped)."""
+    dtype = x.dtype
+    return _LearnedFakeQuantize.apply(
+        x, scale, offset, qmin.to(dtype), qmax.to(dtype), grad_scale.to(dtype), ste == "clipped", noise
+    )
 
 
 def quantize_codes(
