@@ -97,6 +97,7 @@ def _movielens(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"dqrm data movielens: {err}") from None
     for split, values in result["splits"].items():
         print(f"{split}: rows={values['rows']} positive rate {values['positive_rate']:.4f}")
+    print(f"{result['source']}: {result['terms']}; cite {result['citation']}")
     return {"command": "data movielens", **result, "seconds": time.perf_counter() - start}
 
 
