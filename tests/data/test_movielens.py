@@ -17,6 +17,7 @@ from dqrm_lightning.data.criteo import ParsedRows, parse_file
 from dqrm_lightning.data.movielens import (
     CAT_FIELDS,
     DENSE_FIELDS,
+    GENRES,
     MovieLensTables,
     convert_movielens,
     load_movielens,
@@ -84,7 +85,7 @@ def test_fields_parse_with_the_criteo_reader(parsed: dict[str, ParsedRows], tabl
     expected_age = np.log1p(np.array([age[u] for u in rows["cat"][:, 0].tolist()], dtype=np.float32))
     np.testing.assert_allclose(rows["dense"][:, 0], expected_age, rtol=1e-6)
     items = tables.items
-    genres = np.stack([items.column(g).to_numpy() for g in items.column_names[5:]], axis=1).sum(axis=1)
+    genres = np.stack([items.column(g).to_numpy() for g in GENRES], axis=1).sum(axis=1)
     by_movie = dict(zip(items.column("movie_id").to_pylist(), genres.tolist(), strict=True))
     expected_genres = np.log1p(np.array([by_movie[m] for m in rows["cat"][:, 1].tolist()], dtype=np.float32))
     np.testing.assert_allclose(rows["dense"][:, 4], expected_genres, rtol=1e-6)
