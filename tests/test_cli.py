@@ -229,7 +229,15 @@ def test_help_lists_every_subcommand_and_each_has_its_own_help(capsys, monkeypat
     result = run_cli("--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    for command in ("fit", "validate", "test", "predict", "dqrm data synth|prepare", "dqrm export", "dqrm reproduce"):
+    for command in (
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "dqrm data synth|movielens|prepare",
+        "dqrm export",
+        "dqrm reproduce",
+    ):
         assert command in text
     assert "dqrm dashboard" in text
     for command in ("data", "export", "reproduce", "dashboard"):  # in this process: no interpreter start each

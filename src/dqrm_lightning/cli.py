@@ -1,4 +1,4 @@
-"""The ``dqrm`` command: LightningCLI (fit/validate/test/predict) plus ``dqrm data synth|prepare``.
+"""The ``dqrm`` command: LightningCLI (fit/validate/test/predict) plus ``dqrm data synth|movielens|prepare``.
 
 Every run writes ``summary.json`` in its log directory and prints ``summary: <path>`` as its last line; ``predict``
 prints ``predictions: <path> (<rows> rows)`` just before it.
@@ -69,7 +69,8 @@ _TOOLS = {
     "dashboard": ("dqrm_lightning.dashboard", "workspace"),
 }
 _MORE_COMMANDS = (
-    "more subcommands: `dqrm data synth|prepare` (synthetic Criteo data; raw files -> prepared shards), "
+    "more subcommands: `dqrm data synth|movielens|prepare` (synthetic or MovieLens data in the Criteo format; raw "
+    "files -> prepared shards), "
     "`dqrm export` (checkpoint -> packed INT-N artifact), `dqrm compare` (models' predictions over seeds, with "
     "confidence intervals), `dqrm reproduce` (the paper's tables), `dqrm dashboard` (the wandb workspace); each "
     "takes --help"

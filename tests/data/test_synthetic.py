@@ -14,6 +14,8 @@ import pyarrow.csv as pa_csv
 import pytest
 
 from dqrm_lightning.data.synthetic import (
+    DEMO_CARDINALITIES,
+    HARD_CARDINALITIES,
     KAGGLE_CARDINALITIES,
     PRESETS,
     GroundTruth,
@@ -242,7 +244,7 @@ def test_kaggle_preset_small_run(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ ground truth
 def test_presets() -> None:
-    assert {"demo", "kaggle"} <= PRESETS.keys()
+    assert {"demo", "hard", "kaggle"} <= PRESETS.keys()
     assert sum(KAGGLE_CARDINALITIES) == 33_762_577
     assert len(KAGGLE_CARDINALITIES) == 26
     assert PRESETS["kaggle"].cardinalities == KAGGLE_CARDINALITIES
@@ -251,6 +253,33 @@ def test_presets() -> None:
     assert max(demo.cardinalities) <= 50_000
     assert 250_000 <= sum(demo.cardinalities) <= 350_000
     assert json.dumps(dataclasses.asdict(demo))
+
+
+def _unseen_and_rare_shares(preset: SyntheticPreset, train_rows: int, val_rows: int) -> tuple[float, float]:
+    """Shares of validation id occurrences never seen, and seen fewer than 5 times, in ``train_rows`` rows."""
+    rng = np.random.default_rng(0)
+    unseen, rare = [], []
+    for n_ids in preset.cardinalities:
+        sampler = ZipfSampler(n_ids, preset.zipf_exponent)
+        counts = np.bincount(sampler.sample(rng.random(train_rows)), minlength=n_ids)
+        val_counts = counts[sampler.sample(rng.random(val_rows))]
+        unseen.append((val_counts == 0).mean())
+        rare.append((val_counts < 5).mean())
+    return float(np.mean(unseen)), float(np.mean(rare))
+
+
+def test_hard_preset_has_larger_tables_and_more_rare_ids_than_demo() -> None:
+    demo, hard = PRESETS["demo"], PRESETS["hard"]
+    assert hard.cardinalities == HARD_CARDINALITIES
+    assert sum(HARD_CARDINALITIES) == 1_480_082
+    assert all(h >= d for h, d in zip(HARD_CARDINALITIES, DEMO_CARDINALITIES, strict=True))
+    assert hard.zipf_exponent < demo.zipf_exponent
+    assert hard.tail_effect_boost > demo.tail_effect_boost
+    # with the default 160k training rows: the hard preset's validation ids are unseen ~4x as often as the demo's
+    demo_unseen, demo_rare = _unseen_and_rare_shares(demo, 160_000, 20_000)
+    hard_unseen, hard_rare = _unseen_and_rare_shares(hard, 160_000, 20_000)
+    assert demo_unseen < 0.03 < 0.06 < hard_unseen < 0.10
+    assert demo_rare < 0.1 < 0.15 < hard_rare < 0.25
 
 
 def test_sample_rows_shapes_and_ranges() -> None:
@@ -319,7 +348,7 @@ def test_effects_do_not_depend_on_caching() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"preset": "nope"}, "known presets: demo, kaggle"),
+        ({"preset": "nope"}, "known presets: demo, hard, kaggle"),
         ({"rows": 0}, "rows must be a positive integer"),
         ({"rows": -5}, "rows must be a positive integer"),
         ({"split_fractions": (0.5, 0.2, 0.2)}, "must sum to 1"),

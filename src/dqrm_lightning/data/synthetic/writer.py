@@ -18,7 +18,7 @@ from dqrm_lightning.data.criteo import COLUMN_NAMES, INT_FEATURE_COUNT
 from dqrm_lightning.data.prepare import truth_file
 from dqrm_lightning.data.synthetic.truth import SyntheticRows
 
-__all__ = ["RawFileWriter", "format_rows"]
+__all__ = ["RawFileWriter", "format_raw", "format_rows"]
 
 
 def _hex_table() -> np.ndarray:
@@ -51,11 +51,26 @@ def _hex_columns(cat_t: np.ndarray, missing_t: np.ndarray) -> list[pa.Array]:
 
 def format_rows(rows: SyntheticRows) -> pa.Buffer:
     """The raw Criteo text of ``rows``: tab-separated, empty fields for missing values, ``\\n`` after each row."""
-    dense_t, dense_missing_t = rows.dense.T, rows.dense_missing.T
-    columns: list[pa.Array] = [pa.array(np.ascontiguousarray(rows.labels))]
+    return format_raw(rows.labels, rows.dense, rows.dense_missing, rows.cat, rows.cat_missing)
+
+
+def format_raw(
+    labels: np.ndarray, dense: np.ndarray, dense_missing: np.ndarray, cat: np.ndarray, cat_missing: np.ndarray
+) -> pa.Buffer:
+    """Raw Criteo text of N rows given as arrays: tab-separated, empty fields for missing values, ``\\n`` line ends.
+
+    Args:
+        labels: ``(N,)`` uint8 labels (0 or 1).
+        dense: ``(N, 13)`` int64 counts ``I1..I13``.
+        dense_missing: ``(N, 13)`` bool, true where a count is missing (written as an empty field).
+        cat: ``(N, 26)`` uint32 values ``C1..C26``, written as 8 lowercase hex digits.
+        cat_missing: ``(N, 26)`` bool, true where a value is missing (written as an empty field).
+    """
+    dense_t, dense_missing_t = dense.T, dense_missing.T
+    columns: list[pa.Array] = [pa.array(np.ascontiguousarray(labels))]
     for j in range(INT_FEATURE_COUNT):
         columns.append(pa.array(np.ascontiguousarray(dense_t[j]), mask=np.ascontiguousarray(dense_missing_t[j])))
-    columns.extend(_hex_columns(rows.cat.T, rows.cat_missing.T))
+    columns.extend(_hex_columns(cat.T, np.ascontiguousarray(cat_missing.T)))
     table = pa.Table.from_arrays(columns, names=list(COLUMN_NAMES))
     sink = pa.BufferOutputStream()
     pa_csv.write_csv(table, sink, _WRITE_OPTIONS)
