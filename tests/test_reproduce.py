@@ -32,7 +32,7 @@ def test_unknown_only_names_are_refused_before_any_work_listing_the_valid_ones(t
         (["--experiment", "lsq"], "--experiment takes NAME=CONFIG (a QAT config file), got 'lsq'"),
         (["--experiment", "x=configs/qat/nope.yaml"], "no such config file 'configs/qat/nope.yaml'"),
         (["--experiment", "fp32=configs/qat/int4.yaml"], "the name 'fp32' is taken; choose another"),
-        (["--preset", "nope"], "--preset nope: no configs/nope.yaml; choose from demo, kaggle"),
+        (["--preset", "nope"], "--preset nope: no configs/nope.yaml; choose from demo, hard, kaggle, movielens"),
         (["--preset", "kaggle"], "--preset kaggle reads data you give: pass --data DIR"),
     ],
 )

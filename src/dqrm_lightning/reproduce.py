@@ -195,7 +195,12 @@ def _post_training(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dqrm reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="demo", help="a config of configs/ (configs/NAME.yaml): demo, kaggle, ...")
+    parser.add_argument(
+        "--preset",
+        nargs="+",
+        default=["demo"],
+        help="configs of configs/ (configs/NAME.yaml), stacked in order: demo, kaggle, `demo hard`, `demo movielens`",
+    )
     parser.add_argument("--out", required=True, help="output directory (results.md, summary.json, plots, runs/)")
     parser.add_argument(
         "--data",
@@ -264,12 +269,13 @@ def _data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, e
     if not glob.glob(str(data / "train*")):
         from dqrm_lightning.data.synthetic import PRESETS, synthesize
 
-        if args.preset not in PRESETS or not _config_reads_files(_preset_config(parser, args.preset)):
+        synthetic = args.preset[-1]  # the last config names the data
+        if synthetic not in PRESETS or not _config_reads_files(_preset_config(parser, synthetic)):
             parser.error(
-                f"--preset {args.preset} reads data you give: pass --data DIR (train*/val*/test* files) or its "
+                f"--preset {' '.join(args.preset)} reads data you give: pass --data DIR (train*/val*/test* files) or its "
                 f"paths after `--` (e.g. `-- --data.kaggle_train_txt train.txt`)"
             )
-        synthesize(args.preset, args.rows, args.data_seed, data)
+        synthesize(synthetic, args.rows, args.data_seed, data)
     return [arg for split in ("train", "val", "test") for arg in (f"--data.{split}_files", f"{data}/{split}*")]
 
 
@@ -290,12 +296,12 @@ def main(argv: list[str]) -> str:
     if args.seeds < 1 or args.replicates < 1:
         parser.error(f"--seeds and --replicates must be >= 1, got {args.seeds} and {args.replicates}")
     experiments = _experiments(parser, args.only, args.experiment)
-    config = _preset_config(parser, args.preset)
+    configs = [arg for name in args.preset for arg in ("-c", str(_preset_config(parser, name)))]
     start = args.seed_start if args.seed_start is not None else args.seed if args.seed is not None else 1
     seeds = list(range(start, start + args.seeds))
     args.data_seed = start if args.data_seed is None else args.data_seed
     extra = [a for a in args.extra if a != "--"]
-    base = ["-c", str(config), *_data_arguments(parser, args, extra), *extra]
+    base = [*configs, *_data_arguments(parser, args, extra), *extra]
     out = Path(args.out)
     began = time.time()
     results = run(base, out, experiments, seeds, args.paper_protocol)
