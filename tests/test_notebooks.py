@@ -61,6 +61,19 @@ def _communication(results: dict) -> None:
     assert kaggle["dense"] > kaggle["sparse_fp32"] > kaggle["sparse_int8"]
 
 
+def _seeds_and_intervals(results: dict) -> None:
+    assert results["summary"].endswith("benchmarks/results/reproduce_hard/summary.json")  # the committed results
+    assert 0.5 < results["fp32_test_auc_mean"] < 1.0
+    assert results["models"], "no model compared with FP32"
+    for model in results["models"].values():
+        assert model["seeds"] >= 5
+        assert model["ci_low"] <= model["delta_auc"] <= model["ci_high"]
+        assert 0.0 < model["size_over_fp32"] < 1.0
+    for epochs in results["best_val_epochs"].values():
+        assert len(epochs) >= 5
+        assert all(e >= 1 for e in epochs)
+
+
 CASES = {  # notebook: (knobs beyond the tiny row count, figures it shows, check of its last cell's JSON)
     "01_quickstart.ipynb": ({"DQRM_NOTEBOOK_EPOCHS": "2"}, 2, _quickstart),
     "02_inside_quantization.ipynb": (
@@ -69,6 +82,7 @@ CASES = {  # notebook: (knobs beyond the tiny row count, figures it shows, check
         _inside_quantization,
     ),
     "03_communication.ipynb": ({"DQRM_NOTEBOOK_EPOCHS": "1"}, 2, _communication),
+    "04_seeds_and_intervals.ipynb": ({}, 3, _seeds_and_intervals),
 }
 
 _CHECK_KERNEL = "import sys, json, dqrm_lightning\nprint(json.dumps([sys.prefix, dqrm_lightning.__file__]))"

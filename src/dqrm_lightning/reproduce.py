@@ -272,8 +272,8 @@ def _data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, e
         synthetic = args.preset[-1]  # the last config names the data
         if synthetic not in PRESETS or not _config_reads_files(_preset_config(parser, synthetic)):
             parser.error(
-                f"--preset {' '.join(args.preset)} reads data you give: pass --data DIR (train*/val*/test* files) or its "
-                f"paths after `--` (e.g. `-- --data.kaggle_train_txt train.txt`)"
+                f"--preset {' '.join(args.preset)} reads data you give: pass --data DIR (train*/val*/test* files) or "
+                f"its paths after `--` (e.g. `-- --data.kaggle_train_txt train.txt`)"
             )
         synthesize(synthetic, args.rows, args.data_seed, data)
     return [arg for split in ("train", "val", "test") for arg in (f"--data.{split}_files", f"{data}/{split}*")]

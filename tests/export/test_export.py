@@ -43,6 +43,7 @@ CONFIGS = [
     QATConfig(embedding_bits=4, embedding_mode="asymmetric", scale_learning="lsq", rounding="stochastic"),
     QATConfig(embedding_bits=2, rounding="stochastic"),
     QATConfig(embedding_bits=4, embedding_mode="asymmetric", embedding_granularity="per_row", rounding="stochastic"),
+    QATConfig(embedding_bits=4, embedding_mode="asymmetric", embedding_granularity="per_row", scale_learning="lsq"),
 ]
 IDS = [
     "int4",
@@ -58,13 +59,26 @@ IDS = [
     "lsq-asym-sr",
     "int2-sr",
     "int4-row-sr",
+    "int4-row-lsq",
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("engine", ["torchrec", "plain"])
 def test_exported_predictions_equal_qat_eval(tmp_path, config, engine):
-    module = trained_module(config)
+    _assert_exported_predictions_equal_qat_eval(trained_module(config), tmp_path, engine)
+
+
+@pytest.mark.parametrize("engine", ["torchrec", "plain"])
+def test_row_wise_learned_clipping_ratios_are_exported_exactly(tmp_path, engine):
+    config = QATConfig(embedding_bits=4, embedding_mode="asymmetric", embedding_granularity="per_row")
+    module = trained_module(QATConfig(**{**config.__dict__, "scale_learning": "lsq"}))
+    with torch.no_grad():  # ratios well below 1: the rows' extremes are clipped, unlike the plain row-wise grid
+        module.embedding_quantizer.row_ratio.copy_(torch.linspace(0.55, 1.0, 26))
+    _assert_exported_predictions_equal_qat_eval(module, tmp_path, engine)
+
+
+def _assert_exported_predictions_equal_qat_eval(module, tmp_path, engine) -> None:
     batch = random_batch(seed=123, rows=ROWS, batch_size=256)
     with torch.no_grad():
         expected = torch.sigmoid(module(batch))

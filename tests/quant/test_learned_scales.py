@@ -158,3 +158,53 @@ def test_scale_learning_is_structural_and_rounding_is_not():
     base = QATConfig(embedding_bits=4)
     assert base.structural_differences(QATConfig(embedding_bits=4, scale_learning="lsq")) == ["scale_learning"]
     assert base.structural_differences(QATConfig(embedding_bits=4, rounding="stochastic")) == []
+
+
+def row_wise_reference(x, upstream, ratio, bits, mode):
+    """Row-wise LSQ in Python floats: each (sample, feature) row's grid from its own extrema, its scale ``ratio[f] *
+    span / levels`` rounded to float16; output, and the gradient of each table's ratio (each row's LSQ scale
+    gradient in units of its span)."""
+    batch, features, dim = x.shape
+    out, grad_ratio = torch.zeros_like(x), [0.0] * features
+    for b, f in itertools.product(range(batch), range(features)):
+        row = [float(v) for v in x[b, f]]
+        if not bits[f]:
+            out[b, f] = x[b, f]
+            continue
+        low, high = qrange(bits[f], mode)
+        if mode == "symmetric":
+            offset, span = 0.0, max(abs(v) for v in row) / high
+        else:
+            offset = float(torch.tensor(min(row)).half())
+            span = (max(row) - offset) / high
+        scale = max(float(torch.tensor(ratio[f] * span, dtype=torch.float32).half()), MIN_FP16_SCALE)
+        g = 1.0 / math.sqrt(batch * dim * high)
+        for d, value in enumerate(row):
+            v = (value - offset) / scale
+            q = round(v)
+            code = min(max(q, low), high)
+            out[b, f, d] = code * scale + offset
+            grad_ratio[f] += float(upstream[b, f, d]) * ((code - v) if low <= q <= high else code) * g / span
+    return out, torch.tensor(grad_ratio)
+
+
+@pytest.mark.parametrize("mode", ["asymmetric", "symmetric"])
+def test_row_wise_lsq_learns_one_clipping_ratio_per_table_matching_a_per_element_reference(mode):
+    config = QATConfig(
+        embedding_bits_per_table=BITS, embedding_mode=mode, embedding_granularity="per_row", scale_learning="lsq"
+    )
+    quantizer = EmbeddingQuantizer(FEATURES, [ROWS] * 4, 3, config)
+    assert [name for name, _ in quantizer.named_parameters()] == ["row_ratio"]  # no per-table scale to learn
+    with torch.no_grad():
+        quantizer.row_ratio.copy_(torch.tensor([0.8, 0.9, 1.0, 1.0]))
+    quantizer.refreshes.fill_(1)
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.rand(5, 4, 3, generator=generator) - 0.5) * 2.0
+    upstream = torch.randn(5, 4, 3, generator=generator)
+    out = quantizer.quantize(x, one_hot(5))
+    (out * upstream).sum().backward()
+    bits = [BITS.get(f, 0) for f in FEATURES]
+    want_out, want_ratio = row_wise_reference(x, upstream, quantizer.row_ratio.detach().tolist(), bits, mode)
+    torch.testing.assert_close(out.detach(), want_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(quantizer.row_ratio.grad[:3], want_ratio[:3], rtol=1e-4, atol=1e-7)
+    assert float(quantizer.row_ratio.grad[:3].abs().min()) > 0

@@ -25,7 +25,7 @@ from dqrm_lightning.model import model_shape
 from dqrm_lightning.names import MLP_ARCHS, QAT_CONFIG_KEY, QUANTIZER_PREFIX, dlrm_key, table_key
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.embedding import EmbeddingQuantizer
-from dqrm_lightning.quant.fake_quant import Mode, grid_from_extrema, qrange, quantize_codes, row_grid
+from dqrm_lightning.quant.fake_quant import Mode, grid_from_extrema, qrange, quantize_codes
 from dqrm_lightning.quant.linear import FakeQuantizedLinear, linear_kwargs
 
 PtqScales = Literal["trained", "init"]
@@ -191,7 +191,7 @@ def _write_table(
         entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(weight.numpy(), 32))
         return entry
     if config.embedding_granularity == "per_row":  # each row's own grid, as QAT computed it from the same rows
-        codes, scale_bias = _row_wise_codes(weight, bits, config.embedding_mode)
+        codes, scale_bias = _row_wise_codes(weight, bits, config.embedding_mode, quantizer, f)
         entry |= {"bits": bits, "granularity": "per_row"}
         entry["scale_bias"] = writer.add(f"tables/{feature}.sb.bin", scale_bias)
         entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
@@ -267,16 +267,21 @@ def _under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
 
-def _row_wise_codes(weight: torch.Tensor, bits: int, mode: Mode) -> tuple[np.ndarray, np.ndarray]:
-    """Unsigned codes (rows, D) of a table on each row's own grid, and the grids as float16 (rows, 2) ``(scale,
-    bias)`` (FBGEMM's row-wise format: value ``u * scale + bias``), a million rows at a time."""
+def _row_wise_codes(
+    weight: torch.Tensor, bits: int, mode: Mode, quantizer: EmbeddingQuantizer, f: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unsigned codes (rows, D) of table ``f`` on each row's own grid (the QAT forward's, with its learned clipping
+    ratio if any), and the grids as float16 (rows, 2) ``(scale, bias)`` (FBGEMM's row-wise format: value ``u * scale
+    + bias``), a million rows at a time."""
     codes = np.empty(weight.shape, dtype=np.int32)
     scale_bias = np.empty((weight.shape[0], 2), dtype=np.float16)
     low, high = qrange(bits, mode)
     lo, hi = torch.tensor(float(low)), torch.tensor(float(high))
     for start in range(0, weight.shape[0], 1 << 20):
         chunk = weight[start : start + (1 << 20)]  # (n, D)
-        scale, offset = row_grid(chunk, bits, mode)  # (n, 1) each
+        with torch.no_grad():
+            scale, grid_offset = quantizer.grid_of(chunk, f)  # (n, 1) each
+        offset = torch.zeros_like(scale) if grid_offset is None else grid_offset
         chunk_codes = quantize_codes(chunk, scale, lo, hi, offset)
         if mode == "symmetric":  # unsigned codes u = q + 2^(b-1): value = u * s - 2^(b-1) * s
             chunk_codes += 2 ** (bits - 1)

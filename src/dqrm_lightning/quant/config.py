@@ -167,11 +167,6 @@ class QATConfig:
             raise ValueError(f"`lsq_lr_scale` must be a positive number, got {self.lsq_lr_scale!r}")
         if self.scale_learning == "lsq" and self.scale_tracking == "exact":
             raise ValueError("`scale_learning: lsq` trains the scales: set `scale_tracking: periodic` (not 'exact')")
-        if self.scale_learning == "lsq" and getattr(self, "embedding_granularity", None) == "per_row":
-            # the design: one learned clipping ratio per table, row scale = ratio * the row's own extreme scale
-            raise NotImplementedError(
-                "`scale_learning: lsq` with `embedding_granularity: per_row` is not supported yet: use per-table grids"
-            )
 
     @property
     def quantizes_embeddings(self) -> bool:

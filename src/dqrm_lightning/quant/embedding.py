@@ -199,6 +199,7 @@ class EmbeddingQuantizer(nn.Module):
     refreshes: torch.Tensor  # () int64
     last_refresh_step: torch.Tensor  # () int64
     start_step: torch.Tensor  # () int64
+    row_ratio: torch.Tensor  # (F,) learned clipping ratio of row-wise grids (``per_row`` with ``lsq`` only)
 
     def __init__(self, feature_names: list[str], table_rows: list[int], embedding_dim: int, config: QATConfig) -> None:
         super().__init__()
@@ -216,6 +217,8 @@ class EmbeddingQuantizer(nn.Module):
         self.register_buffer("high", torch.zeros(len(bits)))
         self.register_buffer("full_passes", torch.zeros((), dtype=torch.int64))
         self._register_grid("offset", torch.zeros(len(bits)))
+        if self._learned and config.embedding_granularity == "per_row":  # row-wise LSQ: one clipping ratio per table
+            self.register_parameter("row_ratio", nn.Parameter(torch.ones(len(bits))))
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_refresh_step", torch.full((), -1, dtype=torch.int64))
         self.register_buffer("start_step", torch.full((), -1, dtype=torch.int64))
@@ -231,7 +234,8 @@ class EmbeddingQuantizer(nn.Module):
 
     def _register_grid(self, name: str, value: torch.Tensor) -> None:
         """A grid tensor: a buffer, or with learned scales a parameter (the offset only where the grid has one)."""
-        if self._learned and (name == "scale" or self.config.embedding_mode == "asymmetric"):
+        per_row = self.config.embedding_granularity == "per_row"  # learns a clipping ratio instead (row_ratio)
+        if self._learned and not per_row and (name == "scale" or self.config.embedding_mode == "asymmetric"):
             self.register_parameter(name, nn.Parameter(value))
         else:
             self.register_buffer(name, value)
@@ -376,13 +380,15 @@ class EmbeddingQuantizer(nn.Module):
                 self.last_error = (out - pooled).abs().mean(dim=(0, 2)).detach()  # (F,)
         return out
 
-    def _grid(self, rows: torch.Tensor, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def grid_of(self, rows: torch.Tensor, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(scale, offset)`` of rows (B, F, D) of every table, or rows (N, D) of table ``f``: the table's frozen
         grid, or under ``per_row`` each row's own; ``offset`` is ``None`` for the symmetric grid."""
         per_feature = slice(None) if f is None else f
         shape = (1, -1, 1) if f is None else ()  # broadcast per feature over (B, F, D), or a scalar
         if self.config.embedding_granularity == "per_row":
-            scale, offset = row_grid(rows, self.bits[per_feature].clamp_min(2).view(shape), self.config.embedding_mode)
+            ratio = self.row_ratio[per_feature].view(shape) if self._learned else None
+            bits = self.bits[per_feature].clamp_min(2).view(shape)
+            scale, offset = row_grid(rows, bits, self.config.embedding_mode, ratio)
         else:
             scale, offset = (value[per_feature].view(shape) for value in self.grid())
         return scale, (offset if self.config.embedding_mode == "asymmetric" else None)
@@ -403,7 +409,7 @@ class EmbeddingQuantizer(nn.Module):
             jagged = per_feature[name]
             ids = jagged.values()
             rows = self.tables.rows(name, ids).float()  # (N, D)
-            scale, offset = self._grid(rows, f)
+            scale, offset = self.grid_of(rows, f)
             q = fake_quantize(rows, scale, self.qmin[f], self.qmax[f], offset, noise=self._rounding_noise(rows))
             bag = torch.repeat_interleave(torch.arange(batch), jagged.lengths().long())
             correction[:, f, :].index_add_(0, bag, (q - rows).to(pooled.dtype))
@@ -412,7 +418,7 @@ class EmbeddingQuantizer(nn.Module):
     def _quantize_one_hot(self, pooled: torch.Tensor) -> torch.Tensor:
         """Every (sample, feature) vector of ``pooled`` (B, F, D) on its table's grid; returns (B, F, D)."""
         shape = (1, -1, 1)  # broadcast per feature over (B, F, D)
-        scale, grid_offset = self._grid(pooled)
+        scale, grid_offset = self.grid_of(pooled)
         qmin, qmax = self.qmin.view(shape), self.qmax.view(shape)
         noise = self._rounding_noise(pooled)
         if not self._learned:

@@ -92,12 +92,31 @@ def grid_from_extrema(
     return asymmetric_scale(low, high, bits)
 
 
-def row_grid(rows: torch.Tensor, bits: torch.Tensor | int, mode: Mode) -> tuple[torch.Tensor, torch.Tensor]:
+def row_grid(
+    rows: torch.Tensor, bits: torch.Tensor | int, mode: Mode, ratio: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise ``(scale, offset)``, each (..., 1): the :func:`grid_from_extrema` of every row of ``rows`` (..., D)
     over its own D values (FBGEMM's row-wise INT-N format: a float16 scale and bias per row). ``bits`` broadcasts
-    against (..., 1). No gradient flows into the grid."""
+    against (..., 1). No gradient flows into the grid from the rows.
+
+    ``ratio`` (broadcasting against (..., 1)): a learned clipping ratio (row-wise LSQ): the scale of a row is
+    ``ratio * span`` (``span`` = the row's extent / levels) rounded to the nearest float16; the offset stays the row's
+    float16 minimum (0 symmetric); ``ratio < 1`` clips the row's extremes. The ratio receives ``sum over rows of
+    d loss / d scale / span``: the step LSQ would give each row's scale, in units of that row's span, so the ratio
+    moves as the rows' scales would (the chain rule's ``* span`` would make it about ``span^2`` times slower).
+    """
     low, high = torch.aminmax(rows.detach().float(), dim=-1, keepdim=True)
-    return grid_from_extrema(low, high, bits, mode)
+    if ratio is None:
+        return grid_from_extrema(low, high, bits, mode)
+    bits = torch.as_tensor(bits)
+    if mode == "symmetric":
+        offset = torch.zeros_like(low)
+        span = torch.maximum(low.abs(), high.abs()) / (2 ** (bits - 1) - 1).float()
+    else:
+        offset = fp16_nearest(low)
+        span = (high - offset) / (2**bits - 1).float()
+    scale = fp16_nearest((ratio.detach() * span).clamp_min(MIN_FP16_SCALE))
+    return scale + (ratio - ratio.detach()) / span.clamp_min(MIN_FP16_SCALE), offset  # exactly ``scale``
 
 
 class _FakeQuantize(torch.autograd.Function):
