@@ -119,6 +119,18 @@ def row_grid(
     return scale + (ratio - ratio.detach()) / span.clamp_min(MIN_FP16_SCALE), offset  # exactly ``scale``
 
 
+def _round_(values: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """Round ``values`` in place: to nearest (half to even), or stochastically, ``floor(v + noise)`` with ``noise``
+    ``U[0, 1)`` values shaped like ``values``."""
+    return values.round_() if noise is None else values.add_(noise).floor_()
+
+
+def _dequantize_(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """``codes * scale + offset``, in place in ``codes``."""
+    out = codes.mul_(scale)
+    return out if offset is None else out.add_(offset)
+
+
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -131,16 +143,11 @@ class _FakeQuantize(torch.autograd.Function):
         clipped_ste: bool,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        codes = x / scale if offset is None else (x - offset) / scale  # a fresh tensor: the rest works in place
-        if noise is None:
-            codes.round_()
-        else:  # stochastic rounding: floor(v + u), u ~ U[0, 1)
-            codes.add_(noise).floor_()
+        codes = _round_(x / scale if offset is None else (x - offset) / scale, noise)  # fresh: worked in place
         ctx.clipped_ste = clipped_ste
         if clipped_ste:
             ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
-        out = codes.clamp_(qmin, qmax).mul_(scale)
-        return out if offset is None else out.add_(offset)
+        return _dequantize_(codes.clamp_(qmin, qmax), scale, offset)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None, None]:
@@ -185,15 +192,14 @@ class _LearnedFakeQuantize(torch.autograd.Function):
         noise: torch.Tensor | None,
     ) -> torch.Tensor:
         v = x / scale if offset is None else (x - offset) / scale
-        codes = v.round() if noise is None else (v + noise).floor_()
+        codes = _round_(v.clone(), noise)
         inside = (codes >= qmin) & (codes <= qmax)
         codes.clamp_(qmin, qmax)
         # d out / d scale before g: q - v inside the grid, the clamped code (qmin or qmax) outside
         ctx.save_for_backward(codes - v * inside, inside, grad_scale)
         ctx.shapes = (scale.shape, None if offset is None else offset.shape)
         ctx.clipped_ste = clipped_ste
-        out = codes * scale
-        return out if offset is None else out.add_(offset)
+        return _dequantize_(codes, scale, offset)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
