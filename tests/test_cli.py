@@ -208,6 +208,7 @@ def test_qat_fit_export_predict(tmp_path, criteo_sample):
     assert fit["qat"]["table_bits"]["C1"] == 4
     assert fit["qat"]["scale_refreshes"] == len(range(0, fit["global_step"], 3))
     assert fit["model_bytes"]["ratio"] < 0.15
+    assert fit["model_bytes"]["tables_ratio"] == pytest.approx(0.125, abs=1e-3)  # INT4 codes + one scale per table
     best = fit["checkpoints"]["best"]
     _, export = dqrm("export", "--ckpt", best, "--out", str(tmp_path / "art"))
     assert export["quantization"] == "qat"

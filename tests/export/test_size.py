@@ -1,7 +1,7 @@
 import pytest
 
 from dqrm_lightning.comms.accounting import ModelShape
-from dqrm_lightning.export.size import model_bytes, quantized_model_bytes
+from dqrm_lightning.export.size import model_bytes, quantized_model_bytes, quantized_table_bytes
 from dqrm_lightning.quant.config import QATConfig
 
 TABLES_ONLY = ModelShape(table_rows=[1000] * 26, embedding_dim=16, mlp_layers=[])
@@ -21,6 +21,9 @@ def test_tables_are_counted_as_stored(bits, dim, granularity, ratio):
     shape = ModelShape(table_rows=[1000] * 26, embedding_dim=dim, mlp_layers=[])
     config = QATConfig(embedding_bits=bits, embedding_granularity=granularity)
     assert quantized_model_bytes(shape, config) / model_bytes(shape) == ratio
+    with_mlp = ModelShape(table_rows=[1000] * 26, embedding_dim=dim, mlp_layers=[(13, 8), (8, 1)])
+    assert quantized_table_bytes(with_mlp.table_rows, dim, config) / (4 * 26_000 * dim) == ratio  # tables alone
+    assert quantized_model_bytes(with_mlp, config) > quantized_table_bytes(with_mlp.table_rows, dim, config)
 
 
 def test_a_size_budget_sets_the_counted_bits():

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dqrm_lightning.comms.accounting import ModelShape
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.quant.config import QATConfig, stored_table_bytes
@@ -32,12 +34,17 @@ def quantized_model_bytes(shape: ModelShape, config: QATConfig) -> int:
     EmbeddingBagCollection) hold an fp16 scale and bias on every row, so a ``per_table`` table takes the ``per_row``
     bytes once loaded.
     """
-    dim = shape.embedding_dim
-    rows = dict(zip(DEFAULT_CAT_NAMES, shape.table_rows, strict=True))
-    bits = config.assign_bits(rows, dim)
-    tables = sum(stored_table_bytes(rows[f], dim, bits[f], config.embedding_granularity) for f in rows)
+    tables = quantized_table_bytes(shape.table_rows, shape.embedding_dim, config)
     mlp = 0
     for width, out in shape.mlp_layers:
         weight = 4 * width * out if config.mlp_bits is None else out * (-(-width * config.mlp_bits // 8) + 4)
         mlp += weight + 4 * out
     return tables + mlp
+
+
+def quantized_table_bytes(table_rows: Sequence[int], dim: int, config: QATConfig) -> int:
+    """Bytes of the embedding tables alone as the artifact stores them (scales and biases included); divided by
+    ``4 * sum(table_rows) * dim`` it is the tables' fraction of FP32 (``size_budget``'s measure)."""
+    rows = dict(zip(DEFAULT_CAT_NAMES, table_rows, strict=True))
+    bits = config.assign_bits(rows, dim)
+    return sum(stored_table_bytes(rows[f], dim, bits[f], config.embedding_granularity) for f in rows)
