@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dqrm_lightning.reproduce import EXPERIMENTS, Experiment, SeedResult, main
-from dqrm_lightning.reproduce_tables import aggregate, markdown, paper_protocol, plot, plot_differences
+from dqrm_lightning.reproduce_tables import aggregate, markdown, paper_protocol, plot, plot_differences, write
 from dqrm_lightning.stats import weighted_auc
 from tests.helpers.cli import REPO, run_cli, summary_path
 
@@ -123,7 +123,7 @@ def test_markdown_states_protocols_and_one_row_per_model_with_the_intervals(tmp_
     assert "Command: `dqrm reproduce --seeds 2`" in text
     assert "*val-selected*" in text
     assert "*paper*" in text
-    assert "(100 resamples)" in text
+    assert "(100 resamples: test-row noise and seed-to-seed spread)" in text
     assert "### Further experiments (`--experiment`)" in text
     assert "### Table 2" not in text  # FP32 alone is no table when other models ran
     int4 = next(line for line in text.splitlines() if line.startswith("| my INT4 |"))
@@ -139,6 +139,28 @@ def test_markdown_states_protocols_and_one_row_per_model_with_the_intervals(tmp_
     assert plot_differences(rows, experiments, tmp_path / "delta_auc.png")
     assert (tmp_path / "val_auc.png").stat().st_size > 0
     assert (tmp_path / "delta_auc.png").stat().st_size > 0
+
+
+def test_tables_only_rewrites_a_finished_run_from_its_summary_and_predictions(tmp_path, capsys):
+    results, _, _ = _fabricated_runs(tmp_path)
+    experiments = [EXPERIMENTS[0], Experiment("int4", "my INT4", ("extra",))]
+    bayes = {"val": {"auc": 0.8, "log_loss": 0.4}, "test": {"auc": 0.81, "log_loss": 0.41}}
+    out = tmp_path / "out"
+    out.mkdir()
+    write(results, experiments, out, "dqrm reproduce --seeds 2", replicates=100, seconds=60.0, bayes=bayes)
+    first = json.loads((out / "summary.json").read_text())
+    (out / "results.md").unlink()
+    assert main(["--out", str(out), "--tables-only", "--replicates", "100"]) == str(out / "summary.json")
+    again = json.loads((out / "summary.json").read_text())
+    assert again == first  # the same per-seed values, aggregates and intervals (the resampling is seeded)
+    text = (out / "results.md").read_text()
+    assert "| my INT4 | 2 |" in text
+    assert "Bayes-optimal (true click model) AUC: val 0.8000, test 0.8100" in text
+    main(["--out", str(out), "--tables-only", "--replicates", "50"])
+    assert "(50 resamples" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "nothing"), "--tables-only"])
+    assert "--tables-only: no" in capsys.readouterr().err
 
 
 @pytest.mark.slow

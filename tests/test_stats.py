@@ -56,3 +56,23 @@ def test_the_interval_is_zero_for_identical_models_and_above_zero_for_a_better_o
         paired_bootstrap(labels, noisy, sharp[:2])
     with pytest.raises(ValueError, match="same 4000 rows"):
         paired_bootstrap(labels, noisy, [p[:10] for p in sharp])
+
+
+def test_the_interval_covers_the_spread_over_seeds_not_only_the_test_rows():
+    rng = np.random.default_rng(3)
+    n = 4000
+    truth = rng.uniform(0.05, 0.6, n)
+    labels = (rng.uniform(size=n) < truth).astype(int)
+    baseline = [np.clip(truth + rng.normal(0, 0.1, n), 0.001, 0.999) for _ in range(5)]
+    # seed k of the candidate is the baseline's seed k, sharper or blurrier: per-seed differences of both signs
+    noise = (0.02, 0.2, 0.03, 0.18, 0.05)
+    candidate = [np.clip(truth + rng.normal(0, sigma, n), 0.001, 0.999) for sigma in noise]
+    per_seed = [weighted_auc(labels, c) - weighted_auc(labels, b) for b, c in zip(baseline, candidate, strict=True)]
+    interval = paired_bootstrap(labels, baseline, candidate, "auc", replicates=300)
+    assert interval.difference == pytest.approx(np.mean(per_seed))
+    rows_only = [  # the row bootstrap of each seed alone sees no spread over seeds: a far narrower interval
+        paired_bootstrap(labels, [b], [c], "auc", replicates=300) for b, c in zip(baseline, candidate, strict=True)
+    ]
+    assert all(r.low > 0 or r.high < 0 for r in rows_only)  # each seed alone looks significant, either way
+    assert interval.low < 0 < interval.high  # over the seeds the difference is not: the interval holds 0
+    assert interval.high - interval.low > 1.5 * max(r.high - r.low for r in rows_only)

@@ -12,8 +12,9 @@ best validation AUC; same data for every seed, the model seed and the training-o
 Two protocols, both in the output: *val-selected* (the checkpoint with the best validation AUC, tested once: what one
 deploys) and *paper* (the best test AUC over all evaluations during training, as the DQRM reference code reports it:
 model selection on the test split; the test split is scored at every validation for it). Differences against FP32
-pair seed ``k`` with FP32's seed ``k`` on the same test rows, with a paired bootstrap confidence interval
-(:mod:`dqrm_lightning.commands.compare`). Aggregation, tables and plots: :mod:`dqrm_lightning.reproduce_tables`.
+pair seed ``k`` with FP32's seed ``k`` on the same test rows, with a paired bootstrap confidence interval over the
+test rows and the seeds (:mod:`dqrm_lightning.commands.compare`). Aggregation, tables and plots:
+:mod:`dqrm_lightning.reproduce_tables`.
 """
 
 from __future__ import annotations
@@ -228,7 +229,13 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="score the test split at every validation for the paper's protocol (best test AUC over evaluations)",
     )
-    parser.add_argument("--replicates", type=int, default=1000, help="bootstrap resamples of the test rows")
+    parser.add_argument("--replicates", type=int, default=1000, help="bootstrap resamples (test rows and seeds)")
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="train nothing: rewrite the tables, summary and plots of the finished run in --out from its summary.json "
+        "and prediction files (e.g. with other --replicates)",
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: arguments for every run, e.g. data paths")
     return parser
 
@@ -295,6 +302,8 @@ def main(argv: list[str]) -> str:
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.replicates < 1:
         parser.error(f"--seeds and --replicates must be >= 1, got {args.seeds} and {args.replicates}")
+    if args.tables_only:
+        return _rewrite_tables(parser, Path(args.out), args.replicates)
     experiments = _experiments(parser, args.only, args.experiment)
     configs = [arg for name in args.preset for arg in ("-c", str(_preset_config(parser, name)))]
     start = args.seed_start if args.seed_start is not None else args.seed if args.seed is not None else 1
@@ -307,3 +316,21 @@ def main(argv: list[str]) -> str:
     results = run(base, out, experiments, seeds, args.paper_protocol)
     command = "dqrm reproduce " + " ".join(argv)
     return reproduce_tables.write(results, experiments, out, command, args.replicates, time.time() - began)
+
+
+def _rewrite_tables(parser: argparse.ArgumentParser, out: Path, replicates: int) -> str:
+    """``--tables-only``: the finished run's per-seed results (its ``summary.json``) aggregated and written again."""
+    from dqrm_lightning import reproduce_tables
+
+    path = out / "summary.json"
+    if not path.is_file():
+        parser.error(f"--tables-only: no {path} (the summary of a finished `dqrm reproduce --out {out}`)")
+    summary = json.loads(path.read_text())
+    known = {exp.name: exp for exp in EXPERIMENTS}
+    experiments = [
+        known.get(name) or Experiment(name, row["label"], ("extra",)) for name, row in summary["results"].items()
+    ]
+    results = {name: [SeedResult(**seed) for seed in row["per_seed"]] for name, row in summary["results"].items()}
+    return reproduce_tables.write(
+        results, experiments, out, summary["command"], replicates, summary.get("wall_seconds"), summary.get("bayes")
+    )

@@ -29,7 +29,8 @@ PROTOCOLS = (
     "training, which selects the model on the test split; shown to compare with the paper, not to deploy. "
     "Every seed trains on the same data (seed k sets the model's initialization and the training order); "
     "mean ± std over seeds. Δ = model - FP32 on the same test rows, mean over seeds (seed k paired with FP32's "
-    "seed k), with the {level}% paired bootstrap confidence interval over the test rows ({replicates} resamples). "
+    "seed k), with the {level}% paired bootstrap confidence interval, resampling the test rows and the seed pairs "
+    "({replicates} resamples: test-row noise and seed-to-seed spread). "
     "Post-training quantization quantizes the same seed's FP32 model (one evaluation: no paper figure)."
 )
 
@@ -199,12 +200,13 @@ def write(
     command: str,
     replicates: int = 1000,
     seconds: float | None = None,
+    bayes: dict[str, Any] | None = None,
 ) -> str:
     """``results.md``, ``summary.json`` (per-seed values too), ``val_auc.png`` and ``delta_auc.png`` in ``out``;
     prints the Markdown and returns the summary's path."""
     rows = aggregate(results, replicates)
     fits = [run.fit for runs in results.values() for run in runs if run.fit]
-    bayes = next((fit.get("bayes_optimal") for fit in fits if fit.get("bayes_optimal")), None)
+    bayes = bayes or next((fit.get("bayes_optimal") for fit in fits if fit.get("bayes_optimal")), None)
     text = markdown(rows, experiments, command, bayes if bayes and "test" in bayes else None, replicates)
     if seconds is not None:
         text += f"\nWall time: {seconds / 60:.1f} min.\n"
@@ -221,6 +223,7 @@ def write(
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "protocols": PROTOCOLS.format(level=95, replicates=replicates),
         "wall_seconds": seconds,
+        "bayes": bayes if bayes and "test" in bayes else None,
         "results": {
             name: {"label": _label(experiments, name), **rows[name], "per_seed": per_seed[name]} for name in rows
         },

@@ -74,7 +74,7 @@ def format_spread(values: dict[str, float | None], digits: int = 4) -> str:
 
 @dataclass
 class Interval:
-    """A difference (candidate - baseline, mean over seeds) with its paired bootstrap confidence interval."""
+    """A difference (candidate - baseline, mean over seeds) with its paired (rows and seeds) bootstrap interval."""
 
     difference: float
     low: float
@@ -95,14 +95,19 @@ def paired_bootstrap(
     level: float = 0.95,
     seed: int = 0,
 ) -> Interval:
-    """Percentile interval of ``metric(candidate) - metric(baseline)``, averaged over seeds, by resampling rows.
+    """Percentile interval of ``metric(candidate) - metric(baseline)``, averaged over seeds, by a two-level
+    bootstrap: every replicate resamples the test rows (both models score the same resample) and the seed pairs
+    (with replacement), so the interval covers both the sampling noise of the test rows and the spread of the
+    difference over training seeds; with one seed it is the row bootstrap alone (the seeds' spread unseen). With few
+    seeds the percentile interval of the seed resampling is somewhat too narrow (its variance is ``(S - 1) / S``
+    of the sample variance), one reason to run more seeds.
 
     Args:
         labels: ``(N,)`` labels of the rows every model scored.
         baseline: S arrays ``(N,)`` of probabilities, one per seed.
         candidate: S arrays ``(N,)``, seed ``k`` paired with ``baseline[k]``.
         metric: ``"auc"`` or ``"log_loss"``.
-        replicates: R bootstrap resamples of the rows.
+        replicates: R bootstrap resamples (of the rows and of the seed pairs).
         level: coverage of the interval (0.95: the 2.5th to 97.5th percentile).
         seed: seed of the resampling.
 
@@ -118,14 +123,19 @@ def paired_bootstrap(
     evaluate = _metric(metric, labels, [*baseline, *candidate])
     s = len(baseline)
 
-    def mean_difference(weights: np.ndarray) -> float:
+    def mean_difference(weights: np.ndarray, seed_weights: np.ndarray) -> float:
         values = evaluate(weights)  # (2S,)
-        return float(np.mean(values[s:] - values[:s]))
+        return float(np.dot(seed_weights, values[s:] - values[:s]))
 
-    point = mean_difference(np.ones(n))
+    point = mean_difference(np.ones(n), np.full(s, 1.0 / s))
     rng = np.random.default_rng(seed)
     draws = np.array(
-        [mean_difference(rng.multinomial(n, np.full(n, 1.0 / n)).astype(np.float64)) for _ in range(replicates)]
+        [
+            mean_difference(
+                rng.multinomial(n, np.full(n, 1.0 / n)).astype(np.float64), rng.multinomial(s, np.full(s, 1.0 / s)) / s
+            )
+            for _ in range(replicates)
+        ]
     )
     tail = (1.0 - level) / 2.0
     low, high = np.nanquantile(draws, [tail, 1.0 - tail])

@@ -3,7 +3,8 @@ confidence interval of the difference against a baseline on the same test rows.
 
 Each model is given as the ``predictions.tsv`` files of ``dqrm predict`` (columns ``row``, ``probability``,
 ``label``), one per seed; several ranks' files of one run (``predictions.tsv.rank*``) are merged by ``row``. Seed
-``k`` of the candidate is paired with seed ``k`` of the baseline. Writes ``summary.json`` into ``--out``.
+``k`` of the candidate is paired with seed ``k`` of the baseline; the interval resamples both the test rows and the
+seed pairs (:func:`dqrm_lightning.stats.paired_bootstrap`). Writes ``summary.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", nargs="+", required=True, help="predictions of the baseline, one file per seed")
     parser.add_argument("--candidate", nargs="+", required=True, help="predictions of the candidate, same seed order")
     parser.add_argument("--out", required=True, help="directory for summary.json")
-    parser.add_argument("--replicates", type=int, default=1000, help="bootstrap resamples of the test rows")
+    parser.add_argument("--replicates", type=int, default=1000, help="bootstrap resamples (test rows and seeds)")
     parser.add_argument("--level", type=float, default=0.95, help="coverage of the confidence interval")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     return parser
@@ -109,8 +110,8 @@ def format_table(result: dict[str, Any]) -> str:
         d = result["difference"][metric]
         lines.append(
             f"candidate - baseline {label}: {d['difference']:+.4f}, {100 * d['level']:.0f}% CI "
-            f"[{d['low']:+.4f}, {d['high']:+.4f}] (paired bootstrap over {result['rows']:,} test rows, "
-            f"{result['replicates']} resamples)"
+            f"[{d['low']:+.4f}, {d['high']:+.4f}] (paired bootstrap over {result['rows']:,} test rows and "
+            f"{result['models']['baseline']['seeds']} seed(s), {result['replicates']} resamples)"
         )
     return "\n".join(lines)
 
