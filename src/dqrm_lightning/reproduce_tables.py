@@ -146,7 +146,7 @@ def plot(results: dict[str, list[SeedResult]], experiments: list[Experiment], pa
     shown = [e for e in experiments if results.get(e.name) and results[e.name][0].curve]
     shown = [e for e in shown if {"t2", "extra"} & set(e.tables) or e.name == "int4_p200"]
     for index, exp in enumerate(shown):
-        colour = f"C{index % 10}"
+        colour = plt.get_cmap("tab20")(index % 20)  # FP32 and ten further models stay distinct
         curves = [[point["val_auc"] for point in run.curve] for run in results[exp.name]]
         for curve in curves:
             axis.plot(range(1, len(curve) + 1), curve, color=colour, linewidth=0.7, alpha=0.45)
