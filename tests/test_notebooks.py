@@ -115,7 +115,14 @@ def _text(output: dict) -> str:
     return output.get("data", {}).get("text/plain", "")
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# 03 starts three 2-process training runs (about 45 s, mostly process startup); the strategy tests cover those modes in
+# the default run, so the notebook itself runs with `make test-slow`.
+SLOW = {"03_communication.ipynb"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in sorted(CASES)]
+)
 def test_notebook_runs_on_tiny_data(name, kernel_env, record_property):
     knobs, figures, check = CASES[name]
     for key, value in knobs.items():
