@@ -10,7 +10,7 @@ against the goals:
 * INT2 class (tables <= 0.125 of their FP32 bytes: INT2 tables, or a size budget of 0.125): Δ test AUC >= -0.005.
 
 Table sizes are the stored tables (codes plus fp16 scales and biases, per table or per row) over their FP32 bytes,
-computed with the product's own accounting (``quantized_table_bytes``) from each fit's table sizes and QAT settings.
+computed with the product's own accounting (``quantized_table_ratio``) from each fit's table sizes and QAT settings.
 
     .venv/bin/python benchmarks/accuracy_goals.py runs/hard/summary.json runs/movielens/summary.json \
         --out benchmarks/results/accuracy_goals.md
@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dqrm_lightning.export.size import quantized_table_bytes
+from dqrm_lightning.export.size import quantized_table_ratio
 from dqrm_lightning.quant.config import QATConfig
 
 INT4_TABLES, INT2_TABLES = 0.1875, 0.125
@@ -46,8 +46,7 @@ def table_profile(fit: dict[str, Any]) -> tuple[float, set[int]] | None:
         return None
     config = QATConfig(**qat["config"])
     rows, dim = fit["data"]["table_sizes"], fit["config"]["model"]["embedding_dim"]
-    ratio = quantized_table_bytes(rows, dim, config) / (4 * sum(rows) * dim)
-    return ratio, {b for b in qat["table_bits"].values() if b is not None}
+    return quantized_table_ratio(rows, dim, config), {b for b in qat["table_bits"].values() if b is not None}
 
 
 def candidates(summary_path: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from dqrm_lightning.callbacks.qat import QuantizationAwareTraining
 from dqrm_lightning.callbacks.step_timer import StepTimer
 from dqrm_lightning.callbacks.threads import ThreadPolicy
 from dqrm_lightning.data.datamodule import CriteoDataModule
-from dqrm_lightning.export.size import model_bytes, quantized_model_bytes, quantized_table_bytes
+from dqrm_lightning.export.size import model_bytes, quantized_model_bytes, quantized_table_ratio
 from dqrm_lightning.model import DLRMModule, model_shape
 
 
@@ -92,12 +92,10 @@ class RunSummary(pl.Callback):
             summary["model_bytes"] = {"fp32": model_bytes(shape)}
             if pl_module.qat_config is not None:
                 quantized = quantized_model_bytes(shape, pl_module.qat_config)
-                tables = quantized_table_bytes(shape.table_rows, shape.embedding_dim, pl_module.qat_config)
-                fp32_tables = 4 * sum(shape.table_rows) * shape.embedding_dim
                 summary["model_bytes"] |= {
                     "quantized": quantized,
                     "ratio": quantized / model_bytes(shape),
-                    "tables_ratio": tables / fp32_tables,  # the embedding tables alone (size_budget's measure)
+                    "tables_ratio": quantized_table_ratio(shape.table_rows, shape.embedding_dim, pl_module.qat_config),
                 }
         for callback in connected(trainer).callbacks:
             if isinstance(callback, QuantizationAwareTraining) and callback.enabled:

@@ -48,3 +48,8 @@ def quantized_table_bytes(table_rows: Sequence[int], dim: int, config: QATConfig
     rows = dict(zip(DEFAULT_CAT_NAMES, table_rows, strict=True))
     bits = config.assign_bits(rows, dim)
     return sum(stored_table_bytes(rows[f], dim, bits[f], config.embedding_granularity) for f in rows)
+
+
+def quantized_table_ratio(table_rows: Sequence[int], dim: int, config: QATConfig) -> float:
+    """The stored tables' fraction of their FP32 bytes (``size_budget``'s measure; ``model_bytes.tables_ratio``)."""
+    return quantized_table_bytes(table_rows, dim, config) / (4 * sum(table_rows) * dim)
