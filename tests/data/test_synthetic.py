@@ -12,12 +12,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pytest
+import yaml
 
 from dqrm_lightning.data.synthetic import (
     DEMO_CARDINALITIES,
     HARD_CARDINALITIES,
     KAGGLE_CARDINALITIES,
     PRESETS,
+    TERABYTE_CARDINALITIES,
     GroundTruth,
     SyntheticPreset,
     synthesize,
@@ -230,12 +232,15 @@ def test_rerun_with_other_layout_removes_stale_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.glob("train*")) == ["train.tsv", "train.tsv.truth.npy"]
 
 
-def test_kaggle_preset_small_run(tmp_path: Path) -> None:
-    summary = synthesize("kaggle", 5_000, 0, tmp_path, split_fractions=(0.6, 0.2, 0.2))
+@pytest.mark.parametrize(
+    ("preset", "cardinalities"), [("kaggle", KAGGLE_CARDINALITIES), ("terabyte", TERABYTE_CARDINALITIES)]
+)
+def test_full_size_preset_small_run(tmp_path: Path, preset: str, cardinalities: tuple[int, ...]) -> None:
+    summary = synthesize(preset, 5_000, 0, tmp_path, split_fractions=(0.6, 0.2, 0.2))
     table = read_raw(tmp_path / "train.tsv")
     rows = parse_rows(table)
-    truth = GroundTruth("kaggle", 0)
-    for f, cardinality in enumerate(KAGGLE_CARDINALITIES):
+    truth = GroundTruth(preset, 0)
+    for f, cardinality in enumerate(cardinalities):
         present = ~rows["cat_missing"][:, f]
         assert truth.decode(f, rows["cat"][present, f]).max() < cardinality
     assert summary["rows_per_split"] == {"train": 3_000, "val": 1_000, "test": 1_000}
@@ -248,6 +253,11 @@ def test_presets() -> None:
     assert sum(KAGGLE_CARDINALITIES) == 33_762_577
     assert len(KAGGLE_CARDINALITIES) == 26
     assert PRESETS["kaggle"].cardinalities == KAGGLE_CARDINALITIES
+    assert sum(TERABYTE_CARDINALITIES) == 49_126_297  # DLRM's Terabyte model, --max-ind-range 10M
+    assert max(TERABYTE_CARDINALITIES) < 10_000_000
+    assert PRESETS["terabyte"].cardinalities == TERABYTE_CARDINALITIES
+    config = yaml.safe_load(Path("configs/data/synthetic_terabyte.yaml").read_text())
+    assert tuple(config["data"]["num_embeddings_per_feature"]) == TERABYTE_CARDINALITIES
     demo = PRESETS["demo"]
     assert min(demo.cardinalities) >= 3
     assert max(demo.cardinalities) <= 50_000

@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dqrm data", description="Synthetic Criteo data and raw-file preparation")
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="write synthetic data in the raw Criteo format, with its true click model")
-    synth.add_argument("--preset", default="demo", help="demo, hard or kaggle")
+    synth.add_argument("--preset", default="demo", help="demo, hard, kaggle or terabyte")
     synth.add_argument("--rows", type=int, required=True, help="rows over all splits")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, help="output directory")

@@ -27,6 +27,7 @@ from dqrm_lightning.data.synthetic.presets import (
     HARD_CARDINALITIES,
     KAGGLE_CARDINALITIES,
     PRESETS,
+    TERABYTE_CARDINALITIES,
     SyntheticPreset,
     get_preset,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "HARD_CARDINALITIES",
     "KAGGLE_CARDINALITIES",
     "PRESETS",
+    "TERABYTE_CARDINALITIES",
     "GroundTruth",
     "SyntheticPreset",
     "SyntheticRows",

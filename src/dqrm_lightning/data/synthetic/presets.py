@@ -1,5 +1,5 @@
-"""The knobs of the synthetic click model (:class:`SyntheticPreset`) and the named presets ``demo``, ``hard`` and
-``kaggle``.
+"""The knobs of the synthetic click model (:class:`SyntheticPreset`) and the named presets ``demo``, ``hard``,
+``kaggle`` and ``terabyte``.
 
 Default rates and dense-count laws follow Criteo Kaggle; :data:`PRESETS` sets table sizes and effect scales so that
 the Bayes-optimal AUC is about 0.8 (``hard``: about 0.85), like the best published models on Criteo Kaggle.
@@ -21,6 +21,7 @@ __all__ = [
     "HARD_CARDINALITIES",
     "KAGGLE_CARDINALITIES",
     "PRESETS",
+    "TERABYTE_CARDINALITIES",
     "SyntheticPreset",
     "get_preset",
 ]
@@ -33,6 +34,13 @@ KAGGLE_CARDINALITIES = (
     27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
 )  # fmt: skip
 """Distinct values per categorical feature of Criteo Kaggle (sum 33,762,577)."""
+
+TERABYTE_CARDINALITIES = (
+    9980333, 36084, 17217, 7378, 20134, 3, 7112, 1442, 61, 9758201, 1333352, 313829, 10,
+    2208, 11156, 122, 4, 970, 14, 9994222, 7267859, 9946608, 415421, 12420, 101, 36,
+)  # fmt: skip
+"""Table sizes of DLRM's Criteo Terabyte model (``--max-ind-range=10000000``, negatives sub-sampled by 0.875; listed
+in facebookresearch/dlrm's ``dlrm_s_pytorch.py``): 49,126,297 rows, 12.58 GB in FP32 at dimension 64."""
 
 DEMO_CARDINALITIES = (
     1460, 583, 40000, 30000, 305, 24, 12517, 633, 3, 30000, 5683, 40000, 3194,
@@ -188,9 +196,20 @@ PRESETS: dict[str, SyntheticPreset] = {
         interaction_pairs=((0, 1), (2, 9), (3, 11), (4, 12), (6, 14), (15, 20)),
         interaction_scale=0.3,
     ),
+    # The kaggle preset's click model over DLRM's Terabyte table sizes (configs/data/synthetic_terabyte.yaml): data to
+    # train and measure the Terabyte-size model with; the real Terabyte's click rate (after sub-sampling) differs.
+    "terabyte": SyntheticPreset(
+        name="terabyte",
+        cardinalities=TERABYTE_CARDINALITIES,
+        zipf_exponent=1.1,
+        cat_effect_scales=_scales_by_size(TERABYTE_CARDINALITIES, 0.1, 0.26),
+        tail_effect_boost=0.5,
+        interaction_pairs=((0, 1), (2, 9), (3, 11), (4, 12), (6, 14), (15, 20)),
+        interaction_scale=0.3,
+    ),
 }
 """Named presets: ``demo`` (small tables, quick DLRM runs that overfit), ``hard`` (more rare ids: FP32 DLRM overfits
-within 2 epochs) and ``kaggle`` (Criteo Kaggle table sizes)."""
+within 2 epochs), ``kaggle`` (Criteo Kaggle table sizes) and ``terabyte`` (DLRM's Terabyte table sizes)."""
 
 
 def get_preset(preset: str | SyntheticPreset) -> SyntheticPreset:
