@@ -48,25 +48,29 @@ def random_batch(batch_size=32, rows=50, seed=0):
     return make_batch(rng.random((batch_size, 13), dtype=np.float32), ids, rng.integers(0, 2, batch_size))
 
 
-def qat_module(config: QATConfig, rows: int = ROWS) -> DLRMModule:
-    """A seeded small DLRM prepared for QAT with ``config``."""
-    torch.manual_seed(0)
-    module = DLRMModule([rows] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+def qat_module(config: QATConfig, rows: int = ROWS, table_dtype: str = "fp32") -> DLRMModule:
+    """A seeded small DLRM (tables stored in ``table_dtype``) prepared for QAT with ``config``."""
+    module = _small_module(rows, table_dtype)
     module.prepare_qat(config)
     return module
 
 
-def _fp32_module() -> DLRMModule:
+def _small_module(rows: int, table_dtype: str) -> DLRMModule:
     torch.manual_seed(0)
-    module = DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    sizes = {"dense_arch_layer_sizes": [16, 8], "over_arch_layer_sizes": [16, 1]}
+    return DLRMModule([rows] * 26, embedding_dim=8, table_dtype=table_dtype, **sizes)
+
+
+def _fp32_module(table_dtype: str) -> DLRMModule:
+    module = _small_module(ROWS, table_dtype)
     module.configure_model()
     return module
 
 
-def trained_module(config: QATConfig, steps: int = 15) -> DLRMModule:
-    """:func:`qat_module` (or the same model in fp32 when ``config`` quantizes nothing) after ``steps`` training steps
-    on random batches, in eval mode."""
-    module = qat_module(config) if config.enabled else _fp32_module()
+def trained_module(config: QATConfig, steps: int = 15, table_dtype: str = "fp32") -> DLRMModule:
+    """:func:`qat_module` (or the same model unquantized when ``config`` quantizes nothing) after ``steps`` training
+    steps on random batches, in eval mode."""
+    module = qat_module(config, table_dtype=table_dtype) if config.enabled else _fp32_module(table_dtype)
     optimizer = module.configure_optimizers()
     for step in range(steps):
         if module.embedding_quantizer is not None:
