@@ -13,11 +13,18 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining
+from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.names import table_key
 from dqrm_lightning.quant import QATConfig
 from dqrm_lightning.quant.fake_quant import grid_from_extrema
-from dqrm_lightning.strategies.sharding import ensure_process_group, fused_table_wise_plan, gather_full
+from dqrm_lightning.strategies.sharding import (
+    EmbeddingLayout,
+    EmbeddingPlacement,
+    ensure_process_group,
+    fused_table_wise_plan,
+    gather_full,
+)
 from tests.helpers.model import ROWS, qat_module, random_batch, save_checkpoint, trained_module
 from tests.helpers.training import quiet_trainer, small_datamodule, small_module
 
@@ -169,3 +176,26 @@ def test_the_cpu_fused_update_of_fp16_tables_rounds_to_nearest(stochastic_roundi
     assert bool((small == 1.5).all())  # each update below half an ulp is lost (stochastic rounding: ~10 ulp kept)
     large = _fp16_sgd_updates(1.5, 0.75 * ulp, 20, stochastic_rounding)
     assert bool((large == 1.5 - 20 * ulp).all())  # each update above half an ulp moves the weight a whole ulp
+
+
+def _replicated(optimizer: str, table_dtype: str = "fp16") -> DLRMModule:
+    module = small_module(table_dtype=table_dtype, optimizer=optimizer)
+    module.place_embeddings(EmbeddingPlacement(EmbeddingLayout(embeddings="replicated")))
+    return module
+
+
+def test_replicated_fp16_tables_train_with_float16_sparse_gradients():
+    full, module = _replicated("sgd", "fp32"), _replicated("sgd")
+    full.configure_model()
+    module.load_state_dict(full.state_dict())  # the same start, rounded to float16
+    tables = list(module.dlrm.sparse_arch.parameters())
+    assert {t.dtype for t in tables} == {torch.float16}
+    losses = _fit_one_batch(module, 30)
+    assert all(t.grad is None or (t.grad.is_sparse and t.grad.dtype == torch.float16) for t in tables)
+    assert losses[-1] < 0.9 * losses[0]
+    assert losses[-1] == pytest.approx(_fit_one_batch(full, 30)[-1], abs=0.02)
+
+
+def test_replicated_fp16_tables_refuse_adagrad_naming_both_options():
+    with pytest.raises(ConfigError, match=r"`model.table_dtype: fp16` with `model.optimizer: adagrad` needs sharded"):
+        _replicated("adagrad").configure_model()

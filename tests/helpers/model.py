@@ -6,6 +6,8 @@ import numpy as np
 import torch
 
 from dqrm_lightning.data.dataset import make_batch
+from dqrm_lightning.export.exporter import export_checkpoint
+from dqrm_lightning.export.inference import load_inference_model
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
 
@@ -87,3 +89,16 @@ def save_checkpoint(module: DLRMModule, path) -> None:
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
+
+
+def assert_exported_predictions_equal_qat_eval(module: DLRMModule, tmp_path, engine: str) -> None:
+    """Export ``module`` (in eval mode) through a checkpoint into ``tmp_path / "art"`` and check that the artifact,
+    run by ``engine``, predicts what the module does."""
+    batch = random_batch(seed=123, rows=ROWS, batch_size=256)
+    with torch.no_grad():
+        expected = torch.sigmoid(module(batch))
+    save_checkpoint(module, tmp_path / "m.ckpt")
+    export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
+    model = load_inference_model(tmp_path / "art", engine)
+    got = torch.sigmoid(model(batch.dense_features, batch.sparse_features).squeeze(-1))
+    assert float((got - expected).abs().max()) <= 1e-5
