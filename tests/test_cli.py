@@ -85,6 +85,7 @@ TORCHREC = ["--trainer.strategy", "dqrm_lightning.strategies.TorchRecStrategy"]
         (["--qat.embedding_bits", "3"], "`qat.embedding_bits` must be one of (2, 4, 8, 16) or null, got 3"),
         (["--qat.scale_period", "0"], "`qat.scale_period` must be a positive number of steps, got 0"),
         (["--model.embedding_dim", "0"], "`model.embedding_dim` must be a positive integer, got 0"),
+        (["--model.table_dtype", "int8"], "`model.table_dtype: int8` is not supported: FBGEMM cannot train INT8"),
         (["--qat.embedding_bits_per_table", "{t_C3: 2}"], "`qat.embedding_bits_per_table` names an unknown feature"),
         ([*TORCHREC, "--trainer.strategy.sharding", "bogus"], "`trainer.strategy.sharding`: unknown sharding type"),
         ([*TORCHREC, "--trainer.strategy.qcomm_forward", "int4"], "`trainer.strategy.qcomm_forward` must be one of"),
@@ -93,7 +94,7 @@ TORCHREC = ["--trainer.strategy", "dqrm_lightning.strategies.TorchRecStrategy"]
             "`model.num_embeddings_per_feature` is set from",
         ),
     ],
-    ids=["bits", "period", "dim", "per-table", "sharding", "qcomm", "table-sizes"],
+    ids=["bits", "period", "dim", "int8-tables", "per-table", "sharding", "qcomm", "table-sizes"],
 )
 def test_bad_settings_stop_the_run_at_startup_naming_the_argument(tmp_path, criteo_sample, args, message):
     root = tmp_path / "r"

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
@@ -39,6 +40,7 @@ from dqrm_lightning.strategies.sharding import (
     shard_model,
     to_plain,
 )
+from dqrm_lightning.table_dtype import TABLE_DTYPES, TableDtype, check_table_dtype
 
 _OPTIMIZERS: dict[str, type[torch.optim.SGD | torch.optim.Adagrad]] = {
     "sgd": torch.optim.SGD,
@@ -78,6 +80,8 @@ class DLRMModule(pl.LightningModule):
         optimizer: ``"sgd"`` or ``"adagrad"`` (both parts).
         learning_rate: dense learning rate.
         sparse_learning_rate: embedding learning rate (default: ``learning_rate``).
+        table_dtype: precision of the stored master tables, ``"fp32"`` or ``"fp16"`` (half the table memory; the
+            lookups still hand float32 activations on). See :mod:`dqrm_lightning.table_dtype`.
 
     Example::
 
@@ -93,6 +97,7 @@ class DLRMModule(pl.LightningModule):
         optimizer: Literal["sgd", "adagrad"] = "sgd",
         learning_rate: float = 0.1,
         sparse_learning_rate: float | None = None,
+        table_dtype: TableDtype = "fp32",
     ) -> None:
         super().__init__()
         dense_arch_layer_sizes = dense_arch_layer_sizes or [512, 256, 64, embedding_dim]
@@ -145,6 +150,7 @@ class DLRMModule(pl.LightningModule):
             raise ValueError(f"`learning_rate` must be positive, got {args['learning_rate']}")
         if args["sparse_learning_rate"] is not None and args["sparse_learning_rate"] <= 0:
             raise ValueError(f"`sparse_learning_rate` must be positive or null, got {args['sparse_learning_rate']}")
+        check_table_dtype(args["table_dtype"])
 
     # --------------------------------------------------------------------------------------------------- building
     def table_configs(self) -> list[EmbeddingBagConfig]:
@@ -155,6 +161,7 @@ class DLRMModule(pl.LightningModule):
                 embedding_dim=hp["embedding_dim"],
                 num_embeddings=rows,
                 feature_names=[feature],
+                data_type=TABLE_DTYPES[hp["table_dtype"]],
             )  # default init: U(-1/sqrt(rows), 1/sqrt(rows)), as DLRM
             for feature, rows in zip(DEFAULT_CAT_NAMES, hp["num_embeddings_per_feature"], strict=True)
         ]
@@ -205,6 +212,7 @@ class DLRMModule(pl.LightningModule):
         # built on the strategy's device, where the module moves after this
         device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         if layout.embeddings == "replicated":  # plain modules with sparse gradients; DDP outside averages them
+            self._check_replicated_tables()
             self.model = replicate_embeddings(dlrm, device, sparse=not layout.dense_embedding_gradients)
             return
         apply_optimizer_in_backward(
@@ -212,6 +220,19 @@ class DLRMModule(pl.LightningModule):
         )
         codecs, precision = self.placement.qcomm_codecs_registry, self.placement.reduce_scatter_precision
         self.model = shard_model(dlrm, device, codecs, layout, precision)
+
+    def _check_replicated_tables(self) -> None:
+        """Refuse float16 replicated tables under Adagrad: torch's sparse Adagrad keeps its sums in the table's dtype,
+        where its epsilon (1e-10) is 0, so an untouched coordinate divides 0 by 0 (NaN within a few steps).
+
+        Raises:
+            ConfigError: naming both settings.
+        """
+        if self.hparams["table_dtype"] == "fp16" and self.hparams["optimizer"] == "adagrad":
+            raise ConfigError(
+                "`model.table_dtype: fp16` with `model.optimizer: adagrad` needs sharded tables (FBGEMM keeps the "
+                "Adagrad state in float32); replicated tables train float16 with `optimizer: sgd` only"
+            )
 
     @property
     def _sparse_lr(self) -> float:
@@ -413,6 +434,7 @@ class DLRMModule(pl.LightningModule):
             raise RuntimeError(
                 f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        _note_table_casts(state_dict, current)
         for key, value in state_dict.items():
             if key in current:
                 copy_into(current[key], value, key)
@@ -424,10 +446,24 @@ class DLRMModule(pl.LightningModule):
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 
+def _note_table_casts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Say so when a checkpoint's tables are loaded into tables of another precision (``copy_into`` casts them:
+    float32 values round to the nearest float16, float16 ones widen exactly)."""
+    casts = {
+        (saved[key].dtype, current[key].dtype)
+        for key in saved
+        if _TABLE_KEY in key and key in current and saved[key].dtype != current[key].dtype
+    }
+    for old, new in sorted(casts, key=str):
+        how = "exact" if new.itemsize > old.itemsize else "each value rounded to the nearest"
+        rank_zero_info(f"the checkpoint's tables are {old}, this model's `table_dtype` stores {new}: cast ({how})")
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+_TABLE_KEY = ".embedding_bags."  # in the state-dict key of every table weight (sharded or not)
 _SHAPE_KEYS = ("num_embeddings_per_feature", "embedding_dim", "dense_arch_layer_sizes", "over_arch_layer_sizes")
 
 

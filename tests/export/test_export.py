@@ -11,7 +11,14 @@ from dqrm_lightning.export.inference import ArtifactDLRM, load_inference_model
 from dqrm_lightning.export.size import quantized_model_bytes
 from dqrm_lightning.model import DLRMModule, model_shape
 from dqrm_lightning.quant.config import QATConfig
-from tests.helpers.model import ROWS, random_batch, save_checkpoint, trained_module
+from dqrm_lightning.strategies.sharding import gather_full
+from tests.helpers.model import (
+    ROWS,
+    assert_exported_predictions_equal_qat_eval,
+    random_batch,
+    save_checkpoint,
+    trained_module,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
@@ -66,7 +73,38 @@ IDS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("engine", ["torchrec", "plain"])
 def test_exported_predictions_equal_qat_eval(tmp_path, config, engine):
-    _assert_exported_predictions_equal_qat_eval(trained_module(config), tmp_path, engine)
+    assert_exported_predictions_equal_qat_eval(trained_module(config), tmp_path, engine)
+
+
+FP16_CONFIGS = [
+    QATConfig(embedding_bits=4, mlp_bits=4),
+    QATConfig(embedding_bits=4, embedding_mode="asymmetric", embedding_granularity="per_row"),
+    QATConfig(embedding_bits_per_table={"C1": 4}, mlp_bits=4),  # the other 25 tables exported FP32
+]
+
+
+@pytest.mark.parametrize("config", FP16_CONFIGS, ids=["int4", "int4-row-asym", "fp32-tables"])
+def test_float16_tables_export_to_predictions_equal_to_qat_eval(tmp_path, config):
+    module = trained_module(config, table_dtype="fp16")
+    assert_exported_predictions_equal_qat_eval(module, tmp_path, "torchrec")
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    fp32 = [t for t in manifest["tables"] if t["bits"] == 32]
+    assert len(fp32) == (25 if config.embedding_bits is None else 0)
+    state = module.state_dict()
+    for entry in fp32:  # an FP32 table of a float16 model holds its float16 values exactly
+        table = state[f"model.sparse_arch.embedding_bag_collection.embedding_bags.t_{entry['feature']}.weight"]
+        stored = np.fromfile(tmp_path / "art" / entry["file"], dtype="<f4").reshape(entry["rows"], entry["dim"])
+        np.testing.assert_array_equal(stored, gather_full(table).float().numpy())
+
+
+def test_ptq_of_a_float16_checkpoint_takes_the_scales_of_the_float16_tables(tmp_path):
+    module = trained_module(QATConfig(embedding_bits=None), table_dtype="fp16")
+    save_checkpoint(module, tmp_path / "fp16.ckpt")
+    manifest = export_checkpoint(tmp_path / "fp16.ckpt", tmp_path / "art", embedding_bits=4)
+    table = gather_full(module.state_dict()["model.sparse_arch.embedding_bag_collection.embedding_bags.t_C1.weight"])
+    assert table.dtype == torch.float16
+    low, high = (float(v) for v in torch.aminmax(table.float()))
+    assert manifest["tables"][0]["scale"] == pytest.approx(max(-low, high) / 7, rel=1e-3)
 
 
 @pytest.mark.parametrize("engine", ["torchrec", "plain"])
@@ -75,18 +113,7 @@ def test_row_wise_learned_clipping_ratios_are_exported_exactly(tmp_path, engine)
     module = trained_module(QATConfig(**{**config.__dict__, "scale_learning": "lsq"}))
     with torch.no_grad():  # ratios well below 1: the rows' extremes are clipped, unlike the plain row-wise grid
         module.embedding_quantizer.row_ratio.copy_(torch.linspace(0.55, 1.0, 26))
-    _assert_exported_predictions_equal_qat_eval(module, tmp_path, engine)
-
-
-def _assert_exported_predictions_equal_qat_eval(module, tmp_path, engine) -> None:
-    batch = random_batch(seed=123, rows=ROWS, batch_size=256)
-    with torch.no_grad():
-        expected = torch.sigmoid(module(batch))
-    save_checkpoint(module, tmp_path / "m.ckpt")
-    export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")
-    model = load_inference_model(tmp_path / "art", engine)
-    got = torch.sigmoid(model(batch.dense_features, batch.sparse_features).squeeze(-1))
-    assert float((got - expected).abs().max()) <= 1e-5
+    assert_exported_predictions_equal_qat_eval(module, tmp_path, engine)
 
 
 def test_artifact_size_formula(tmp_path):

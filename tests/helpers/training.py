@@ -50,10 +50,11 @@ def loader_datamodule(tmp_path, workers: int) -> CriteoDataModule:
     return datamodule
 
 
-def small_module() -> DLRMModule:
-    """A seeded DLRM whose tables fit :func:`small_datamodule`."""
+def small_module(**kwargs) -> DLRMModule:
+    """A seeded DLRM whose tables fit :func:`small_datamodule` (``kwargs``: more DLRMModule arguments)."""
     torch.manual_seed(0)
-    return DLRMModule([101] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    sizes = {"dense_arch_layer_sizes": [16, 8], "over_arch_layer_sizes": [16, 1]}
+    return DLRMModule([101] * 26, embedding_dim=8, **sizes, **kwargs)
 
 
 def quiet_trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from dqrm_lightning.comms.compression import GradientCompressionConfig
+from dqrm_lightning.export.exporter import read_checkpoint
+from dqrm_lightning.names import table_key
 from dqrm_lightning.strategies import TorchRecStrategy
 from dqrm_lightning.strategies.base import META_FILE
 from tests.helpers.cli import demo_args, dqrm, synth_demo
@@ -68,3 +70,15 @@ def test_int8_with_error_compensation_matches_fp32_data_parallel(data, tmp_path)
 def test_inconsistent_strategy_settings_are_refused_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TorchRecStrategy(**kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_replicated_float16_tables_train_on_two_processes(data, tmp_path):
+    common = [*demo_args(data, tmp_path / "r"), "--trainer.max_epochs", "1", *DP]
+    _, fp16 = dqrm("fit", *common, "-c", "configs/memory/fp16_tables.yaml")
+    assert fp16["world_size"] == 2
+    assert fp16["val"]["final"]["val/auc"] > 0.6
+    assert fp16["communication"]["hook"]["tables_compressed"] == 26 * fp16["global_step"]  # float16 sparse gradients
+    tables = read_checkpoint(fp16["checkpoints"]["last"])["state_dict"]
+    assert tables[table_key("C1")].dtype == torch.float16

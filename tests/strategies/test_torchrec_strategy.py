@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dqrm_lightning.export.exporter import read_checkpoint
+from dqrm_lightning.names import table_key
 from tests.helpers import process
 from tests.helpers.cli import REPO, demo_args, dqrm, run_cli, synth_demo
 
@@ -160,3 +162,24 @@ def test_the_sharded_strategy_hands_the_module_its_layout_and_probed_codecs():
     assert placement.layout.sharding == "column_wise"
     assert placement.qcomm_codecs_registry is not None
     assert placement.reduce_scatter_precision is None
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_train_float16_tables_with_qat_checkpoint_and_export(data, tmp_path):
+    common = [*demo_args(data, tmp_path / "r"), "-c", "configs/qat/int4.yaml", "-c", "configs/memory/fp16_tables.yaml"]
+    two = ["--trainer.devices", "2", "--trainer.strategy", "torchrec"]
+    _, fit = dqrm("fit", *common, *two, "--trainer.max_epochs", "1")
+    assert fit["world_size"] == 2
+    best = fit["checkpoints"]["best"]
+    checkpoint = read_checkpoint(best)
+    assert checkpoint["state_dict"][table_key("C1")].dtype == torch.float16  # both ranks' tables, gathered
+    table_values = sum(checkpoint["hyper_parameters"]["num_embeddings_per_feature"]) * 16
+    assert fit["model_bytes"]["fp32"] - fit["model_bytes"]["training"] == 2 * table_values  # 2 bytes a value saved
+    expected = fit["val"]["final"]["val/auc"]
+    one = ["--trainer.strategy", "torchrec"]  # the 2-process checkpoint on one process
+    _, val = dqrm("validate", *common, *one, "--ckpt_path", best)
+    assert val["val"]["final"]["val/auc"] == pytest.approx(expected, abs=1e-6)
+    dqrm("export", "--ckpt", best, "--out", str(tmp_path / "art"))
+    _, art = dqrm("validate", *common, "--artifact", str(tmp_path / "art"))
+    assert art["val"]["final"]["val/auc"] == pytest.approx(expected, abs=1e-6)

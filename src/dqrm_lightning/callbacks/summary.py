@@ -2,7 +2,8 @@
 
 It holds the resolved config, the final and best validation metrics (best = the best value of each metric over all
 evaluations, as the DQRM paper reports; final = the last evaluation), test metrics, the Bayes-optimal metrics when the
-data is synthetic, training speed, the model size and the checkpoint paths.
+data is synthetic, training speed, the model size (``model_bytes``: ``fp32``, ``training`` with the tables at
+``model.table_dtype``, and the quantized export) and the checkpoint paths.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dqrm_lightning.callbacks.threads import ThreadPolicy
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.export.size import model_bytes, quantized_model_bytes, quantized_table_ratio
 from dqrm_lightning.model import DLRMModule, model_shape
+from dqrm_lightning.table_dtype import table_value_bits
 
 
 class RunSummary(pl.Callback):
@@ -89,7 +91,9 @@ class RunSummary(pl.Callback):
                 summary["checkpoints"] = {"best": callback.best_model_path, "last": callback.last_model_path or None}
         if isinstance(pl_module, DLRMModule):
             shape = model_shape(pl_module.hparams)
-            summary["model_bytes"] = {"fp32": model_bytes(shape)}
+            table_bits = table_value_bits(pl_module.hparams["table_dtype"])
+            # `training`: the master model as trained (tables at `model.table_dtype`, float32 MLPs)
+            summary["model_bytes"] = {"fp32": model_bytes(shape), "training": model_bytes(shape, table_bits)}
             if pl_module.qat_config is not None:
                 quantized = quantized_model_bytes(shape, pl_module.qat_config)
                 summary["model_bytes"] |= {

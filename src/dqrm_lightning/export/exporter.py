@@ -93,7 +93,7 @@ def export_checkpoint(
     with ArtifactWriter(out, force) as writer:
         bits = quantizer.table_bits()  # the trained bits (saved with the quantizer)
         tables = [
-            _write_table(writer, f, state[table_key(feature)].float(), bits[feature], config, quantizer, ptq)
+            _write_table(writer, f, state[table_key(feature)], bits[feature], config, quantizer, ptq)
             for f, feature in enumerate(DEFAULT_CAT_NAMES)
         ]
         layers = [
@@ -183,12 +183,13 @@ def _write_table(
     quantizer: EmbeddingQuantizer,
     ptq: PtqScales | None,
 ) -> dict[str, Any]:
-    """Write table ``f`` (FP32, or unsigned codes at ``bits``) and return its manifest entry."""
+    """Write table ``f`` (FP32, or unsigned codes at ``bits``) and return its manifest entry. ``weight`` is the
+    table as trained (float32 or float16: an FP32 table of float16 training holds its values exactly)."""
     feature, (rows, dim) = DEFAULT_CAT_NAMES[f], weight.shape
     entry: dict[str, Any] = {"feature": feature, "rows": int(rows), "dim": int(dim), "mode": config.embedding_mode}
     if bits is None:
         entry |= {"bits": 32, "scale": 1.0, "offset": 0.0}
-        entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(weight.numpy(), 32))
+        entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(weight.float().numpy(), 32))
         return entry
     if config.embedding_granularity == "per_row":  # each row's own grid, as QAT computed it from the same rows
         codes, scale_bias = _row_wise_codes(weight, bits, config.embedding_mode, quantizer, f)
@@ -217,7 +218,7 @@ def _ptq_grid(weight: torch.Tensor, bits: int, config: QATConfig, ptq: PtqScales
         bound = torch.tensor(1.0 / math.sqrt(weight.shape[0]))
         low, high = -bound, bound
     else:
-        low, high = torch.aminmax(weight)
+        low, high = (value.float() for value in torch.aminmax(weight))
     scale, offset = grid_from_extrema(low, high, bits, config.embedding_mode)
     return float(scale), float(offset)
 
@@ -278,7 +279,7 @@ def _row_wise_codes(
     low, high = qrange(bits, mode)
     lo, hi = torch.tensor(float(low)), torch.tensor(float(high))
     for start in range(0, weight.shape[0], 1 << 20):
-        chunk = weight[start : start + (1 << 20)]  # (n, D)
+        chunk = weight[start : start + (1 << 20)].float()  # (n, D)
         with torch.no_grad():
             scale, grid_offset = quantizer.grid_of(chunk, f)  # (n, 1) each
         offset = torch.zeros_like(scale) if grid_offset is None else grid_offset
@@ -297,6 +298,6 @@ def _chunked_codes(weight: torch.Tensor, scale: float, offset: float, low: int, 
     s, o = torch.tensor(scale), torch.tensor(offset)
     lo, hi = torch.tensor(float(low)), torch.tensor(float(high))
     for start in range(0, weight.shape[0], 1 << 20):
-        chunk = weight[start : start + (1 << 20)]
+        chunk = weight[start : start + (1 << 20)].float()
         out[start : start + len(chunk)] = quantize_codes(chunk, s, lo, hi, o).numpy()
     return out
