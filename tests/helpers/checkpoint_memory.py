@@ -60,7 +60,12 @@ def main(path: Path, rows: int) -> dict[str, int | bool]:
     tables[0].zero_()  # the load must bring it back
     load = _peak_increase(lambda: _load(module, path))
     restored = float(tables[0].sum()) == saved_sum != 0.0
-    return {"tables": sum(t.numel() * t.element_size() for t in tables), "save": save, "load": load, "restored": restored}
+    return {
+        "tables": sum(t.numel() * t.element_size() for t in tables),
+        "save": save,
+        "load": load,
+        "restored": restored,
+    }
 
 
 if __name__ == "__main__":
