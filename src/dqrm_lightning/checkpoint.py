@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from typing_extensions import override
 
+from dqrm_lightning.mapped import CHUNK_BYTES, row_chunks
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is refused (it would run code when loaded, or is unreadable) or does not fit the model."""
@@ -62,14 +64,16 @@ _INTEGRITY = "integrity"
 
 def content_digest(checkpoint: Any) -> str:
     """sha256 over a checkpoint's content: every tensor's key path, dtype, shape and bytes, and every other value's
-    ``repr`` (keys sorted), so a checkpoint written and read back hashes the same and one changed byte does not."""
+    ``repr`` (keys sorted), so a checkpoint written and read back hashes the same and one changed byte does not.
+    Tensors are read a piece at a time (:func:`~dqrm_lightning.mapped.row_chunks`)."""
     digest = hashlib.sha256()
 
     def visit(value: Any, key: str) -> None:
         if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
+            tensor = value.detach().cpu()
             digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            for piece in row_chunks(tensor):  # a mapped tensor is never resident as a whole
+                digest.update(piece.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         elif isinstance(value, dict):
             for name in sorted(value, key=str):
                 visit(value[name], f"{key}/{name}")
@@ -142,16 +146,35 @@ def verify_directory(path: _PATH) -> None:
             )
 
 
-def load_file(path: _PATH, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)``, with :class:`CheckpointError` naming the file when it is refused or
-    its content does not match its digest."""
+def load_file(path: _PATH, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True, mmap=True)``, with :class:`CheckpointError` naming the file when it is
+    refused or its content does not match its digest.
+
+    The file is mapped, not read: its digest is checked a piece at a time, and tensors whose storage holds at least
+    :data:`~dqrm_lightning.mapped.CHUNK_BYTES` stay in the mapping (read them with
+    :func:`~dqrm_lightning.mapped.copy_rows` or :func:`~dqrm_lightning.mapped.row_chunks`, which release what they
+    read), so loading never holds a second copy of the tables. Smaller tensors are copied out of it: the state that
+    lives on after loading (an optimizer's) does not keep the file open.
+    """
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:
         raise load_error(path, err) from None
-    return verify_integrity(checkpoint, path)
+    return _unmap_small(verify_integrity(checkpoint, path))
+
+
+def _unmap_small(value: Any) -> Any:
+    """``value`` with every tensor whose storage is smaller than ``CHUNK_BYTES`` copied into memory of its own (the
+    tables, views of one large storage when saved from one process, stay mapped)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.untyped_storage().nbytes() < CHUNK_BYTES else value
+    if isinstance(value, dict):
+        return {key: _unmap_small(item) for key, item in value.items()}
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        return type(value)(_unmap_small(item) for item in value)
+    return value
 
 
 def load_error(path: _PATH, err: BaseException) -> CheckpointError:
@@ -170,15 +193,25 @@ class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO for single files, loading with ``weights_only=True`` whatever it is asked, and
     writing to a temporary name renamed into place, so a process killed while saving leaves the previous checkpoint
     intact (``--ckpt_path last`` then resumes from it). Each file carries a sha256 digest of its content, checked on
-    every load: a damaged file is refused naming it, never loaded."""
+    every load: a damaged file is refused naming it, never loaded. Neither saving nor loading holds a second copy of
+    the tables in memory (:func:`load_file`)."""
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"`storage_options` is not supported by `{type(self).__name__}`, got {storage_options!r}")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
         checkpoint = {**checkpoint, _INTEGRITY: {"sha256": content_digest(checkpoint)}}
-        super().save_checkpoint(checkpoint, partial, storage_options)
+        # straight to the file: torch writes each storage from its own memory (Lightning's save would first
+        # serialize the whole checkpoint into memory, a second copy of the tables)
+        torch.save(checkpoint, partial)
+        descriptor = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)  # on disk before it replaces the previous checkpoint
+        finally:
+            os.close(descriptor)
         os.replace(partial, target)
 
     @override

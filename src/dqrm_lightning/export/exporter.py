@@ -3,7 +3,7 @@
 The checkpoint's quantized parts are rebuilt as the modules that trained them (an
 :class:`~dqrm_lightning.quant.embedding.EmbeddingQuantizer` with its saved scales, a
 :class:`~dqrm_lightning.quant.linear.FakeQuantizedLinear` per MLP layer), which give the integer codes and grids; the
-FP32 tables are read a million rows at a time from the memory-mapped checkpoint.
+FP32 tables are read a million rows at a time from the memory-mapped checkpoint, one table resident at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dqrm_lightning.checkpoint import load_file, read_dcp
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.export.artifact import ArtifactWriter, check_output_dir, pack_codes
 from dqrm_lightning.export.size import model_bytes
+from dqrm_lightning.mapped import release
 from dqrm_lightning.model import model_shape
 from dqrm_lightning.names import MLP_ARCHS, QAT_CONFIG_KEY, QUANTIZER_PREFIX, dlrm_key, table_key
 from dqrm_lightning.quant.config import QATConfig
@@ -41,7 +42,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_dir():
-        return load_file(path, mmap=True)
+        return load_file(path)
     from dqrm_lightning.strategies.base import META_FILE
 
     tensors = read_dcp(path, ("state_dict",))  # checks every file of the directory against its digests first
@@ -92,10 +93,12 @@ def export_checkpoint(
         ptq = "trained"  # never trained with quantization active (e.g. stopped in the FP32 warm-up)
     with ArtifactWriter(out, force) as writer:
         bits = quantizer.table_bits()  # the trained bits (saved with the quantizer)
-        tables = [
-            _write_table(writer, f, state[table_key(feature)], bits[feature], config, quantizer, ptq)
-            for f, feature in enumerate(DEFAULT_CAT_NAMES)
-        ]
+        tables = []
+        for f, feature in enumerate(DEFAULT_CAT_NAMES):
+            stored = state[table_key(feature)]  # in its stored dtype: _write_table converts a chunk at a time
+            tables.append(_write_table(writer, f, stored, bits[feature], config, quantizer, ptq))
+            release(stored)  # of a mapped checkpoint, one table is resident at a time
+
         layers = [
             _write_layer(writer, name, layer, config if quantize_mlp else None) for name, layer in _mlp_layers(state)
         ]

@@ -43,6 +43,7 @@ from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from typing_extensions import override
 
+from dqrm_lightning.mapped import copy_rows
 from dqrm_lightning.names import table_name
 
 logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
@@ -267,7 +268,8 @@ def to_plain(state: Any) -> Any:
 
 
 def copy_into(target: Any, source: Any, name: str) -> None:
-    """Copy a full tensor (or a ShardedTensor of the same layout) into a (possibly sharded) destination."""
+    """Copy a full tensor (or a ShardedTensor of the same layout) into a (possibly sharded) destination, a piece of
+    rows at a time (a memory-mapped checkpoint's tensor is never resident as a whole: :func:`copy_rows`)."""
     if source is target:
         return  # already loaded in place (distributed checkpoint)
     if isinstance(source, ShardedTensor):
@@ -278,9 +280,8 @@ def copy_into(target: Any, source: Any, name: str) -> None:
         raise ValueError(
             f"checkpoint entry `{name}` has shape {tuple(source.shape)}, the model expects {tuple(target.size())}"
         )
-    with torch.no_grad():
-        if isinstance(target, ShardedTensor):
-            for shard in target.local_shards():
-                shard.tensor.copy_(source[_shard_index(shard)])
-        else:
-            target.copy_(source)
+    if isinstance(target, ShardedTensor):
+        for shard in target.local_shards():
+            copy_rows(shard.tensor, source[_shard_index(shard)])
+    else:
+        copy_rows(target, source)
