@@ -71,7 +71,7 @@ def _quantizer_state(summary: dict) -> dict[str, torch.Tensor]:
         pytest.param(
             ["-c", "configs/parallel/data_parallel.yaml", "-c", "configs/parallel/int8_compression.yaml"],
             id="2-process-int8",
-            marks=pytest.mark.multiprocess,
+            marks=[pytest.mark.multiprocess, pytest.mark.slow],  # ~30 s; the 2-process SIGTERM test stays default
         ),
     ],
 )

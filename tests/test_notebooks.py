@@ -116,8 +116,9 @@ def _text(output: dict) -> str:
 
 
 # 03 starts three 2-process training runs (about 45 s, mostly process startup); the strategy tests cover those modes in
-# the default run, so the notebook itself runs with `make test-slow`.
-SLOW = {"03_communication.ipynb"}
+# the default run, so the notebook itself runs with `make test-slow`. So does 02 (QAT internals, about 15 s on idle
+# cores): tests/quant covers what it shows; 01 (the quickstart) and 04 (results) stay in the default run.
+SLOW = {"02_inside_quantization.ipynb", "03_communication.ipynb"}
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # ~60 s on idle cores; the default run keeps test_single_process_checkpoint_loads_on_two_processes
 def test_two_processes_train_and_checkpoints_load_on_any_world_size(data, tmp_path):
     common = demo_args(data, tmp_path / "r")
     _, fit = dqrm(
@@ -105,6 +106,7 @@ def test_a_dying_rank_stops_the_run_with_an_error_instead_of_a_hang(data, tmp_pa
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # ~35 s on idle cores; tests/comms covers the codecs against brute force in the default run
 def test_two_processes_train_with_quantized_all_to_all(data, tmp_path):
     strategy = [
         "--trainer.devices",
