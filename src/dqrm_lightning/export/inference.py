@@ -12,6 +12,7 @@ Notation: B batch size, F = 26 sparse features, D embedding dimension.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,12 +102,19 @@ def _mlp(layers: Sequence[dict[str, Any]], artifact: Artifact, relu_last: bool, 
     return nn.Sequential(*modules).eval()
 
 
+@functools.cache
+def _upper_pairs(n: int) -> torch.Tensor:
+    """Flat indices into an (n, n) matrix of its entries above the diagonal, row by row (TorchRec's order)."""
+    rows, cols = torch.triu_indices(n, n, offset=1)
+    return rows * n + cols
+
+
 def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
     """DLRM dot interaction: (B, D) and (B, F, D) -> (B, D + (F + 1) choose 2), TorchRec's order."""
     combined = torch.cat((dense.unsqueeze(1), sparse), dim=1)  # (B, F + 1, D)
     interactions = torch.bmm(combined, combined.transpose(1, 2))  # (B, F + 1, F + 1)
-    rows, cols = torch.triu_indices(combined.shape[1], combined.shape[1], offset=1)
-    return torch.cat((dense, interactions[:, rows, cols]), dim=1)
+    pairs = interactions.flatten(1).index_select(1, _upper_pairs(combined.shape[1]))  # (B, (F + 1) choose 2)
+    return torch.cat((dense, pairs), dim=1)
 
 
 class ArtifactDLRM(nn.Module):
