@@ -6,8 +6,9 @@ The Kaggle-config DLRM (33,762,577 rows x 16, MLPs [512,256,64,16] / [512,256,1]
 prepared for whole-model INT4 QAT (INT4 tables and INT4 per-row MLP weights) and exported twice: INT4 (its QAT
 grids) and FP32 (tables and MLPs in FP32); speed does not depend on training. Both artifacts run on TorchRec's
 quantized EmbeddingBagCollection (FBGEMM kernels), on batches of the synthetic Kaggle-format test split, with the
-thread count of the thread policy (``dqrm_lightning.threads``; ``--threads`` overrides). Variants run alternately,
-repeat after repeat; ratios are taken within a repeat and their medians printed:
+thread count of the thread policy (``dqrm_lightning.threads``; ``--threads`` overrides). The variants take turns
+batch by batch (rotating order) so that the load of a shared machine falls on all alike; ratios are taken within a
+repeat and their medians printed:
 
 * ``fp32``: the FP32 artifact, float32 MLPs (the baseline);
 * ``int4``: the INT4 artifact, float32 MLPs (default: predictions equal the QAT model's);
@@ -84,14 +85,18 @@ def test_batches(datamodule: CriteoDataModule, count: int) -> list[Any]:
     return batches
 
 
-def samples_per_s(model: ArtifactDLRM, batches: list[Any], passes: int) -> float:
-    """Throughput of ``passes`` passes over ``batches`` (after one warm-up batch)."""
-    model(batches[0].dense_features, batches[0].sparse_features)  # warm-up
-    start = time.perf_counter()
-    for _ in range(passes):
-        for batch in batches:
-            model(batch.dense_features, batch.sparse_features)
-    return passes * sum(b.labels.numel() for b in batches) / (time.perf_counter() - start)
+def interleaved_rates(models: dict[str, ArtifactDLRM], batches: list[Any], passes: int) -> dict[str, float]:
+    """Samples/s of each model over ``passes`` passes of ``batches``, the models taking turns batch by batch (in a
+    rotating order), so that a change of the machine's load falls on all of them alike."""
+    seconds = dict.fromkeys(models, 0.0)
+    names = list(models)
+    for step, batch in enumerate(batch for _ in range(passes) for batch in batches):
+        for name in names[step % len(names) :] + names[: step % len(names)]:
+            start = time.perf_counter()
+            models[name](batch.dense_features, batch.sparse_features)
+            seconds[name] += time.perf_counter() - start
+    samples = passes * sum(b.labels.numel() for b in batches)
+    return {name: samples / s for name, s in seconds.items()}
 
 
 def parts_ms(model: ArtifactDLRM, batch: Any) -> dict[str, float]:
@@ -121,9 +126,12 @@ def speed(work: Path, batches: list[Any], repeats: int, passes: int) -> None:
     rates: dict[str, list[float]] = {name: [] for name in models}
     parts: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     with torch.no_grad():
+        for model in models.values():  # warm-up
+            model(batches[0].dense_features, batches[0].sparse_features)
         for i in range(repeats):
+            for name, rate in interleaved_rates(models, batches, passes).items():
+                rates[name].append(rate)
             for name, model in models.items():
-                rates[name].append(samples_per_s(model, batches, passes))
                 for part, ms in parts_ms(model, batches[i % len(batches)]).items():
                     parts[name].setdefault(part, []).append(ms)
             print(f"repeat {i}: " + ", ".join(f"{n} {r[-1]:,.0f}" for n, r in rates.items()) + " samples/s", flush=True)

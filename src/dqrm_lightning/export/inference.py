@@ -68,9 +68,9 @@ class _BF16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.to(torch.bfloat16), self.weight).float()  # (B, out)
-        if self.scale is not None:
-            y = y * self.scale
-        return y if self.bias is None else y + self.bias
+        if self.scale is None:
+            return y if self.bias is None else y + self.bias
+        return y * self.scale if self.bias is None else torch.addcmul(self.bias, y, self.scale)
 
 
 def _linear(layer: dict[str, Any], arrays: dict[str, np.ndarray], precision: str) -> nn.Module:
