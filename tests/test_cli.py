@@ -218,6 +218,9 @@ def test_qat_fit_export_predict(tmp_path, criteo_sample):
     for engine in ("torchrec", "plain"):
         _, from_artifact = dqrm("predict", *common, "--artifact", str(tmp_path / "art"), "--engine", engine)
         assert _predictions(from_artifact) == pytest.approx(_predictions(from_checkpoint), abs=1e-5)
+    _, bf16 = dqrm("predict", *common, "--artifact", str(tmp_path / "art"), "--mlp_precision", "bf16")
+    assert _predictions(bf16) == pytest.approx(_predictions(from_checkpoint), abs=1e-2)
+    assert _predictions(bf16) != _predictions(from_checkpoint)  # the bfloat16 products ran
     # the exported model scores unlabeled logs (39 fields) as well
     logs = str(unlabeled_copy(criteo_sample, tmp_path / "logs.tsv"))
     out, unlabeled = dqrm("predict", *common, "--data.test_files", logs, "--artifact", str(tmp_path / "art"))

@@ -46,6 +46,7 @@ from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_er
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.data.dataset import rank_slices
 from dqrm_lightning.errors import ConfigError
+from dqrm_lightning.export.inference import MLP_PRECISIONS
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.runs import find_checkpoint, read_metrics, remove_if_unused, run_version, wandb_run_id
@@ -120,6 +121,13 @@ class DQRMCLI(LightningCLI):
         )
         parser.add_argument("--artifact", default=None, help="validate/test/predict with an exported artifact")
         parser.add_argument("--engine", default="torchrec", choices=("torchrec", "plain"), help="artifact engine")
+        parser.add_argument(
+            "--mlp_precision",
+            default="fp32",
+            choices=MLP_PRECISIONS,
+            help="artifact MLP products: fp32 (the QAT model's predictions) or bf16 (faster on CPUs with AVX512-BF16 "
+            "or AMX; predictions change slightly)",
+        )
         parser.add_argument(
             "--checkpoint_every_n_steps",
             type=int,
@@ -297,7 +305,7 @@ class DQRMCLI(LightningCLI):
                 raise ValueError("`--artifact` is for validate, test and predict; fit trains a model")
             if self._setting("ckpt_path"):
                 raise ValueError("give either `--artifact` or `--ckpt_path`, not both")
-            self.model.use_artifact(artifact, self._setting("engine"))
+            self.model.use_artifact(artifact, self._setting("engine"), self._setting("mlp_precision"))
         self._checkpoint_arguments()
         summary = self._summary_callback()
         dumped = json.loads(self.parser.dump(self.config, format="json", skip_check=True))

@@ -183,13 +183,14 @@ class DLRMModule(pl.LightningModule):
                     _dlrm_init_(layer)
         return dlrm
 
-    def use_artifact(self, path: str, engine: str = "torchrec") -> None:
-        """Validate, test or predict with an exported artifact (:mod:`dqrm_lightning.export.inference`) as the model.
+    def use_artifact(self, path: str, engine: str = "torchrec", mlp_precision: str = "fp32") -> None:
+        """Validate, test or predict with an exported artifact (:mod:`dqrm_lightning.export.inference`) as the model,
+        run by ``engine`` with its MLP products in ``mlp_precision``.
 
         Raises:
             ConfigError: the artifact's model shape is not this module's.
         """
-        model = load_inference_model(path, engine)
+        model = load_inference_model(path, engine, mlp_precision=mlp_precision)
         differences = _shape_differences(model.manifest["model"], self.hparams)
         if differences:
             raise ConfigError(

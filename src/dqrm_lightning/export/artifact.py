@@ -278,13 +278,19 @@ def scale_bias(artifact: Artifact, table: dict[str, Any]) -> torch.Tensor:
     return torch.tensor([table["scale"], table["offset"]], dtype=torch.float16).expand(table["rows"], 2)
 
 
-def dequantized_mlp_weight(layer: dict[str, Any], arrays: dict[str, np.ndarray]) -> torch.Tensor:
-    """The float32 weight a quantized MLP layer computes with: ``q * s`` per output row."""
+def mlp_weight_codes(layer: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A quantized MLP layer's signed integer codes ``q`` (out, in) as float32 and its float32 scale per output row
+    (out, 1); an FP32 layer's weight and ``None``. The layer computes with the weight ``q * scale``."""
     weight = torch.from_numpy(np.array(arrays["weight"]))
     out_features, in_features = layer["shape"]
     bits = layer["bits"]
     if bits == 32:
-        return weight.view(torch.float32).reshape(out_features, in_features)
+        return weight.view(torch.float32).reshape(out_features, in_features), None
     codes = unpack_codes(weight, bits, in_features).float() - 2 ** (bits - 1)
-    scale = torch.from_numpy(np.array(arrays["scale"])).reshape(-1, 1)
-    return codes * scale
+    return codes, torch.from_numpy(np.array(arrays["scale"])).reshape(-1, 1)
+
+
+def dequantized_mlp_weight(layer: dict[str, Any], arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    """The float32 weight a quantized MLP layer computes with: ``q * s`` per output row."""
+    codes, scale = mlp_weight_codes(layer, arrays)
+    return codes if scale is None else codes * scale

@@ -1,26 +1,35 @@
 """Run an artifact: on TorchRec's quantized EmbeddingBagCollection (FBGEMM INT-N kernels), or in plain torch.
 
+MLP precision: ``fp32`` (default) computes with the float32 weights the QAT model used, dequantized once at load, so
+predictions equal the QAT model's eval predictions. ``bf16`` runs the MLP products in bfloat16 (oneDNN, fp32
+accumulation; several times faster than fp32 on CPUs with AVX512-BF16 or AMX, slower on CPUs without): a quantized
+layer's integer codes are exact in bfloat16 (bits <= 8) and its scale per output row is applied in fp32 after the
+product, so only the layer's input and the product's output are rounded to bfloat16 (8 significant bits). It changes
+predictions slightly (measured AUC change: benchmarks/results/inference_speed.txt).
+
 Notation: B batch size, F = 26 sparse features, D embedding dimension.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dqrm_lightning.export.artifact import (
     Artifact,
-    dequantized_mlp_weight,
     load_artifact,
+    mlp_weight_codes,
     scale_bias,
     unpack_codes,
 )
-from dqrm_lightning.names import table_name
+from dqrm_lightning.names import MLP_ARCHS, table_name
 
 
 class _InputQuantizer(nn.Module):
@@ -34,42 +43,97 @@ class _InputQuantizer(nn.Module):
         return torch.clamp(torch.round(x / self.scale), self.low, self.high) * self.scale
 
 
-def _mlp(layers: Sequence[dict[str, Any]], artifact: Artifact, relu_last: bool) -> nn.Sequential:
+MLP_PRECISIONS = ("fp32", "bf16")
+
+
+def check_mlp_precision(mlp_precision: str) -> None:
+    """Raises ValueError unless ``mlp_precision`` is one of :data:`MLP_PRECISIONS`."""
+    if mlp_precision not in MLP_PRECISIONS:
+        raise ValueError(f"`mlp_precision` must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
+
+
+class _BF16Linear(nn.Module):
+    """``y = (x W^T) * scale + bias`` with the product in bfloat16 (fp32 accumulation): ``W`` is a quantized layer's
+    integer codes (exact in bfloat16) and ``scale`` its fp32 scale per output row, or an FP32 layer's weight rounded
+    to bfloat16 and ``scale`` None. Input (B, in), output (B, out) float32."""
+
+    scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Buffer(weight.to(torch.bfloat16))  # (out, in)
+        self.register_buffer("scale", None if scale is None else scale.reshape(-1))  # (out,)
+        self.register_buffer("bias", bias)  # (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight).float()  # (B, out)
+        if self.scale is None:
+            return y if self.bias is None else y + self.bias
+        return y * self.scale if self.bias is None else torch.addcmul(self.bias, y, self.scale)
+
+
+def _linear(layer: dict[str, Any], arrays: dict[str, np.ndarray], precision: str) -> nn.Module:
+    """One MLP layer of the artifact: an ``nn.Linear`` holding the dequantized float32 weight (``fp32``), or a
+    :class:`_BF16Linear` (``bf16``)."""
+    out_features, in_features = layer["shape"]
+    codes, scale = mlp_weight_codes(layer, arrays)
+    bias = torch.from_numpy(np.array(arrays["bias"])) if "bias" in arrays else None
+    if precision == "bf16":
+        if scale is not None and layer["bits"] > 8:  # codes beyond 8 bits are not exact in bfloat16
+            codes, scale = codes * scale, None
+        return _BF16Linear(codes, scale, bias)
+    linear = nn.Linear(in_features, out_features, bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(codes if scale is None else codes * scale)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
+def _mlp(layers: Sequence[dict[str, Any]], artifact: Artifact, relu_last: bool, precision: str) -> nn.Sequential:
     modules: list[nn.Module] = []
     for i, layer in enumerate(layers):
         if layer.get("activation_bits"):
             modules.append(_InputQuantizer(layer["activation_bits"], layer["activation_scale"]))
-        out_features, in_features = layer["shape"]
-        arrays = artifact.mlp[layer["name"]]
-        linear = nn.Linear(in_features, out_features, bias="bias" in arrays)
-        with torch.no_grad():
-            linear.weight.copy_(dequantized_mlp_weight(layer, arrays))
-            if "bias" in arrays:
-                linear.bias.copy_(torch.from_numpy(np.array(arrays["bias"])))
-        modules.append(linear)
+        modules.append(_linear(layer, artifact.mlp[layer["name"]], precision))
         if relu_last or i < len(layers) - 1:
             modules.append(nn.ReLU())
     return nn.Sequential(*modules).eval()
 
 
-def _interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def _upper_pairs(n: int) -> torch.Tensor:
+    """Flat indices into an (n, n) matrix of its entries above the diagonal, row by row (TorchRec's order)."""
+    rows, cols = torch.triu_indices(n, n, offset=1)
+    return rows * n + cols
+
+
+def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
     """DLRM dot interaction: (B, D) and (B, F, D) -> (B, D + (F + 1) choose 2), TorchRec's order."""
     combined = torch.cat((dense.unsqueeze(1), sparse), dim=1)  # (B, F + 1, D)
     interactions = torch.bmm(combined, combined.transpose(1, 2))  # (B, F + 1, F + 1)
-    rows, cols = torch.triu_indices(combined.shape[1], combined.shape[1], offset=1)
-    return torch.cat((dense, interactions[:, rows, cols]), dim=1)
+    pairs = interactions.flatten(1).index_select(1, _upper_pairs(combined.shape[1]))  # (B, (F + 1) choose 2)
+    return torch.cat((dense, pairs), dim=1)
 
 
 class ArtifactDLRM(nn.Module):
-    """An exported DLRM: the artifact's MLPs as float32 ``nn.Linear`` layers holding the dequantized weights, and
-    an engine-specific :meth:`embed` of the tables. ``manifest`` is the artifact's."""
+    """An exported DLRM: the artifact's MLPs (float32 ``nn.Linear`` layers holding the dequantized weights, or
+    bfloat16 products with ``mlp_precision="bf16"``, see the module docstring), and an engine-specific :meth:`embed`
+    of the tables. ``manifest`` is the artifact's.
 
-    def __init__(self, artifact: Artifact) -> None:
+    Raises:
+        ValueError: ``mlp_precision`` not one of :data:`MLP_PRECISIONS`.
+    """
+
+    def __init__(self, artifact: Artifact, mlp_precision: str = "fp32") -> None:
         super().__init__()
+        check_mlp_precision(mlp_precision)
         self.manifest = artifact.manifest
-        layers = artifact.manifest["mlp"]
-        self.dense_arch = _mlp([layer for layer in layers if layer["arch"] == "dense_arch"], artifact, relu_last=True)
-        self.over_arch = _mlp([layer for layer in layers if layer["arch"] == "over_arch"], artifact, relu_last=False)
+        self.mlp_precision = mlp_precision
+        dense, over = ([layer for layer in artifact.manifest["mlp"] if layer["arch"] == arch] for arch in MLP_ARCHS)
+        self.dense_arch = _mlp(dense, artifact, relu_last=True, precision=mlp_precision)
+        self.over_arch = _mlp(over, artifact, relu_last=False, precision=mlp_precision)
         self.feature_names = artifact.manifest["model"]["feature_names"]
 
     def embed(self, features: Any) -> torch.Tensor:
@@ -80,7 +144,7 @@ class ArtifactDLRM(nn.Module):
         """Logits (B, 1)."""
         dense = self.dense_arch(dense_features)  # (B, D)
         sparse = self.embed(sparse_features)  # (B, F, D)
-        return self.over_arch(_interaction(dense, sparse))
+        return self.over_arch(dot_interaction(dense, sparse))
 
 
 class PlainTorchDLRM(ArtifactDLRM):
@@ -90,8 +154,8 @@ class PlainTorchDLRM(ArtifactDLRM):
     ``__getitem__(feature).values()`` such as a KeyedJaggedTensor of one-hot features.
     """
 
-    def __init__(self, artifact: Artifact) -> None:
-        super().__init__(artifact)
+    def __init__(self, artifact: Artifact, mlp_precision: str = "fp32") -> None:
+        super().__init__(artifact, mlp_precision)
         self.tables = {t["feature"]: t for t in artifact.manifest["tables"]}
         self.codes = {f: torch.from_numpy(np.array(artifact.tables[f])) for f in self.feature_names}
         self.scale_bias = {
@@ -116,8 +180,8 @@ class PlainTorchDLRM(ArtifactDLRM):
 class TorchRecDLRM(ArtifactDLRM):
     """The artifact on TorchRec's quantized EmbeddingBagCollection (FBGEMM IntN TBE kernels on CPU or GPU)."""
 
-    def __init__(self, artifact: Artifact) -> None:
-        super().__init__(artifact)
+    def __init__(self, artifact: Artifact, mlp_precision: str = "fp32") -> None:
+        super().__init__(artifact, mlp_precision)
         from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
         from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
 
@@ -150,15 +214,25 @@ class TorchRecDLRM(ArtifactDLRM):
         )
 
     def embed(self, features: Any) -> torch.Tensor:
-        pooled = self.ebc(features).to_dict()
-        return torch.stack([pooled[f] for f in self.feature_names], dim=1)  # (B, F, D)
+        pooled = self.ebc(features)  # KeyedTensor, values (B, F * D) in the tables' order
+        if pooled.keys() == self.feature_names:  # the exporter's order: a view, no copy
+            return pooled.values().view(pooled.values().shape[0], len(self.feature_names), -1)  # (B, F, D)
+        by_feature = pooled.to_dict()
+        return torch.stack([by_feature[f] for f in self.feature_names], dim=1)  # (B, F, D)
 
 
-def load_inference_model(path: str | Path, engine: str = "torchrec", verify: bool = True) -> ArtifactDLRM:
-    """Load an artifact for inference: ``engine`` is ``torchrec`` (FBGEMM kernels) or ``plain`` (torch only)."""
-    artifact = load_artifact(path, verify=verify)
-    if engine == "torchrec":
-        return TorchRecDLRM(artifact).eval()
-    if engine == "plain":
-        return PlainTorchDLRM(artifact).eval()
-    raise ValueError(f"`engine` must be 'torchrec' or 'plain', got {engine!r}")
+def load_inference_model(
+    path: str | Path, engine: str = "torchrec", verify: bool = True, mlp_precision: str = "fp32"
+) -> ArtifactDLRM:
+    """Load an artifact for inference: ``engine`` is ``torchrec`` (FBGEMM kernels) or ``plain`` (torch only);
+    ``mlp_precision`` ``fp32`` (predictions equal the QAT model's) or ``bf16`` (faster, see the module docstring).
+
+    Raises:
+        ValueError: an unknown ``engine`` or ``mlp_precision``.
+        ArtifactError: an artifact that cannot be trusted or read.
+    """
+    engines = {"torchrec": TorchRecDLRM, "plain": PlainTorchDLRM}
+    if engine not in engines:
+        raise ValueError(f"`engine` must be 'torchrec' or 'plain', got {engine!r}")
+    check_mlp_precision(mlp_precision)  # before reading the artifact
+    return engines[engine](load_artifact(path, verify=verify), mlp_precision).eval()
