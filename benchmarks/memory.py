@@ -11,15 +11,21 @@ with that of the first:
 * ``export``: `dqrm export` of that checkpoint (the variant's export arguments, e.g. INT4 post-training quantization);
 * ``resume``: `dqrm fit --ckpt_path` of that checkpoint, for ``--resume-steps`` more steps, checkpointing off.
 
-The goal is at most 1.15x the ``fit`` peak for each. Results go to benchmarks/results/memory.txt (``--out``).
+The goal is at most 1.15x the ``fit`` peak for each. Then FP16 master tables under INT4 QAT against FP32 training
+(``--compare``, default ``fp16-int4`` vs ``fp32``): ``--speed-repeats`` pairs of fits without checkpoints, the two
+alternating, give the peak RSS ratio and the training step time ratio (loop time per step after the warm-up, from
+each run's summary.json), pair by pair, medians printed; goals 0.60 and 1.00.
+Results go to benchmarks/results/memory.txt (``--out``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -39,11 +45,16 @@ class Variant:
     export_args: tuple[str, ...] = field(default=("--embedding-bits", "4"))
 
 
-VARIANTS = [Variant("fp32")]
+VARIANTS = [
+    Variant("fp32"),
+    Variant("fp16-int4", ("-c", "configs/qat/int4.yaml", "-c", "configs/memory/fp16_tables.yaml"), ()),
+]
+MEMORY_GOAL, SPEED_GOAL = 0.60, 1.00  # FP16-master INT4 QAT / FP32 training: peak RSS, step time
 
 
 def peak_rss(command: list[str], log: Path) -> int:
     """Run ``command`` (output to ``log``) and return its peak resident memory in bytes; fails if it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
@@ -86,12 +97,48 @@ def report(variant: Variant, peaks: dict[str, int]) -> list[str]:
     return lines
 
 
+def step_ms(log: Path) -> float:
+    """Loop milliseconds per training step of the `dqrm fit` whose output is ``log`` (its summary.json)."""
+    summary = json.loads(Path(log.read_text().strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+    speed = summary["speed"]
+    return 1000.0 * summary["config"]["data"]["batch_size"] / float(speed["loop_samples_per_s"])
+
+
+def compare(candidate: Variant, baseline: Variant, data: Path, steps: int, repeats: int, work: Path) -> list[str]:
+    """``repeats`` alternating fits of each (checkpointing off): peak RSS and step time ratios, pair by pair."""
+    memory, speed = [], []
+    lines = []
+    for repeat in range(repeats):
+        result = {}
+        for variant in (baseline, candidate):
+            root = work / "compare" / variant.name / str(repeat)
+            shutil.rmtree(root, ignore_errors=True)
+            command = [*fit_command(data, steps, *variant.fit_args), "--trainer.default_root_dir", str(root)]
+            result[variant.name] = (peak_rss(command, root / "fit.log"), step_ms(root / "fit.log"))
+        (base_rss, base_ms), (rss, ms) = result[baseline.name], result[candidate.name]
+        memory.append(rss / base_rss)
+        speed.append(ms / base_ms)
+        lines.append(
+            f"pair {repeat}: {baseline.name} {base_rss / 1e9:.2f} GB {base_ms:.2f} ms/step, "
+            f"{candidate.name} {rss / 1e9:.2f} GB {ms:.2f} ms/step"
+        )
+    for name, ratios, goal in (("peak RSS", memory, MEMORY_GOAL), ("step time", speed, SPEED_GOAL)):
+        verdict = "met" if statistics.median(ratios) <= goal else "NOT met"
+        lines.append(
+            f"{candidate.name} / {baseline.name} {name}: median {statistics.median(ratios):.3f} "
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f}); goal <= {goal:.2f}: {verdict}"
+        )
+    return lines
+
+
 def main() -> None:
     parser = arguments(steps=200, warmup=0, repeats=1)
     parser.add_argument("--resume-steps", type=int, default=50, help="steps trained after resuming")
     parser.add_argument("--work", default=None, help="run directories (default: DATA/memory_runs)")
     parser.add_argument("--out", default="benchmarks/results/memory.txt")
     parser.add_argument("--variants", nargs="*", default=None, help=f"names out of {[v.name for v in VARIANTS]}")
+    parser.add_argument("--compare", nargs=2, default=["fp16-int4", "fp32"], metavar=("CANDIDATE", "BASELINE"))
+    parser.add_argument("--speed-repeats", type=int, default=3, help="alternating fit pairs of --compare (0: none)")
     args = parser.parse_args()
     data = Path(args.data)
     ensure_data(data, args.rows)
@@ -106,6 +153,12 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for variant in chosen:
         for line in report(variant, measure(variant, data, args.steps, args.resume_steps, work)):
+            print(line, flush=True)
+            lines.append(line)
+    if args.speed_repeats:
+        by_name = {v.name: v for v in VARIANTS}
+        candidate, baseline = (by_name[name] for name in args.compare)
+        for line in compare(candidate, baseline, data, args.steps, args.speed_repeats, work):
             print(line, flush=True)
             lines.append(line)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, read_dcp
+from dqrm_lightning.checkpoint import CheckpointError, SafeCheckpointIO, load_file, read_dcp
 from dqrm_lightning.export.exporter import export_checkpoint, read_checkpoint
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.strategies import TorchRecStrategy
@@ -223,3 +223,12 @@ def test_a_distributed_checkpoint_directory_is_checked_file_by_file(tmp_path):
     (path / "extra.distcp").write_bytes(b"x")
     with pytest.raises(CheckpointError, match=r"extra\.distcp: not part of the checkpoint"):
         verify_directory(path)
+
+
+def test_a_checkpoint_in_torchs_legacy_format_still_loads(tmp_path):
+    state = {"state_dict": {"w": torch.arange(6.0).view(2, 3)}, "epoch": 1}
+    path = tmp_path / "legacy.ckpt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    loaded = load_file(path)
+    assert torch.equal(loaded["state_dict"]["w"], state["state_dict"]["w"])
+    assert loaded["epoch"] == 1

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -157,12 +158,21 @@ def load_file(path: _PATH, map_location: Any = "cpu") -> Any:
     lives on after loading (an optimizer's) does not keep the file open.
     """
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=_is_zip(path))
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:
         raise load_error(path, err) from None
     return _unmap_small(verify_integrity(checkpoint, path))
+
+
+def _is_zip(path: _PATH) -> bool:
+    """Whether ``path`` is in torch's zip format, the one that can be mapped (torch's legacy format, from
+    ``_use_new_zipfile_serialization=False``, is read into memory instead)."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return True  # let torch.load name the problem
 
 
 def _unmap_small(value: Any) -> Any:
