@@ -6,11 +6,20 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dqrm_lightning.quant import table_extrema
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.table_extrema import BlockExtrema
 from tests.helpers.model import ROWS, qat_module, random_batch
 
 FEATURES = ["a", "b"]
+
+
+@pytest.fixture(autouse=True)
+def _every_shard_in_blocks(monkeypatch):
+    """Keep per-block extrema of the small test tables too (by default small shards are passed over whole)."""
+    monkeypatch.setattr(table_extrema, "_SMALL_SHARD_BLOCKS", 0)
+
+
 ROWS_AB = [203, 5]  # a: 12 whole blocks and a partial one; b: a single partial block
 
 
@@ -52,6 +61,10 @@ def test_refresh_equals_a_full_pass_after_updates_of_the_looked_up_rows(split):
         tables["b"][ids_b] += torch.randn(len(ids_b), 4, generator=generator)
         if step % 4 == 3:
             _assert_exact(extrema, tables)
+    for row in range(ROWS_AB[0]):  # each row in turn holds both extremes: every block boundary of every shard
+        tables["a"][row, 0], tables["a"][row, 1] = 1000.0 + row, -1000.0 - row
+        extrema.record(_lookups([row], []))
+        _assert_exact(extrema, tables)
 
 
 def test_only_the_dirty_blocks_are_rescanned_and_invalidate_forces_a_full_pass():

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 BLOCK_ROWS = 16  # S: rows per block (1 KB of an FP32 table at D = 16)
 _FULL_SCAN_FRACTION = 0.5  # rescan a whole shard when at least this fraction of its blocks is dirty
 _GATHER_BLOCKS = 1 << 16  # blocks gathered at a time (16 MB of FP32 at S = 16, D = 16)
+_SMALL_SHARD_BLOCKS = 4096  # shards of fewer blocks (64K rows) are passed over whole at each refresh
 _PENDING_LIMIT = 256  # recorded batches folded into the dirty marks at once
 
 
@@ -74,19 +75,19 @@ class _ShardBlocks:
 
     def scan(self, dirty: torch.Tensor) -> None:
         """Rescan the blocks marked in ``dirty`` (bool, one per block)."""
-        count = int(dirty.sum())
-        if count >= _FULL_SCAN_FRACTION * self.blocks:
+        ids = dirty.nonzero().squeeze(1)
+        if ids.numel() >= _FULL_SCAN_FRACTION * self.blocks:
             self.scan_all()
             return
         body = self._body
-        ids = dirty[: body.shape[0]].nonzero().squeeze(1)
+        if ids.numel() and int(ids[-1]) == body.shape[0]:  # the partial last block
+            self._scan_tail()
+            ids = ids[:-1]
         for start in range(0, ids.numel(), _GATHER_BLOCKS):
             chunk = ids[start : start + _GATHER_BLOCKS]
             values = body.index_select(0, chunk)  # (chunk, S, D)
             self.low.index_copy_(0, chunk, values.amin(dim=(1, 2)).float())
             self.high.index_copy_(0, chunk, values.amax(dim=(1, 2)).float())
-        if body.shape[0] < self.blocks and bool(dirty[-1]):
-            self._scan_tail()
 
     def dirty_blocks(self, table_dirty: torch.Tensor) -> torch.Tensor:
         """This shard's dirty blocks (bool, one per block) from its table's (bool, one per block of S table rows
@@ -100,7 +101,15 @@ class _ShardBlocks:
             dirty[: following.numel()] |= following
         return dirty
 
+    def aminmax(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) of the shard in one pass, without the per-block extrema."""
+        if not self.tensor.numel():
+            return torch.tensor(float("inf")), torch.tensor(float("-inf"))
+        low, high = torch.aminmax(self.tensor)
+        return low.float(), high.float()
+
     def extrema(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) of the shard from its per-block extrema."""
         if not self.blocks:
             return torch.tensor(float("inf")), torch.tensor(float("-inf"))
         return self.low.min(), self.high.max()
@@ -127,7 +136,6 @@ class BlockExtrema:
             for feature in feature_names
         }
         self._pending: list[KeyedJaggedTensor] = []
-        self._offsets: dict[tuple[str, ...], torch.Tensor] = {}  # key order -> each key's first block
         self.valid = False  # the per-block extrema are those of the tables (set by a full scan)
 
     def record(self, features: KeyedJaggedTensor) -> None:
@@ -143,15 +151,18 @@ class BlockExtrema:
         self._pending.clear()
 
     def _mark_pending(self) -> None:
-        """Fold the recorded batches into the dirty marks."""
+        """Fold the recorded batches into the dirty marks (a few tensor operations for all of them together)."""
+        if not self._pending:
+            return
+        firsts: list[int] = []
+        counts: list[int] = []
         for features in self._pending:
-            keys = tuple(features.keys())
-            first = self._offsets.get(keys)
-            if first is None:
-                first = self._offsets[keys] = torch.tensor([self._blocks[k][0] for k in keys])
-            per_key = torch.tensor(features.length_per_key())
-            blocks = torch.repeat_interleave(first, per_key) + features.values().long() // BLOCK_ROWS
-            self._dirty[blocks] = True
+            keys: list[str] = features.keys()  # a KeyedJaggedTensor's features, in their order
+            firsts += [self._blocks[key][0] for key in keys]
+            counts += features.length_per_key()
+        values = torch.cat([features.values() for features in self._pending]).long()
+        first = torch.repeat_interleave(torch.tensor(firsts), torch.tensor(counts), output_size=values.numel())
+        self._dirty[first + values // BLOCK_ROWS] = True
         self._pending.clear()
 
     def _sync_dirty(self) -> None:
@@ -172,6 +183,10 @@ class BlockExtrema:
             first, count = self._blocks[feature]
             low, high = torch.tensor(float("inf")), torch.tensor(float("-inf"))
             for shard in self._shards[feature]:
+                if shard.blocks < _SMALL_SHARD_BLOCKS:  # a single pass costs less than the bookkeeping
+                    shard_low, shard_high = shard.aminmax()
+                    low, high = torch.minimum(low, shard_low), torch.maximum(high, shard_high)
+                    continue
                 if self.valid:
                     shard.scan(shard.dirty_blocks(self._dirty[first : first + count]))
                 else:
