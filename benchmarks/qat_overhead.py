@@ -52,8 +52,10 @@ def segment(module: DLRMModule, datamodule: CriteoDataModule, variant: str, step
         callbacks.append(_FP32())
     elif variant == "exact":
         callbacks.append(QuantizationAwareTraining(QATConfig(embedding_bits=4, mlp_bits=4, scale_tracking="exact")))
-    else:
-        config = QATConfig(embedding_bits=4, mlp_bits=4, scale_period=int(variant[1:]))
+    else:  # p<P>: refreshed every P steps (incremental); full<P>: each refresh a full pass over the tables
+        refresh = "full" if variant.startswith("full") else "incremental"
+        period = int(variant.removeprefix("full").removeprefix("p"))
+        config = QATConfig(embedding_bits=4, mlp_bits=4, scale_period=period, scale_refresh=refresh)
         callbacks.append(QuantizationAwareTraining(config))
     trainer = segment_trainer(steps, callbacks, False)
     trainer.fit(module, datamodule=datamodule)

@@ -439,6 +439,8 @@ class DLRMModule(pl.LightningModule):
         for key, value in state_dict.items():
             if key in current:
                 copy_into(current[key], value, key)
+        if self.embedding_quantizer is not None:
+            self.embedding_quantizer.tables_changed()
         pending = getattr(self, "_pending_sparse_optimizer", None)
         if pending and self._fused_optimizer is not None:
             optimizer_state = self._fused_optimizer.state_dict()

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dqrm_lightning.model import DLRMModule
+from dqrm_lightning.quant import table_extrema
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.fake_quant import symmetric_scale
 from tests.helpers.model import random_batch
@@ -20,6 +21,7 @@ WORLD = 2
 def _rank(rank: int, store_path: str, out_dir: str) -> None:
     store = dist.FileStore(store_path, WORLD)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    table_extrema._SMALL_SHARD_BLOCKS = 0  # incremental refreshes keep per-block extrema of these small tables too
     torch.manual_seed(0)
     module = DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
     module.prepare_qat(QATConfig(embedding_bits=4, scale_period=2))

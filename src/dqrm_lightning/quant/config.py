@@ -12,6 +12,7 @@ from dqrm_lightning.quant.fake_quant import SUPPORTED_BITS, Mode, Ste
 MLPGranularity = Literal["per_row", "per_tensor"]
 BiasMode = Literal["fp32", "reference"]
 ScaleTracking = Literal["periodic", "exact"]
+ScaleRefresh = Literal["incremental", "full"]
 EmbeddingGranularity = Literal["per_table", "per_row"]
 BUDGET_BITS = (8, 4, 2)  # candidate bits of the size-budget policy, widest first
 Rounding = Literal["nearest", "stochastic"]
@@ -47,6 +48,10 @@ class QATConfig:
         period_off_by_one: reproduce the reference code's cadence (refresh every ``scale_period + 1`` steps).
         scale_tracking: ``periodic`` (the paper) or ``exact`` (keep each table's max|W| up to date after every step
             from the touched rows; a full pass only when the row holding the maximum shrank).
+        scale_refresh: how a periodic refresh finds the table extrema, both exactly: ``incremental`` (default)
+            rescans only the blocks of 16 rows that training looked up since the last refresh
+            (:class:`~dqrm_lightning.quant.table_extrema.BlockExtrema`; valid because only looked-up rows change)
+            or ``full`` (a full pass over every table each time, the paper's procedure).
         warmup_epochs: train FP32 for this many epochs before quantization starts (paper supp. Table 8).
         mlp_bits: bit width of MLP weights (4 or 8), or ``None`` for FP32 MLPs.
         mlp_granularity: ``per_row`` (one scale per output neuron) or ``per_tensor`` (ablation).
@@ -79,6 +84,7 @@ class QATConfig:
     scale_period: int = 200
     period_off_by_one: bool = False
     scale_tracking: ScaleTracking = "periodic"
+    scale_refresh: ScaleRefresh = "incremental"
     warmup_epochs: int = 0
     mlp_bits: int | None = None
     mlp_granularity: MLPGranularity = "per_row"
@@ -142,6 +148,8 @@ class QATConfig:
             raise ValueError(f"`scale_period` must be a positive number of steps, got {self.scale_period}")
         if self.scale_tracking not in ("periodic", "exact"):
             raise ValueError(f"`scale_tracking` must be 'periodic' or 'exact', got {self.scale_tracking!r}")
+        if self.scale_refresh not in ("incremental", "full"):
+            raise ValueError(f"`scale_refresh` must be 'incremental' or 'full', got {self.scale_refresh!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"`warmup_epochs` must be >= 0, got {self.warmup_epochs}")
 

@@ -16,9 +16,12 @@ No quantized copy of a table ever exists. The quantizer runs at the end of DLRM'
 
 Scales are computed from the FP32 master tables under ``no_grad`` with ``torch.aminmax`` (a reduction: no
 table-sized temporary), at the first training step and then every ``scale_period`` optimizer steps; they are frozen
-in between and during evaluation. Under sharding every rank reduces its local shards and the extrema are all-reduced,
-so all ranks hold identical scales. Scales, offsets, bits and the refresh counters are buffers: they are saved in
-checkpoints and a resumed run continues exactly.
+in between and during evaluation. By default (``scale_refresh: incremental``) a refresh after the first rescans only
+the blocks of rows that training forwards looked up since the last one, the only rows that can have changed
+(:class:`~dqrm_lightning.quant.table_extrema.BlockExtrema`): the same extrema at a fraction of the cost;
+``scale_refresh: full`` passes over every table each time. Under sharding every rank reduces its local shards and
+the extrema are all-reduced, so all ranks hold identical scales. Scales, offsets, bits and the refresh counters are
+buffers: they are saved in checkpoints and a resumed run continues exactly.
 
 With ``embedding_granularity: per_row`` each looked-up row is quantized on its own grid, computed from that row's
 extrema when it is looked up (:func:`~dqrm_lightning.quant.fake_quant.row_grid`): nothing is stored or refreshed
@@ -58,6 +61,7 @@ from dqrm_lightning.quant.fake_quant import (
     qrange,
     row_grid,
 )
+from dqrm_lightning.quant.table_extrema import BlockExtrema
 
 
 class TableAccess:
@@ -222,7 +226,9 @@ class EmbeddingQuantizer(nn.Module):
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_refresh_step", torch.full((), -1, dtype=torch.int64))
         self.register_buffer("start_step", torch.full((), -1, dtype=torch.int64))
+        self._table_rows = list(table_rows)
         self._tables: TableAccess | None = None
+        self._blocks: BlockExtrema | None = None  # incremental refreshes: per-block extrema of the local shards
         self._top: dict[str, tuple[_TopRows, _TopRows]] = {}  # exact tracking: (low side, high side) per table
         self._all_quantized = all(b is not None for b in bits)
         self._ebc: tuple[nn.Module, ...] = ()  # a tuple: not registered as a submodule (its tables are not ours)
@@ -245,6 +251,7 @@ class EmbeddingQuantizer(nn.Module):
         """Compute scales from the tables of ``ebc`` (an EmbeddingBagCollection, sharded or not)."""
         self._ebc = (ebc,)
         self._tables = None
+        self._blocks = None
 
     def enable_fake_quant(self, enabled: bool = True) -> None:
         """Fake-quantize in the forward (``False``: FP32 rows, e.g. during an FP32 warm-up); scales are kept."""
@@ -261,6 +268,25 @@ class EmbeddingQuantizer(nn.Module):
         return self._tables
 
     @property
+    def block_extrema(self) -> BlockExtrema:
+        """The per-block extrema that incremental refreshes keep (``scale_refresh: incremental``)."""
+        if self._blocks is None:
+            self._blocks = BlockExtrema(self.tables, self.feature_names, self._table_rows)
+        return self._blocks
+
+    @property
+    def incremental(self) -> bool:
+        """Whether periodic refreshes rescan only the blocks of rows looked up since the last one."""
+        periodic = self.config.scale_tracking == "periodic" and not self._learned
+        return periodic and self.config.scale_refresh == "incremental"
+
+    def tables_changed(self) -> None:
+        """The tables were written other than by training on recorded lookups (e.g. a checkpoint was loaded into
+        them): the next refresh scans them whole."""
+        if self._blocks is not None:
+            self._blocks.invalidate()
+
+    @property
     def quantized(self) -> torch.Tensor:
         """(F,) bool: which tables are quantized (0 bits = FP32)."""
         return self.bits > 0
@@ -273,12 +299,13 @@ class EmbeddingQuantizer(nn.Module):
     @torch.no_grad()
     def refresh(self, step: int | None = None) -> None:
         """Recompute every quantized table's scale from its FP32 weights (all ranks agree)."""
-        exact = self.config.scale_tracking == "exact"
-        for f, feature in enumerate(self.feature_names):
-            if exact:
+        if self.config.scale_tracking == "exact":
+            for f, feature in enumerate(self.feature_names):
                 self._exact_extrema(f, feature)
-            else:
-                self.low[f], self.high[f] = self.tables.extrema(feature)
+        else:
+            scanned = self.block_extrema.refresh() if self.incremental else None  # collective when distributed
+            for f, feature in enumerate(self.feature_names):
+                self.low[f], self.high[f] = scanned[feature] if scanned else self.tables.extrema(feature)
         if dist.is_initialized() and dist.get_world_size() > 1:
             extrema = torch.stack([-self.low, self.high])  # (2, F): max(-min), max(max) over ranks
             dist.all_reduce(extrema, op=dist.ReduceOp.MAX)
@@ -358,6 +385,11 @@ class EmbeddingQuantizer(nn.Module):
         Passes ``pooled`` through while disabled. A first-ever forward (e.g. evaluating an FP32 checkpoint)
         initialises the scales.
         """
+        if self.training and self.incremental:
+            if self.active:
+                self.block_extrema.record(features)  # these rows may change before the next refresh
+            else:
+                self.tables_changed()  # trained FP32 without recording its lookups
         if not self.active:
             return pooled
         if not self.initialized:
