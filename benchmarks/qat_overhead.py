@@ -11,6 +11,10 @@ medians are printed.
 
 Memory: peak RSS of `dqrm fit` FP32 vs `dqrm fit -c configs/qat/int4.yaml`, separate processes, 300 steps.
 
+`--variants` picks the training variants (first = the baseline of every ratio; ``p<P>``: refreshed every P steps,
+incremental refresh; ``full<P>``: each refresh a full pass; ``exact``), `--batch-sizes` the batch sizes and `--parts`
+what runs (``training``, ``inference``, ``rss``); the defaults are the full run.
+
 Inference (batch 2048): the trained model is exported twice, INT4 (QAT) and FP32, and both artifacts run on
 TorchRec's quantized EmbeddingBagCollection (FBGEMM kernels), alternating; plain-torch INT4 is shown for reference.
 """
@@ -113,6 +117,11 @@ def inference(module: DLRMModule, datamodule: CriteoDataModule, work: Path, repe
 def main() -> None:
     parser = arguments(steps=600, warmup=50, repeats=3)
     parser.add_argument("--rss-steps", type=int, default=300)
+    parser.add_argument("--variants", nargs="+", default=["fp32", "p200", "p1", "exact"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 2048])
+    parser.add_argument(
+        "--parts", nargs="+", choices=("training", "inference", "rss"), default=["training", "inference", "rss"]
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     data = Path(args.data)
@@ -123,11 +132,11 @@ def main() -> None:
     torch.manual_seed(0)
     module = DLRMModule(sizes, **model_kwargs(config))
     module.prepare_qat(QATConfig(embedding_bits=4, mlp_bits=4))  # FP32 segments switch quantization off
-    for batch_size in (128, 2048):
+    for batch_size in args.batch_sizes if "training" in args.parts else []:
         datamodule = kaggle_datamodule(data, batch_size)
         steps = args.steps if batch_size == 128 else max(args.steps // 6, args.warmup // 5 + 40)
         warmup = args.warmup if batch_size == 128 else args.warmup // 5
-        times: dict[str, list[float]] = {"fp32": [], "p200": [], "p1": [], "exact": []}
+        times: dict[str, list[float]] = {variant: [] for variant in args.variants}
         for i in range(args.repeats):
             for variant in times:
                 times[variant].append(segment(module, datamodule, variant, steps, warmup))
@@ -135,19 +144,21 @@ def main() -> None:
                 f"batch {batch_size} pair {i}: " + ", ".join(f"{v} {t[-1]:.2f} ms/step" for v, t in times.items()),
                 flush=True,
             )
-        qat = [a / b for a, b in zip(times["p200"], times["fp32"], strict=True)]
-        naive = [a / b for a, b in zip(times["p1"], times["p200"], strict=True)]
-        exact = [a / b for a, b in zip(times["exact"], times["p200"], strict=True)]
-        print(
-            f"batch {batch_size}: INT4 QAT (P=200) / FP32 step time: median {statistics.median(qat):.3f} "
-            f"(min {min(qat):.3f}, max {max(qat):.3f}); P=1 / P=200: median {statistics.median(naive):.3f} "
-            f"(min {min(naive):.3f}, max {max(naive):.3f}); exact tracking / P=200: median "
-            f"{statistics.median(exact):.3f} (min {min(exact):.3f}, max {max(exact):.3f})",
-            flush=True,
-        )
-    with tempfile.TemporaryDirectory() as work:
-        inference(module, datamodule, Path(work), args.repeats)
+        base = args.variants[0]
+        for variant in args.variants[1:]:
+            ratios = [a / b for a, b in zip(times[variant], times[base], strict=True)]
+            print(
+                f"batch {batch_size}: {variant} / {base} step time: median {statistics.median(ratios):.3f} "
+                f"(min {min(ratios):.3f}, max {max(ratios):.3f})",
+                flush=True,
+            )
+    if "inference" in args.parts:
+        datamodule = kaggle_datamodule(data, 2048)
+        with tempfile.TemporaryDirectory() as work:
+            inference(module, datamodule, Path(work), args.repeats)
     del module
+    if "rss" not in args.parts:
+        return
     fp32_rss = peak_rss_gb(data, [], args.rss_steps)
     qat_rss = peak_rss_gb(data, ["-c", "configs/qat/int4.yaml"], args.rss_steps)
     print(
