@@ -7,6 +7,7 @@ the Bayes-optimal AUC is about 0.8 (``hard``: about 0.85), like the best publish
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -196,20 +197,18 @@ PRESETS: dict[str, SyntheticPreset] = {
         interaction_pairs=((0, 1), (2, 9), (3, 11), (4, 12), (6, 14), (15, 20)),
         interaction_scale=0.3,
     ),
-    # The kaggle preset's click model over DLRM's Terabyte table sizes (configs/data/synthetic_terabyte.yaml): data to
-    # train and measure the Terabyte-size model with; the real Terabyte's click rate (after sub-sampling) differs.
-    "terabyte": SyntheticPreset(
-        name="terabyte",
-        cardinalities=TERABYTE_CARDINALITIES,
-        zipf_exponent=1.1,
-        cat_effect_scales=_scales_by_size(TERABYTE_CARDINALITIES, 0.1, 0.26),
-        tail_effect_boost=0.5,
-        interaction_pairs=((0, 1), (2, 9), (3, 11), (4, 12), (6, 14), (15, 20)),
-        interaction_scale=0.3,
-    ),
 }
 """Named presets: ``demo`` (small tables, quick DLRM runs that overfit), ``hard`` (more rare ids: FP32 DLRM overfits
 within 2 epochs), ``kaggle`` (Criteo Kaggle table sizes) and ``terabyte`` (DLRM's Terabyte table sizes)."""
+
+# The kaggle preset's click model over DLRM's Terabyte table sizes (configs/data/synthetic_terabyte.yaml): data to train
+# and measure the Terabyte-size model with; the real Terabyte's click rate (after sub-sampling) differs.
+PRESETS["terabyte"] = dataclasses.replace(
+    PRESETS["kaggle"],
+    name="terabyte",
+    cardinalities=TERABYTE_CARDINALITIES,
+    cat_effect_scales=_scales_by_size(TERABYTE_CARDINALITIES, 0.1, 0.26),
+)
 
 
 def get_preset(preset: str | SyntheticPreset) -> SyntheticPreset:
