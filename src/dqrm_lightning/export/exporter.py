@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -192,7 +193,7 @@ def _write_table(
     entry: dict[str, Any] = {"feature": feature, "rows": int(rows), "dim": int(dim), "mode": config.embedding_mode}
     if bits is None:
         entry |= {"bits": 32, "scale": 1.0, "offset": 0.0}
-        entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(weight.float().numpy(), 32))
+        entry["file"] = writer.add(f"tables/{feature}.bin", _packed_rows(weight, 32, lambda chunk: chunk.numpy()))
         return entry
     if config.embedding_granularity == "per_row":  # each row's own grid, as QAT computed it from the same rows
         codes, scale_bias = _row_wise_codes(weight, bits, config.embedding_mode, quantizer, f)
@@ -206,12 +207,13 @@ def _write_table(
     else:
         scale, offset = _ptq_grid(weight, bits, config, ptq)
     low, high = qrange(bits, config.embedding_mode)
-    codes = _chunked_codes(weight, scale, offset, low, high)
-    if config.embedding_mode == "symmetric":  # unsigned codes u = q + 2^(b-1): value = u * s - 2^(b-1) * s
-        codes = codes + 2 ** (bits - 1)
-        offset = -(2 ** (bits - 1)) * scale
-    entry |= {"bits": bits, "scale": scale, "offset": offset}
-    entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
+    # symmetric: unsigned codes u = q + 2^(b-1), value = u * s - 2^(b-1) * s
+    shift = 2 ** (bits - 1) if config.embedding_mode == "symmetric" else 0
+    s, o = torch.tensor(scale), torch.tensor(offset)
+    lo, hi = torch.tensor(float(low)), torch.tensor(float(high))
+    packed = _packed_rows(weight, bits, lambda chunk: quantize_codes(chunk, s, lo, hi, o).numpy() + shift)
+    entry |= {"bits": bits, "scale": scale, "offset": -shift * scale if shift else offset}
+    entry["file"] = writer.add(f"tables/{feature}.bin", packed)
     return entry
 
 
@@ -295,12 +297,14 @@ def _row_wise_codes(
     return codes, scale_bias
 
 
-def _chunked_codes(weight: torch.Tensor, scale: float, offset: float, low: int, high: int) -> np.ndarray:
-    """Signed codes of a table, a million rows at a time (no second table-sized float temporary)."""
-    out = np.empty(weight.shape, dtype=np.int32)
-    s, o = torch.tensor(scale), torch.tensor(offset)
-    lo, hi = torch.tensor(float(low)), torch.tensor(float(high))
-    for start in range(0, weight.shape[0], 1 << 20):
-        chunk = weight[start : start + (1 << 20)].float()
-        out[start : start + len(chunk)] = quantize_codes(chunk, s, lo, hi, o).numpy()
-    return out
+def _packed_rows(weight: torch.Tensor, bits: int, encode: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+    """A table's packed codes (:func:`pack_codes`), a million rows at a time: ``encode`` maps float32 rows to unsigned
+    codes (or float32 values at 32 bits), so no table-sized float or code temporary exists beside the output."""
+    pieces = range(0, weight.shape[0], 1 << 20)
+    out: np.ndarray | None = None
+    for start in pieces:
+        packed = pack_codes(encode(weight[start : start + (1 << 20)].float()), bits)
+        if out is None:
+            out = np.empty((weight.shape[0], packed.shape[1]), dtype=np.uint8)
+        out[start : start + len(packed)] = packed
+    return out if out is not None else pack_codes(encode(weight.float()), bits)
