@@ -189,11 +189,15 @@ def test_the_cli_refuses_a_file_of_random_bytes_in_one_line(tmp_path, criteo_sam
     garbage = tmp_path / "random.ckpt"
     for seed in range(3):  # random bytes fail in different places of torch.load (zip, pickle, text decoding)
         garbage.write_bytes(random.Random(seed).randbytes(4096))
-        common = [*on_sample(tmp_path, criteo_sample), "--trainer.default_root_dir", str(tmp_path / "runs"), *FAST]
-        result = run_cli("validate", *common, "--ckpt_path", str(garbage))
-        assert result.returncode != 0
-        assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
-        assert result.stderr.startswith(f"dqrm validate: error: {garbage}: "), result.stderr
+        with pytest.raises(CheckpointError) as refused:
+            load_file(garbage)
+        assert str(refused.value).startswith(f"{garbage}: "), refused.value
+        assert "\n" not in str(refused.value)
+    common = [*on_sample(tmp_path, criteo_sample), "--trainer.default_root_dir", str(tmp_path / "runs"), *FAST]
+    result = run_cli("validate", *common, "--ckpt_path", str(garbage))  # the CLI says the same in one line
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(f"dqrm validate: error: {garbage}: "), result.stderr
 
 
 def test_a_distributed_checkpoint_directory_is_checked_file_by_file(tmp_path):

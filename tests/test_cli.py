@@ -154,6 +154,7 @@ def unlabeled_copy(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.slow  # about 20 s (3 runs of dqrm and 2 refusals); tests/data covers reading unlabeled files
 def test_predict_scores_unlabeled_logs_with_row_ids(tmp_path, criteo_sample):
     common = [*on_sample(tmp_path, criteo_sample), "--data.batch_size", "32", "--data.eval_batch_size", "64"]
     common += ["--trainer.default_root_dir", str(tmp_path / "r"), *FAST]

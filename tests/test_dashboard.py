@@ -14,6 +14,7 @@ def _logged(output: str) -> set[str]:
         return set(next(csv.reader(f)))
 
 
+@pytest.mark.slow  # about 17 s: a QAT training run with wandb offline
 def test_every_plotted_metric_is_logged_by_a_qat_run(tmp_path, criteo_sample):
     spec = load_spec()
     assert "qat/scale/C26" in metric_keys(spec, {"qat"})  # {table} expanded
