@@ -24,7 +24,7 @@ def _rank(rank: int, store_path: str, out_dir: str) -> None:
     table_extrema._SMALL_SHARD_BLOCKS = 0  # incremental refreshes keep per-block extrema of these small tables too
     torch.manual_seed(0)
     module = DLRMModule([ROWS] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
-    module.prepare_qat(QATConfig(embedding_bits=4, scale_period=2))
+    module.prepare_qat(QATConfig(embedding_bits=4, scale_period=2, scale_refresh="incremental"))
     quantizer = module.embedding_quantizer
     local_tables = sum(1 for f in quantizer.feature_names if quantizer.tables.local.get(f))
     optimizer = module.configure_optimizers()

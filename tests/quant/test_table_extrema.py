@@ -98,7 +98,9 @@ def _train(config: QATConfig, steps: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["symmetric", "asymmetric"])
 def test_incremental_refreshes_give_the_full_refreshes_scales(mode):
-    incremental = _train(QATConfig(embedding_bits=4, scale_period=2, embedding_mode=mode), 16)
+    incremental = _train(
+        QATConfig(embedding_bits=4, scale_period=2, embedding_mode=mode, scale_refresh="incremental"), 16
+    )
     full = _train(QATConfig(embedding_bits=4, scale_period=2, embedding_mode=mode, scale_refresh="full"), 16)
     for step, (got, want) in enumerate(zip(incremental, full, strict=True)):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"step {step}")
@@ -106,7 +108,7 @@ def test_incremental_refreshes_give_the_full_refreshes_scales(mode):
 
 
 def test_an_fp32_training_forward_or_a_loaded_checkpoint_forces_a_full_pass():
-    module = qat_module(QATConfig(embedding_bits=4))
+    module = qat_module(QATConfig(embedding_bits=4, scale_refresh="incremental"))
     quantizer = module.embedding_quantizer
     quantizer.maybe_refresh(0)
     assert quantizer.block_extrema.valid
