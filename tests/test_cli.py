@@ -282,6 +282,7 @@ def test_best_checkpoint_of_a_root_without_runs_is_one_line(tmp_path, criteo_sam
     )
 
 
+@pytest.mark.slow  # about 15 s of dqrm runs; tests/data covers prepared directories
 def test_prepared_dir_on_the_command_line_works_with_any_base_config(tmp_path, criteo_sample):
     sample = str(tmp_path / "sample.tsv")
     Path(sample).write_bytes(Path(criteo_sample).read_bytes())
