@@ -31,7 +31,7 @@ from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
 from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.export.inference import ArtifactDLRM, load_inference_model
 from dqrm_lightning.metrics import BestTracker, ClickMetrics, binary_auroc, binary_log_loss
-from dqrm_lightning.names import QAT_CONFIG_KEY, QUANTIZER_PREFIX, table_name
+from dqrm_lightning.names import QAT_CONFIG_KEY, QUANTIZER_PREFIX, table_key, table_name
 from dqrm_lightning.quant import EmbeddingQuantizer, QATConfig, prepare_qat
 from dqrm_lightning.strategies.sharding import (
     EmbeddingPlacement,
@@ -452,10 +452,11 @@ class DLRMModule(pl.LightningModule):
 def _note_table_casts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Say so when a checkpoint's tables are loaded into tables of another precision (``copy_into`` casts them:
     float32 values round to the nearest float16, float16 ones widen exactly)."""
+    tables = [table_key(feature) for feature in DEFAULT_CAT_NAMES]
     casts = {
         (saved[key].dtype, current[key].dtype)
-        for key in saved
-        if _TABLE_KEY in key and key in current and saved[key].dtype != current[key].dtype
+        for key in tables
+        if key in saved and key in current and saved[key].dtype != current[key].dtype
     }
     for old, new in sorted(casts, key=str):
         how = "exact" if new.itemsize > old.itemsize else "each value rounded to the nearest"
@@ -466,7 +467,6 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-_TABLE_KEY = ".embedding_bags."  # in the state-dict key of every table weight (sharded or not)
 _SHAPE_KEYS = ("num_embeddings_per_feature", "embedding_dim", "dense_arch_layer_sizes", "over_arch_layer_sizes")
 
 

@@ -23,5 +23,5 @@ def dlrm_key(name: str) -> str:
 
 
 def table_key(feature: str) -> str:
-    """State-dict key of a feature's FP32 table in a DLRMModule checkpoint."""
+    """State-dict key of a feature's table (its master weights) in a DLRMModule checkpoint and state dict."""
     return dlrm_key(f"sparse_arch.embedding_bag_collection.embedding_bags.{table_name(feature)}.weight")

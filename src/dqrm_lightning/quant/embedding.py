@@ -20,9 +20,9 @@ in between and during evaluation. By default (``scale_refresh: full``) a refresh
 ``scale_refresh: incremental`` a refresh after the first rescans only the blocks of rows that training forwards
 looked up since the last one, the only rows that can have changed
 (:class:`~dqrm_lightning.quant.table_extrema.BlockExtrema`): the same extrema from a fraction of the bytes. Under
-sharding every rank reduces its local shards and
-the extrema are all-reduced, so all ranks hold identical scales. Scales, offsets, bits and the refresh counters are
-buffers: they are saved in checkpoints and a resumed run continues exactly.
+sharding every rank reduces its local shards and the extrema are all-reduced, so all ranks hold identical scales.
+Scales, offsets, bits and the refresh counters are buffers: they are saved in checkpoints and a resumed run continues
+exactly.
 
 With ``embedding_granularity: per_row`` each looked-up row is quantized on its own grid, computed from that row's
 extrema when it is looked up (:func:`~dqrm_lightning.quant.fake_quant.row_grid`): nothing is stored or refreshed
