@@ -22,7 +22,7 @@ from dqrm_lightning.checkpoint import load_file, read_dcp
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.export.artifact import ArtifactWriter, check_output_dir, pack_codes
 from dqrm_lightning.export.size import model_bytes
-from dqrm_lightning.mapped import release
+from dqrm_lightning.mapped import release, row_chunks
 from dqrm_lightning.model import model_shape
 from dqrm_lightning.names import MLP_ARCHS, QAT_CONFIG_KEY, QUANTIZER_PREFIX, dlrm_key, table_key
 from dqrm_lightning.quant.config import QATConfig
@@ -298,13 +298,16 @@ def _row_wise_codes(
 
 
 def _packed_rows(weight: torch.Tensor, bits: int, encode: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
-    """A table's packed codes (:func:`pack_codes`), a million rows at a time: ``encode`` maps float32 rows to unsigned
-    codes (or float32 values at 32 bits), so no table-sized float or code temporary exists beside the output."""
-    pieces = range(0, weight.shape[0], 1 << 20)
+    """A table's packed codes (:func:`pack_codes`), a piece of rows at a time
+    (:func:`~dqrm_lightning.mapped.row_chunks`, which releases each piece of a mapped checkpoint once read): ``encode``
+    maps float32 rows to unsigned codes (or float32 values at 32 bits), so no table-sized float or code temporary
+    exists beside the output."""
     out: np.ndarray | None = None
-    for start in pieces:
-        packed = pack_codes(encode(weight[start : start + (1 << 20)].float()), bits)
+    start = 0
+    for piece in row_chunks(weight):
+        packed = pack_codes(encode(piece.float()), bits)
         if out is None:
             out = np.empty((weight.shape[0], packed.shape[1]), dtype=np.uint8)
         out[start : start + len(packed)] = packed
+        start += len(packed)
     return out if out is not None else pack_codes(encode(weight.float()), bits)
