@@ -53,6 +53,7 @@ __all__ = [
     "TableSpec",
     "criteo_schema",
     "load_schema",
+    "schema_of",
 ]
 
 Transform = Literal["none", "log1p"]
@@ -351,3 +352,12 @@ def criteo_schema(
             for name, n in zip(DEFAULT_CAT_NAMES, rows, strict=True)
         ),
     )
+
+
+def schema_of(hparams: Mapping[str, Any]) -> FeatureSchema:
+    """The feature schema of a model's hyperparameters (a DLRMModule's, or a checkpoint's ``hyper_parameters``):
+    ``schema`` (a mapping, with every table sized) when given, else the Criteo preset of
+    ``num_embeddings_per_feature`` (checkpoints from before schemas hold only that)."""
+    if hparams.get("schema"):
+        return load_schema(hparams["schema"])
+    return criteo_schema(hparams["num_embeddings_per_feature"])
