@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["GOLDEN_GAMMA", "derive_key", "hash_uniform", "mix64", "mix64_int"]
+__all__ = ["GOLDEN_GAMMA", "derive_key", "hash_bytes", "hash_uniform", "mix64", "mix64_int"]
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 """splitmix64's increment, the odd integer nearest ``2**64 / golden ratio``."""
@@ -66,3 +66,36 @@ def derive_key(seed: int, *tags: int) -> int:
     for tag in tags:
         key = mix64_int(key ^ (tag & _M64))
     return key
+
+
+def hash_bytes(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """A stable 64-bit hash of each of several byte strings (e.g. the UTF-8 bytes of strings).
+
+    String ``i`` is ``data[offsets[i]:offsets[i + 1]]``. Its hash starts as splitmix64 of its length; each of its
+    8-byte little-endian words in turn (the last one padded with zero bytes) is xor-ed in and mixed again with
+    splitmix64. The result depends on the bytes alone: never on the process, platform or Python's string hashing.
+
+    Args:
+        offsets: ``(N + 1,)`` integer start of each string in ``data``, and the end.
+        data: uint8 bytes.
+
+    Returns:
+        ``(N,)`` uint64 hashes.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    words = (lengths + 7) // 8  # (N,) words per string
+    word_start = np.concatenate([[0], np.cumsum(words)])
+    padded = np.zeros(int(word_start[-1]) * 8, dtype=np.uint8)
+    owner = np.repeat(np.arange(len(lengths)), lengths)  # the string of each byte
+    within = np.arange(len(owner)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    padded[word_start[owner] * 8 + within] = data[offsets[0] : offsets[-1]]
+    values = padded.view("<u8").astype(np.uint64)
+    word_owner = np.repeat(np.arange(len(lengths)), words)
+    word_index = np.arange(len(values)) - np.repeat(word_start[:-1], words)
+    h = mix64(lengths.astype(np.uint64))
+    for k in range(int(words.max()) if len(words) else 0):
+        at = word_index == k
+        strings = word_owner[at]
+        h[strings] = mix64(h[strings] ^ values[at])
+    return h

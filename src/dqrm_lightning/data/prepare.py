@@ -22,6 +22,11 @@ Split layouts (DLRM's preprocessing):
 
 A split holds labeled files (40 fields per line) or unlabeled ones (39, no label: logs to score), never both;
 ``meta.json`` records which per split (``labeled``; a ``meta.json`` without it predates unlabeled input: labeled).
+
+Files of any :class:`~dqrm_lightning.schema.FeatureSchema` (Parquet, CSV, TSV) go through the same machinery with
+another :class:`RowSource` (:class:`dqrm_lightning.data.tabular.TabularSource`); their shards hold ``labels``,
+``dense`` (N, len(schema.dense)), ``prob`` and one array per sparse feature instead of ``cat`` (see
+:mod:`dqrm_lightning.data.tabular`), and ``meta.json`` records the schema under ``schema``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,7 +47,6 @@ from dqrm_lightning._progress import ProgressMeter
 from dqrm_lightning.data.criteo import (
     CriteoFormatError,
     OnBadLine,
-    ParsedRows,
     ParseStats,
     is_labeled,
     iter_parsed,
@@ -68,9 +73,110 @@ def shard_file(prefix: str | Path, array: str) -> Path:
 
     Args:
         prefix: The shard's path without suffix (the directory of its split and its :func:`shard_name`).
-        array: ``labels``, ``dense``, ``cat`` or ``prob``.
+        array: ``labels``, ``dense``, ``cat`` or ``prob`` (schema data: also ``sparse-<i>``, ``sparse-<i>.values``,
+            ``sparse-<i>.offsets``).
     """
     return Path(f"{prefix}.{array}.npy")
+
+
+@dataclass
+class Ragged:
+    """Rows of varying length (a multi-hot feature): every row's values back to back, and each row's length.
+
+    A shard stores it as ``<array>.values.npy`` (the values) and ``<array>.offsets.npy`` (N + 1 int64: row ``i``
+    holds ``values[offsets[i]:offsets[i + 1]]``).
+    """
+
+    values: np.ndarray  # (sum of lengths,)
+    lengths: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def __getitem__(self, rows: np.ndarray) -> Ragged:
+        """The rows where the boolean mask ``rows`` is true."""
+        return Ragged(self.values[np.repeat(rows, self.lengths)], self.lengths[rows])
+
+    def offsets(self) -> np.ndarray:
+        """``(N + 1,)`` int64 start of each row in :attr:`values`, and the end."""
+        return np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]).astype(np.int64)
+
+    @staticmethod
+    def concat(parts: Sequence[Ragged]) -> Ragged:
+        return Ragged(np.concatenate([p.values for p in parts]), np.concatenate([p.lengths for p in parts]))
+
+
+Arrays = dict[str, Any]  # shard array name -> (N, ...) np.ndarray or Ragged, all of N rows
+
+
+@dataclass
+class SourceBlock:
+    """A block of rows read from one input file by a :class:`RowSource`.
+
+    Attributes:
+        lines: ``(N,)`` int64 1-based row numbers in the file (Criteo: line numbers), what split ranges and
+            ``<file>.truth.npy`` are indexed by.
+        arrays: the shard arrays of the rows (``labels`` among them).
+        labeled: whether the file has labels.
+        end: where a resumed read starts after this block (a byte offset, or a row count: the source's own unit).
+        next_line: the row number that follows the block.
+    """
+
+    lines: np.ndarray
+    arrays: Arrays
+    labeled: bool
+    end: int
+    next_line: int
+
+
+class RowSource(Protocol):
+    """How ``prepare`` reads one kind of input file (raw Criteo, or files of a schema)."""
+
+    byte_offsets: bool  # whether :attr:`SourceBlock.end` counts bytes of the file (progress in MB within a file)
+
+    def key(self) -> Any:
+        """What, besides the files and options, shapes the prepared data (part of the cache key; ``None``: nothing)."""
+
+    def is_labeled(self, path: str) -> bool:
+        """Whether a file has labels (read from its head)."""
+
+    def mixed_labels(self, unlabeled: str, labeled: str, split: str) -> ValueError:
+        """The error for a split holding both an unlabeled and a labeled file."""
+
+    def blocks(
+        self, path: str, on_bad_line: OnBadLine, stats: ParseStats, start: int, first_line: int
+    ) -> Iterable[SourceBlock]:
+        """Read a file from a position a previous block ended at (``start``, ``first_line``; 0 and 1: the start)."""
+
+
+class CriteoSource:
+    """Raw Criteo files (:mod:`dqrm_lightning.data.criteo`): shards of ``labels``, ``dense`` and ``cat``."""
+
+    byte_offsets = True
+
+    def key(self) -> Any:
+        return None
+
+    def is_labeled(self, path: str) -> bool:
+        return is_labeled(path)
+
+    def mixed_labels(self, unlabeled: str, labeled: str, split: str) -> ValueError:
+        return CriteoFormatError(
+            unlabeled,
+            1,
+            f"39 fields (unlabeled), but {labeled} of the same {split} split is labeled (40 fields): "
+            "the files of a split are all labeled or all unlabeled",
+        )
+
+    def blocks(
+        self, path: str, on_bad_line: OnBadLine, stats: ParseStats, start: int, first_line: int
+    ) -> Iterable[SourceBlock]:
+        for rows, end, next_line in iter_parsed(path, on_bad_line, stats, start_offset=start, first_line=first_line):
+            lines = rows.line_numbers
+            if lines is None:
+                lines = np.arange(rows.first_line, rows.first_line + len(rows), dtype=np.int64)
+            arrays = {"labels": rows.labels, "dense": rows.dense, "cat": rows.cat}
+            yield SourceBlock(lines, arrays, rows.labeled, end, next_line)
 
 
 def truth_file(raw_path: str | Path) -> Path:
@@ -209,8 +315,9 @@ class PrepareOptions:
             raise ValueError(f"`subsample_splits` must be among {SPLITS}, got {sorted(unknown)}")
 
 
-def cache_key(jobs: Sequence[FileJob], options: PrepareOptions) -> str:
-    """A short hash of the inputs (paths, sizes, modification times, split ranges) and the options."""
+def cache_key(jobs: Sequence[FileJob], options: PrepareOptions, source: RowSource | None = None) -> str:
+    """A short hash of the inputs (paths, sizes, modification times, split ranges), the options and what the source
+    adds (a schema's columns; raw Criteo: nothing, so Criteo keys are unchanged)."""
     parts = []
     for job in jobs:
         stat = os.stat(job.path)
@@ -219,7 +326,9 @@ def cache_key(jobs: Sequence[FileJob], options: PrepareOptions) -> str:
     options_dict["subsample_splits"] = list(options.subsample_splits)
     if not options.negative_subsample:
         options_dict["seed"] = 0  # the seed only draws the sub-sample: runs with other seeds share the prepared data
-    blob = json.dumps([FORMAT_VERSION, parts, options_dict], sort_keys=True, default=str)
+    extra = source.key() if source is not None else None
+    key: list[Any] = [FORMAT_VERSION, parts, options_dict] + ([extra] if extra is not None else [])
+    blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -229,13 +338,13 @@ class _SplitWriter:
 
     directory: Path
     shards: list[dict] = field(default_factory=list)
-    buffers: list[dict[str, np.ndarray]] = field(default_factory=list)
+    buffers: list[Arrays] = field(default_factory=list)
 
-    def add(self, arrays: dict[str, np.ndarray]) -> None:
+    def add(self, arrays: Arrays) -> None:
         if len(arrays["labels"]):
             self.buffers.append(arrays)
 
-    def take(self) -> tuple[Path, str, list[dict[str, np.ndarray]]] | None:
+    def take(self) -> tuple[Path, str, list[Arrays]] | None:
         """Name the next shard, record it, and hand over its buffers for writing."""
         if not self.buffers:
             return None
@@ -245,12 +354,18 @@ class _SplitWriter:
         return self.directory, name, buffers
 
 
-def _write_shard(directory: Path, name: str, buffers: list[dict[str, np.ndarray]]) -> None:
+def _write_shard(directory: Path, name: str, buffers: list[Arrays]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for key in buffers[0]:
-        tmp = directory / f".{name}.{key}.tmp.npy"
-        np.save(tmp, np.concatenate([b[key] for b in buffers]))
-        os.replace(tmp, shard_file(directory / name, key))
+        if isinstance(buffers[0][key], Ragged):
+            ragged = Ragged.concat([b[key] for b in buffers])
+            files = {f"{key}.values": ragged.values, f"{key}.offsets": ragged.offsets()}
+        else:
+            files = {key: np.concatenate([b[key] for b in buffers])}
+        for array, values in files.items():
+            tmp = directory / f".{name}.{array}.tmp.npy"
+            np.save(tmp, values)
+            os.replace(tmp, shard_file(directory / name, array))
 
 
 class _BackgroundWriter:
@@ -260,12 +375,12 @@ class _BackgroundWriter:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._last: Future | None = None
 
-    def submit(self, shards: list[tuple[Path, str, list[dict[str, np.ndarray]]]], progress: Path, state: str) -> None:
+    def submit(self, shards: list[tuple[Path, str, list[Arrays]]], progress: Path, state: str) -> None:
         self.wait()
         self._last = self._pool.submit(self._write, shards, progress, state)
 
     @staticmethod
-    def _write(shards: list[tuple[Path, str, list[dict[str, np.ndarray]]]], progress: Path, state: str) -> None:
+    def _write(shards: list[tuple[Path, str, list[Arrays]]], progress: Path, state: str) -> None:
         for shard in shards:
             _write_shard(*shard)
         tmp = progress.with_suffix(".tmp")
@@ -284,25 +399,22 @@ class _BackgroundWriter:
             self._pool.shutdown()
 
 
-def split_labels(jobs: Sequence[FileJob]) -> dict[str, bool]:
-    """Whether each split is labeled, from the first line of its files (a split without files counts as labeled).
+def split_labels(jobs: Sequence[FileJob], source: RowSource | None = None) -> dict[str, bool]:
+    """Whether each split is labeled, from the head of its files (a split without files counts as labeled).
 
     Raises:
-        CriteoFormatError: a split with both labeled (40 fields) and unlabeled (39 fields) files, naming one of each.
+        CriteoFormatError: a split with both labeled (Criteo: 40 fields) and unlabeled (39 fields) files, naming one
+            of each.
     """
+    source = source or CriteoSource()
     kinds: dict[str, dict[bool, str]] = {split: {} for split in SPLITS}
     for job in jobs:
-        labeled = is_labeled(job.path)
+        labeled = source.is_labeled(job.path)
         for split, _, _ in job.ranges:
             kinds[split].setdefault(labeled, job.path)
     for split, found in kinds.items():
         if len(found) == 2:
-            raise CriteoFormatError(
-                found[False],
-                1,
-                f"39 fields (unlabeled), but {found[True]} of the same {split} split is labeled (40 fields): "
-                "the files of a split are all labeled or all unlabeled",
-            )
+            raise source.mixed_labels(found[False], found[True], split)
     return {split: False not in found for split, found in kinds.items()}
 
 
@@ -322,36 +434,47 @@ def _truth_for(path: str) -> np.ndarray | None:
     return np.load(truth, mmap_mode="r") if truth.exists() else None
 
 
-def _block_arrays(rows: ParsedRows, truth: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    lines = rows.line_numbers
-    if lines is None:
-        lines = np.arange(rows.first_line, rows.first_line + len(rows), dtype=np.int64)
-    arrays = {"labels": rows.labels, "dense": rows.dense, "cat": rows.cat}
-    if truth is not None:
-        if len(lines) and lines[-1] > len(truth):
-            raise CriteoFormatError(f"{truth}", None, f"truth file has {len(truth)} rows, data has more")
-        arrays["prob"] = np.asarray(truth[lines - 1], dtype=np.float32)
-    return lines, arrays
+def _with_truth(block: SourceBlock, truth: np.ndarray | None, path: str) -> Arrays:
+    """The block's arrays, with ``prob`` (the truth of its rows) when the file has a ``<file>.truth.npy``."""
+    if truth is None:
+        return block.arrays
+    lines = block.lines
+    if len(lines) and lines[-1] > len(truth):
+        raise CriteoFormatError(truth_file(path), None, f"truth file has {len(truth)} rows, data has more")
+    return block.arrays | {"prob": np.asarray(truth[lines - 1], dtype=np.float32)}
 
 
 def prepare(
-    jobs: Sequence[FileJob], out_dir: str | Path, options: PrepareOptions | None = None, progress: bool = False
+    jobs: Sequence[FileJob],
+    out_dir: str | Path,
+    options: PrepareOptions | None = None,
+    progress: bool = False,
+    source: RowSource | None = None,
 ) -> dict:
-    """Parse raw Criteo files into shards under ``out_dir`` (resuming an interrupted run); returns ``meta.json``.
+    """Parse input files into shards under ``out_dir`` (resuming an interrupted run); returns ``meta.json``.
+
+    Args:
+        jobs: the files and which of their rows go to which split.
+        out_dir: the prepared directory.
+        options: what shapes the shards.
+        progress: show a progress bar.
+        source: how to read the files (default: raw Criteo; files of a schema:
+            :class:`~dqrm_lightning.data.tabular.TabularSource`).
 
     Raises:
         CriteoFormatError: malformed input with ``on_bad_line="error"`` (names file, line and field).
     """
     options = options or PrepareOptions()
+    source = source or CriteoSource()
     out = Path(out_dir)
     meta_path = out / META_FILE
-    key = cache_key(jobs, options)
+    key = cache_key(jobs, options, source)
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
             return meta
         raise FileExistsError(f"{out} holds data prepared from other inputs or options; choose another directory")
-    labeled = split_labels(jobs)  # before any parsing: a mixed split is refused at once
+    labeled = split_labels(jobs, source)  # before any parsing: a mixed split is refused at once
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / _PROGRESS_FILE
     state = json.loads(progress_path.read_text()) if progress_path.exists() else None
@@ -368,12 +491,14 @@ def prepare(
             if done["done"]:
                 bar.update(os.path.getsize(job.path))
                 continue
-            _prepare_file(index, job, options, writers, state, progress_path, done, bar, writer_thread)
+            _prepare_file(index, job, options, writers, state, progress_path, done, bar, writer_thread, source)
     finally:
         writer_thread.close()
         bar.close()
     state["seconds"] += time.perf_counter() - start
     meta = _meta(out, jobs, options, state, writers, labeled)
+    if source.key() is not None:
+        meta["source"] = source.key()
     _atomic_json(meta_path, meta)
     progress_path.unlink(missing_ok=True)
     return meta
@@ -417,11 +542,12 @@ def _prepare_file(
     done: dict,
     bar: ProgressMeter,
     writer_thread: _BackgroundWriter,
+    source: RowSource,
 ) -> None:
     stats = ParseStats()
     truth = _truth_for(job.path)
     pending = 0
-    compressed = job.path.endswith(".gz")
+    compressed = job.path.endswith(".gz") or not source.byte_offsets
     file_size = os.path.getsize(job.path)
     reported = 0 if compressed else done["offset"]
 
@@ -436,16 +562,15 @@ def _prepare_file(
         writer_thread.submit(shards, progress_path, json.dumps(state, indent=1))
 
     next_line, end = done["line"], done["offset"]
-    for rows, end, next_line in iter_parsed(
-        job.path, options.on_bad_line, stats, start_offset=done["offset"], first_line=done["line"]
-    ):
-        lines, arrays = _block_arrays(rows, truth)
-        keep = _subsample_mask(rows, lines, job, options, index) if rows.labeled else None  # no negatives to drop
+    for block in source.blocks(job.path, options.on_bad_line, stats, done["offset"], done["line"]):
+        end, next_line, lines = block.end, block.next_line, block.lines
+        arrays = _with_truth(block, truth, job.path)
+        keep = _subsample_mask(arrays["labels"], lines, job, options, index) if block.labeled else None
         for split, mask in job.split_of(lines).items():
             mask = mask & keep if keep is not None else mask
             whole = bool(mask.all())
             writers[split].add(arrays if whole else {k: v[mask] for k, v in arrays.items()})
-        pending += len(rows)
+        pending += len(lines)
         if not compressed:
             bar.update(end - reported)
             reported = end
@@ -457,7 +582,7 @@ def _prepare_file(
 
 
 def _subsample_mask(
-    rows: ParsedRows, lines: np.ndarray, job: FileJob, options: PrepareOptions, index: int
+    labels: np.ndarray, lines: np.ndarray, job: FileJob, options: PrepareOptions, index: int
 ) -> np.ndarray | None:
     """Drop negatives with probability ``negative_subsample`` in the chosen splits (DLRM's Terabyte setting).
 
@@ -470,7 +595,7 @@ def _subsample_mask(
         if split in options.subsample_splits:
             in_scope |= mask
     uniform = hash_uniform(lines.astype(np.uint64) + (np.uint64(index) << np.uint64(40)), options.seed)
-    return ~(in_scope & (rows.labels == 0) & (uniform < options.negative_subsample))
+    return ~(in_scope & (labels == 0) & (uniform < options.negative_subsample))
 
 
 def load_meta(prepared_dir: str | Path) -> dict:
