@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--test-files", nargs="*", default=None)
     prep.add_argument("--kaggle-train-txt", default=None, help="Kaggle train.txt (DLRM 7-day split)")
     prep.add_argument("--terabyte-dir", default=None, help="directory with Terabyte day_0 .. day_23")
+    prep.add_argument(
+        "--schema",
+        "--data.schema",
+        dest="schema",
+        default=None,
+        help="feature schema (YAML file): the files are then Parquet, CSV or TSV files of it",
+    )
     prep.add_argument("--out", required=True, help="prepared directory")
     prep.add_argument("--on-bad-line", choices=("error", "skip"), default="error")
     prep.add_argument("--negative-subsample", type=float, default=0.0)
@@ -115,7 +122,13 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         negative_subsample=args.negative_subsample,
         seed=args.seed,
     )
-    meta = prepare(jobs, Path(args.out), options, progress=not args.no_progress)
+    source = None
+    if args.schema:
+        from dqrm_lightning.data.tabular import TabularSource
+        from dqrm_lightning.schema import load_schema
+
+        source = TabularSource(load_schema(args.schema))
+    meta = prepare(jobs, Path(args.out), options, progress=not args.no_progress, source=source)
     seconds = time.perf_counter() - start
     rows = {s: v["rows"] for s, v in meta["splits"].items()}
     result = {

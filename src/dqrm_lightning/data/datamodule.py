@@ -1,4 +1,5 @@
-"""``CriteoDataModule``: raw Criteo files (or synthetic ones) -> prepared shards -> torchrec batches per rank."""
+"""``CriteoDataModule``: raw Criteo files (or synthetic ones), or Parquet/CSV/TSV files of a feature schema -> prepared
+shards -> torchrec batches per rank."""
 
 from __future__ import annotations
 
@@ -23,11 +24,20 @@ from typing_extensions import override
 
 from dqrm_lightning.data.criteo import CAT_FEATURE_COUNT, OnBadLine
 from dqrm_lightning.data.dataset import CriteoIterableDataset
-from dqrm_lightning.data.encoding import CategoricalEncoder, EncodingMode, build_vocab, vocab_dir_for
+from dqrm_lightning.data.encoding import (
+    CategoricalEncoder,
+    EncodingMode,
+    SchemaEncoder,
+    build_schema_vocab,
+    build_vocab,
+    schema_vocab_dir,
+    vocab_dir_for,
+)
 from dqrm_lightning.data.prepare import (
     SPLITS,
     FileJob,
     PrepareOptions,
+    RowSource,
     cache_key,
     load_meta,
     prepare,
@@ -37,6 +47,9 @@ from dqrm_lightning.data.prepare import (
     split_is_labeled,
 )
 from dqrm_lightning.data.synthetic.bayes import BayesStats
+from dqrm_lightning.data.tabular import TabularSource
+from dqrm_lightning.errors import ConfigError
+from dqrm_lightning.schema import FeatureSchema, criteo_schema, load_schema
 from dqrm_lightning.threads import single_threaded_worker
 
 
@@ -127,6 +140,11 @@ class CriteoDataModule(pl.LightningDataModule):
         evaluate_test_split: also score the test split at every validation (a second validation loader; the model
             logs it as ``fit_test/*``). This is the DQRM paper's protocol, the best test metric over all evaluations:
             model selection on the test split, to be reported as such.
+        schema: a :class:`~dqrm_lightning.schema.FeatureSchema` (a mapping, or the path of a YAML file of one): the
+            ``*_files`` are then Parquet (``.parquet``/``.pq``), CSV (``.csv``) or TSV (``.tsv``) files of that schema
+            (:mod:`dqrm_lightning.data.tabular`), and the tables are the schema's (:meth:`resolved_schema`); the
+            Criteo-only settings (``categorical_encoding``, ``num_embeddings_per_feature``, ``max_ind_range``,
+            ``min_frequency``, ``kaggle_train_txt``, ``terabyte_dir``, ``on_bad_line: skip``) are then errors.
     """
 
     predict_split = "test"  # the split `predict` scores
@@ -153,6 +171,7 @@ class CriteoDataModule(pl.LightningDataModule):
         on_bad_line: OnBadLine = "error",
         rows_per_shard: int = 1 << 21,
         evaluate_test_split: bool = False,
+        schema: str | dict | None = None,
     ) -> None:
         super().__init__()
         # Table sizes are the model's hyper-parameter (linked from `table_sizes`); keeping them out of the data
@@ -171,7 +190,12 @@ class CriteoDataModule(pl.LightningDataModule):
             )
         if categorical_encoding not in ("hash", "vocab"):
             raise ValueError(f"`categorical_encoding` must be 'hash' or 'vocab', got {categorical_encoding!r}")
-        if categorical_encoding == "hash" and num_embeddings_per_feature is None:
+        self._schema = load_schema(schema) if schema is not None else None
+        if self._schema is not None:
+            _check_schema_settings(
+                self._schema, dict(self.hparams) | {"num_embeddings_per_feature": num_embeddings_per_feature}
+            )
+        elif categorical_encoding == "hash" and num_embeddings_per_feature is None:
             raise ValueError("`categorical_encoding: hash` needs `num_embeddings_per_feature` (26 table sizes)")
         if num_embeddings_per_feature is not None and len(num_embeddings_per_feature) != CAT_FEATURE_COUNT:
             raise ValueError(
@@ -193,6 +217,10 @@ class CriteoDataModule(pl.LightningDataModule):
         self._datasets: dict[str, CriteoIterableDataset] = {}
 
     # ----------------------------------------------------------------------------------------------- preparation
+    def _source(self) -> RowSource | None:
+        """How the raw files are read: ``None`` for raw Criteo files, a :class:`TabularSource` with a schema."""
+        return TabularSource(self._schema) if self._schema is not None else None
+
     def _raw_jobs(self) -> list[FileJob]:
         if self._jobs is None:
             hp = self.hparams
@@ -207,7 +235,7 @@ class CriteoDataModule(pl.LightningDataModule):
         if self._prepared is None:
             jobs = self._raw_jobs()
             parent = Path(self.hparams["cache_dir"]) if self.hparams["cache_dir"] else default_cache_dir(jobs[0].path)
-            self._prepared = parent / cache_key(jobs, self.options)
+            self._prepared = parent / cache_key(jobs, self.options, self._source())
         return self._prepared
 
     def _has_raw(self) -> bool:
@@ -223,20 +251,23 @@ class CriteoDataModule(pl.LightningDataModule):
             return load_meta(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(target.parent / f".{target.name}.lock"):
-            return prepare(self._raw_jobs(), target, self.options, progress=True)
+            return prepare(self._raw_jobs(), target, self.options, progress=True, source=self._source())
 
     @override
     def prepare_data(self) -> None:
         self.ensure_prepared()
-        if self.hparams["categorical_encoding"] == "vocab":
+        if self.hparams["categorical_encoding"] == "vocab" or self._schema is not None:
             self.table_sizes  # noqa: B018 - builds the vocabulary once, on one process per node
 
     @property
     def table_sizes(self) -> list[int]:
-        """Embedding table size per feature; linked into the model's ``num_embeddings_per_feature``."""
+        """Embedding table size per feature; linked into the model's ``num_embeddings_per_feature`` (with a schema:
+        rows per table, in ``schema.tables`` order)."""
         if self._table_sizes is None:
             hp = self.hparams
-            if hp["categorical_encoding"] == "hash":
+            if self._schema is not None:
+                self._table_sizes = self.resolved_schema().table_rows()
+            elif hp["categorical_encoding"] == "hash":
                 assert self.num_embeddings_per_feature is not None  # __init__ requires it for hash encoding
                 self._table_sizes = list(self.num_embeddings_per_feature)
             else:
@@ -251,7 +282,31 @@ class CriteoDataModule(pl.LightningDataModule):
                 self._table_sizes = list(sizes)
         return self._table_sizes
 
-    def encoder(self) -> CategoricalEncoder:
+    def resolved_schema(self) -> FeatureSchema:
+        """The feature schema with every table sized: raw Criteo, ``criteo_schema(table_sizes)``; with a schema, its
+        ``hash`` tables as given and its ``vocab`` tables sized by the vocabulary of the prepared data (a table with
+        ``rows`` keeps them, and its vocabulary must fit in them).
+
+        Raises:
+            ValueError: a vocabulary larger than its table's ``rows``.
+        """
+        if self._schema is None:
+            return criteo_schema(self.table_sizes)
+        if all(t.encoding == "hash" for t in self._schema.tables):
+            return self._schema
+        self.ensure_prepared()
+        with _file_lock(self.prepared_dir / ".vocab.lock"):
+            sizes = build_schema_vocab(self.prepared_dir, self._schema)
+        bounds = {name: self._schema.table(name).rows for name in sizes}
+        over = [f"{n}: {size} > {bounds[n]}" for n, size in sizes.items() if size > (bounds[n] or size)]
+        if over:
+            raise ValueError(f"vocabulary exceeds the `rows` of schema tables ({', '.join(over)})")
+        return self._schema.with_rows({n: size for n, size in sizes.items() if bounds[n] is None})
+
+    def encoder(self) -> CategoricalEncoder | SchemaEncoder:
+        """The keys -> ids map of the prepared data: raw Criteo per feature, or per table of the schema."""
+        if self._schema is not None:
+            return SchemaEncoder(self.resolved_schema(), str(schema_vocab_dir(self.prepared_dir, self._schema)))
         hp = self.hparams
         vocab = vocab_dir_for(self.prepared_dir, hp["max_ind_range"], hp["min_frequency"])
         return CategoricalEncoder(hp["categorical_encoding"], self.table_sizes, hp["max_ind_range"], str(vocab))
@@ -374,6 +429,34 @@ class CriteoDataModule(pl.LightningDataModule):
             "skipped_lines": meta.get("skipped_lines", 0),
             "table_sizes": self.table_sizes,
         }
+
+
+_CRITEO_ONLY = {
+    "categorical_encoding": "hash",
+    "num_embeddings_per_feature": None,
+    "max_ind_range": None,
+    "min_frequency": 1,
+    "kaggle_train_txt": None,
+    "terabyte_dir": None,
+    "on_bad_line": "error",
+}
+
+
+def _check_schema_settings(schema: FeatureSchema, settings: dict[str, Any]) -> None:
+    """With a schema: no Criteo-only setting away from its default, and every ``hash`` table has its rows.
+
+    Raises:
+        ConfigError: naming the setting or the table.
+    """
+    for name, default in _CRITEO_ONLY.items():
+        if settings.get(name) != default:
+            raise ConfigError(
+                f"`data.{name}` is for raw Criteo files; with `data.schema` the schema's tables say it "
+                f"(got {settings[name]!r})"
+            )
+    unsized = [t.name for t in schema.tables if t.encoding == "hash" and t.rows is None]
+    if unsized:
+        raise ConfigError(f"`data.schema` tables {unsized} use `encoding: hash` and need `rows` (the modulus)")
 
 
 def default_cache_dir(first_file: str) -> Path:

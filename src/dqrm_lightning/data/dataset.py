@@ -13,12 +13,17 @@ workers in, so the stream a rank sees does not depend on the number of workers.
 
 Resume. ``set_position(epoch, start)`` makes the next iteration skip the first ``start`` batches of the epoch; the
 data module stores that position in the checkpoint, so a resumed run sees exactly the remaining rows.
+
+Shards of raw Criteo files (``cat``, a :class:`CategoricalEncoder`) give :func:`make_batch`'s one-hot batches; shards
+of a schema's files (:mod:`dqrm_lightning.data.tabular`, a :class:`SchemaEncoder`) give :func:`make_schema_batch`'s,
+multi-hot features with one length per sample. The order, partition and resume above are the same for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +32,9 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
-from dqrm_lightning.data.encoding import CategoricalEncoder
-from dqrm_lightning.data.prepare import shard_file
+from dqrm_lightning.data.encoding import CategoricalEncoder, SchemaEncoder
+from dqrm_lightning.data.prepare import Ragged, shard_file
+from dqrm_lightning.data.tabular import sparse_array
 
 
 def make_batch(dense: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> Batch:
@@ -54,6 +60,67 @@ def make_batch(dense: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> Batch:
         sparse_features=sparse,
         labels=torch.from_numpy(labels.astype(np.float32)),
     )
+
+
+def make_schema_batch(
+    encoder: SchemaEncoder, dense: np.ndarray, sparse: list[np.ndarray | Ragged], labels: np.ndarray
+) -> Batch:
+    """Build a torchrec :class:`Batch` from rows of a schema. B: batch size, F: sparse features, D: dense columns.
+
+    Args:
+        encoder: the schema and the keys -> ids map of its tables.
+        dense: ``(B, D)`` float32 dense features.
+        sparse: per sparse feature (schema order) its keys: ``(B,)`` int64 (one-hot) or a :class:`Ragged` of B rows
+            (multi-hot).
+        labels: ``(B,)`` labels.
+
+    Returns:
+        A ``Batch`` whose ``sparse_features`` is a KeyedJaggedTensor keyed by ``schema.feature_names``: values int64
+        ids, lengths int32 ``(F * B,)`` feature-major (a multi-hot sample may have length 0).
+    """
+    batch_size = len(labels)
+    values, lengths = [], []
+    for feature, keys in zip(encoder.schema.feature_names, sparse, strict=True):
+        if isinstance(keys, Ragged):
+            values.append(encoder.encode(feature, keys.values))
+            lengths.append(keys.lengths)
+        else:
+            values.append(encoder.encode(feature, keys))
+            lengths.append(np.ones(batch_size, dtype=np.int32))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=encoder.schema.feature_names,
+        values=torch.from_numpy(np.concatenate(values).astype(np.int64)),  # (sum of lengths,)
+        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),  # (F * B,)
+    )
+    return Batch(
+        dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),  # (B, D)
+        sparse_features=kjt,
+        labels=torch.from_numpy(labels.astype(np.float32)),
+    )
+
+
+def _open(prefix: Path, array: str, ragged: bool) -> Any:
+    """A shard array, memory-mapped: an array, or ``(values, offsets)`` of a ragged one."""
+    if ragged:
+        return np.load(shard_file(prefix, f"{array}.values"), mmap_mode="r"), np.load(
+            shard_file(prefix, f"{array}.offsets"), mmap_mode="r"
+        )
+    return np.load(shard_file(prefix, array), mmap_mode="r")
+
+
+def _take(array: Any, index: np.ndarray | slice) -> np.ndarray | Ragged:
+    """Rows ``index`` (sorted positions, or a slice) of an array opened by :func:`_open`."""
+    if not isinstance(array, tuple):
+        return np.asarray(array[index])
+    values, offsets = array
+    if isinstance(index, slice):
+        bounds = np.asarray(offsets[index.start : index.stop + 1])
+        return Ragged(np.asarray(values[bounds[0] : bounds[-1]]), np.diff(bounds))
+    starts = np.asarray(offsets[index])
+    lengths = np.asarray(offsets[index + 1]) - starts
+    ends = np.cumsum(lengths)
+    positions = np.repeat(starts - ends + lengths, lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+    return Ragged(np.asarray(values[positions]), lengths)
 
 
 def rank_slices(total: int, batch_size: int, world_size: int, rank: int) -> list[tuple[int, int]]:
@@ -83,7 +150,7 @@ class CriteoIterableDataset(IterableDataset):
 
     Args:
         shards: ``(path prefix, rows)`` per shard, in file order.
-        encoder: maps raw categorical values to embedding ids.
+        encoder: maps raw categorical values to embedding ids (a :class:`SchemaEncoder`: shards of a schema).
         batch_size: rows per batch (per rank).
         shuffle: block-shuffle rows every epoch.
         seed: base seed of the shuffle.
@@ -95,7 +162,7 @@ class CriteoIterableDataset(IterableDataset):
     def __init__(
         self,
         shards: list[tuple[Path, int]],
-        encoder: CategoricalEncoder,
+        encoder: CategoricalEncoder | SchemaEncoder,
         batch_size: int,
         shuffle: bool = False,
         seed: int = 0,
@@ -150,7 +217,7 @@ class CriteoIterableDataset(IterableDataset):
         order = self._shard_order()
         sizes = np.array([self.shards[s][1] for s in order], dtype=np.int64)
         bounds = np.concatenate([[0], np.cumsum(sizes)])
-        cache: dict[int, tuple[np.ndarray | None, dict[str, np.ndarray]]] = {}
+        cache: dict[int, tuple[np.ndarray | None, dict[str, Any]]] = {}
         for j in range(self.start, len(slices)):
             if (j - self.start) % workers != worker:
                 continue
@@ -163,9 +230,10 @@ class CriteoIterableDataset(IterableDataset):
         stop: int,
         order: np.ndarray,
         bounds: np.ndarray,
-        cache: dict[int, tuple[np.ndarray | None, dict[str, np.ndarray]]],
+        cache: dict[int, tuple[np.ndarray | None, dict[str, Any]]],
     ) -> Batch:
-        parts: dict[str, list[np.ndarray]] = {"labels": [], "dense": [], "cat": []}
+        columns = self._columns()
+        parts: dict[str, list[Any]] = {key: [] for key in columns}
         first = int(np.searchsorted(bounds, start, side="right")) - 1
         position = first
         while start < stop:
@@ -173,7 +241,7 @@ class CriteoIterableDataset(IterableDataset):
             if shard not in cache:
                 cache.clear()  # keep one shard's arrays open at a time
                 prefix = self.shards[shard][0]
-                arrays = {k: np.load(shard_file(prefix, k), mmap_mode="r") for k in parts}
+                arrays = {k: _open(prefix, k, ragged) for k, ragged in columns.items()}
                 cache[shard] = (self._row_order(shard), arrays)
             rows, arrays = cache[shard]
             lo = start - int(bounds[position])
@@ -181,8 +249,21 @@ class CriteoIterableDataset(IterableDataset):
             # sorted: sequential reads; the batch's row order does not matter
             index: np.ndarray | slice = np.sort(rows[lo:hi]) if rows is not None else slice(lo, hi)
             for key in parts:
-                parts[key].append(np.asarray(arrays[key][index]))
+                parts[key].append(_take(arrays[key], index))
             start += hi - lo
             position += 1
-        labels, dense, cat = (np.concatenate(parts[k]) for k in ("labels", "dense", "cat"))
-        return make_batch(dense, self.encoder.encode(cat), labels)
+        if isinstance(self.encoder, CategoricalEncoder):
+            labels, dense, cat = (np.concatenate(parts[k]) for k in ("labels", "dense", "cat"))
+            return make_batch(dense, self.encoder.encode(cat), labels)
+        sparse = [
+            Ragged.concat(parts[key]) if columns[key] else np.concatenate(parts[key])
+            for key in list(columns)[2:]  # after labels and dense
+        ]
+        return make_schema_batch(self.encoder, np.concatenate(parts["dense"]), sparse, np.concatenate(parts["labels"]))
+
+    def _columns(self) -> dict[str, bool]:
+        """The shard arrays a batch reads, and whether each is ragged (multi-hot)."""
+        if isinstance(self.encoder, CategoricalEncoder):
+            return {"labels": False, "dense": False, "cat": False}
+        sparse = {sparse_array(i): s.multi_hot for i, s in enumerate(self.encoder.schema.sparse)}
+        return {"labels": False, "dense": False} | sparse

@@ -383,10 +383,10 @@ def _keys(values: pa.Array, where: _Where, name: str, row_of: Callable[[int], in
         try:
             keys[is_int] = pc.cast(ints, pa.int64()).to_numpy(zero_copy_only=False)
         except pa.ArrowInvalid:
-            for i in np.flatnonzero(is_int):
-                if not -(2**63) <= int(values[int(i)].as_py()) < 2**63:
-                    text = values[int(i)].as_py()
-                    raise where.error(row_of(int(i)), name, f"integer beyond the signed 64-bit range: {text}") from None
+            for at in np.flatnonzero(is_int).tolist():
+                text = values[at].as_py()
+                if not -(2**63) <= int(text) < 2**63:
+                    raise where.error(row_of(at), name, f"integer beyond the signed 64-bit range: {text}") from None
             raise
     if not is_int.all():
         encoded = pc.dictionary_encode(values.filter(pa.array(~is_int)))
@@ -405,4 +405,3 @@ def read_file(path: str | Path, schema: FeatureSchema) -> Arrays:
         else np.concatenate([b.arrays[key] for b in blocks])
         for key in blocks[0].arrays
     }
-
