@@ -155,20 +155,20 @@ def _batches(path: str, kind: TabularFormat, columns: list[str], block_rows: int
         bad.append(row)
         return "error"
 
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(use_threads=False),  # line numbers of malformed rows need one thread
-        parse_options=pacsv.ParseOptions(
-            delimiter="," if kind == "csv" else "\t", ignore_empty_lines=False, invalid_row_handler=invalid
-        ),
-        convert_options=pacsv.ConvertOptions(
-            include_columns=columns,
-            column_types=dict.fromkeys(columns, pa.string()),
-            null_values=[""],
-            strings_can_be_null=True,
-        ),
-    )
-    try:
+    try:  # open_csv reads the first block already
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=False),  # line numbers of malformed rows need one thread
+            parse_options=pacsv.ParseOptions(
+                delimiter="," if kind == "csv" else "\t", ignore_empty_lines=False, invalid_row_handler=invalid
+            ),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=columns,
+                column_types=dict.fromkeys(columns, pa.string()),
+                null_values=[""],
+                strings_can_be_null=True,
+            ),
+        )
         yield from reader
     except pa.ArrowInvalid as err:
         if not bad:
@@ -315,12 +315,12 @@ def _dense(column: pa.Array, feature: DenseFeature, where: _Where) -> np.ndarray
     infinite = ~np.isfinite(values)
     if infinite.any():
         i = int(np.argmax(infinite))
-        raise where.error(i, name, f"not a finite number: {values[i]!r}")
+        raise where.error(i, name, f"not a finite number: {float(values[i])!r}")
     if feature.transform == "log1p":
         negative = values < 0
         if negative.any():
             i = int(np.argmax(negative))
-            raise where.error(i, name, f"negative value {values[i]!r} with `transform: log1p`")
+            raise where.error(i, name, f"negative value {float(values[i])!r} with `transform: log1p`")
         values = np.log1p(values)
     return values
 
