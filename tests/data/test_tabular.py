@@ -108,13 +108,15 @@ def test_batches_hold_the_rows_as_the_schema_says(tmp_path):
     columns = _columns()
     kjt = batch.sparse_features
     assert kjt.keys() == ["user", "movie", "history", "genres"]
-    assert batch.dense_features.dtype == torch.float32 and batch.dense_features.shape == (4, 2)
+    assert batch.dense_features.dtype == torch.float32
+    assert batch.dense_features.shape == (4, 2)
     assert batch.dense_features[:, 0].tolist() == [0, 1, 2, 3]
     np.testing.assert_allclose(batch.dense_features[:, 1].numpy(), np.log1p([0.0, 0.5, 1.0, 1.5]), rtol=1e-6)
     assert batch.labels.tolist() == columns["clicked"][:4]
     assert kjt.lengths().dtype == torch.int32
     lengths = kjt.lengths().view(4, 4)  # (F, B) feature-major
-    assert lengths[0].tolist() == [1, 1, 1, 1] and lengths[1].tolist() == [1, 1, 1, 1]
+    assert lengths[0].tolist() == [1, 1, 1, 1]
+    assert lengths[1].tolist() == [1, 1, 1, 1]
     assert lengths[2].tolist() == [0, 1, 2, 0]  # multi-hot list column, an empty bag first
     assert lengths[3].tolist() == [0, 1, 2, 3]  # delimited text, "" an empty bag
     per_feature = kjt.to_dict()
@@ -141,7 +143,8 @@ def test_min_frequency_folds_rare_values_into_id_zero(tmp_path):
     keys = np.concatenate([b.sparse_features.to_dict()["history"].values().numpy() for b in dm.train_dataloader()])
     # watched values 100..108 appear 1..5 times (with movie_id counts): rare ones share id 0
     assert dm.resolved_schema().table("movies").rows < 9
-    assert (keys == 0).any() and keys.max() < dm.resolved_schema().table("movies").rows
+    assert (keys == 0).any()
+    assert keys.max() < dm.resolved_schema().table("movies").rows
 
 
 def test_resume_mid_epoch_gives_the_remaining_rows(tmp_path):
@@ -184,7 +187,8 @@ def test_unlabeled_files_read_without_label_column(tmp_path):
     pq.write_table(pa.table(columns), path)
     arrays = read_file(path, load_schema(_schema(False)))
     assert arrays["labels"].tolist() == [0] * ROWS
-    assert column_names(path)[0] == "row" and file_format(path) == "parquet"
+    assert column_names(path)[0] == "row"
+    assert file_format(path) == "parquet"
 
 
 def _bad_csv(tmp_path, column: str, value: str, row: int = 3):
@@ -246,7 +250,8 @@ def test_a_parquet_column_of_the_wrong_type_is_named(tmp_path, column, values, m
     pq.write_table(pa.table(columns), path)
     with pytest.raises(TabularFormatError, match="row 1, column") as info:
         read_file(path, load_schema(_schema(False)))
-    assert f"column {column!r}" in str(info.value) and message in str(info.value)
+    assert f"column {column!r}" in str(info.value)
+    assert message in str(info.value)
 
 
 def test_a_missing_column_names_file_and_column(tmp_path):

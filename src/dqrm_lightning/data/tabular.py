@@ -63,6 +63,7 @@ __all__ = [
     "TabularSource",
     "column_names",
     "file_format",
+    "read_file",
     "sparse_array",
 ]
 
