@@ -35,7 +35,14 @@ import yaml
 from dqrm_lightning.data.prepare import SPLITS, truth_file
 from dqrm_lightning.data.synthetic.bayes import AUC_METHOD, BayesStats
 from dqrm_lightning.data.synthetic.generate import _check_arguments
-from dqrm_lightning.data.synthetic.plan import BLOCK_ROWS, PlannedFile, block_pieces, plan_files, remove_stale, split_counts
+from dqrm_lightning.data.synthetic.plan import (
+    BLOCK_ROWS,
+    PlannedFile,
+    block_pieces,
+    plan_files,
+    remove_stale,
+    split_counts,
+)
 from dqrm_lightning.data.synthetic.schema_truth import SchemaGroundTruth, SchemaRows, SchemaSynthOptions
 from dqrm_lightning.data.synthetic.truth import data_rng
 from dqrm_lightning.data.synthetic.writer import TruthWriter

@@ -2,7 +2,8 @@
 
 The row stream is split in order: the first rows form ``train``, then ``val``, then ``test``. A split goes to
 ``<split>.tsv``, or, when ``rows_per_file`` is set and the split is larger, to ``<split>-00000.tsv``,
-``<split>-00001.tsv``, ... (``.parquet`` instead of ``.tsv`` for Parquet output). Rows are generated in blocks of :data:`BLOCK_ROWS`, which may feed several files.
+``<split>-00001.tsv``, ... (``.parquet`` instead of ``.tsv`` for Parquet output). Rows are generated in blocks of
+:data:`BLOCK_ROWS`, which may feed several files.
 """
 
 from __future__ import annotations

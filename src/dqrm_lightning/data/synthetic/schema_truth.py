@@ -169,7 +169,7 @@ class SchemaGroundTruth:
         rows = np.repeat(np.arange(len(lengths)), lengths)
         pooled = np.bincount(rows, weights=self.table_effects(table, ids), minlength=len(lengths))
         if self.schema.tables[table].pooling == "mean":
-            pooled /= np.maximum(lengths, 1)
+            return pooled / np.maximum(lengths, 1)
         return pooled
 
     def _sample_dense(self, n: int, rng: np.random.Generator) -> np.ndarray:
