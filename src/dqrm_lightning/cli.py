@@ -70,8 +70,8 @@ _TOOLS = {
     "dashboard": ("dqrm_lightning.dashboard", "workspace"),
 }
 _MORE_COMMANDS = (
-    "more subcommands: `dqrm data synth|movielens|prepare` (synthetic or MovieLens data in the Criteo format; raw "
-    "files -> prepared shards), "
+    "more subcommands: `dqrm data synth|movielens|prepare` (synthetic or MovieLens data in the Criteo format, or "
+    "as Parquet of a feature schema; raw files -> prepared shards), "
     "`dqrm export` (checkpoint -> packed INT-N artifact), `dqrm compare` (models' predictions over seeds, with "
     "confidence intervals), `dqrm reproduce` (the paper's tables), `dqrm dashboard` (the wandb workspace); each "
     "takes --help"

@@ -1,5 +1,5 @@
-"""``dqrm data synth|movielens|prepare``: synthetic or MovieLens data in the raw Criteo format, and raw files prepared
-into memory-mappable shards.
+"""``dqrm data synth|movielens|prepare``: synthetic or MovieLens data (raw Criteo files, or Parquet of a feature
+schema: ``synth --schema S``, ``movielens --format parquet``), and raw files prepared into memory-mappable shards.
 
 Each writes ``summary.json`` into its ``--out`` directory and returns its path.
 """
@@ -19,8 +19,14 @@ from dqrm_lightning.threads import local_processes_from_env, resolve
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dqrm data", description="Synthetic Criteo data and raw-file preparation")
     sub = parser.add_subparsers(dest="command", required=True)
-    synth = sub.add_parser("synth", help="write synthetic data in the raw Criteo format, with its true click model")
-    synth.add_argument("--preset", default="demo", help="demo, hard, kaggle or terabyte")
+    synth = sub.add_parser(
+        "synth",
+        help="write synthetic data with its true click model: raw Criteo files of a preset, or Parquet of any schema",
+    )
+    synth.add_argument("--preset", default=None, help="demo (default), hard, kaggle or terabyte")
+    synth.add_argument("--schema", default=None, help="a feature-schema YAML: Parquet files of that schema instead")
+    synth.add_argument("--default-rows", type=int, default=10_000, help="--schema: ids of a table without `rows`")
+    synth.add_argument("--max-bag", type=int, default=10, help="--schema: multi-hot bags hold 0..MAX_BAG ids")
     synth.add_argument("--rows", type=int, required=True, help="rows over all splits")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, help="output directory")
@@ -33,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     movielens.add_argument("--seed", type=int, default=0, help="order of the training rows; the random split")
     movielens.add_argument(
         "--split", choices=("time", "random"), default="time", help="time: train on the past (default); random"
+    )
+    movielens.add_argument(
+        "--format", choices=("tsv", "parquet"), default="tsv", help="tsv: raw Criteo (default); parquet: own schema"
     )
     prep = sub.add_parser("prepare", help="parse raw Criteo files into memory-mappable shards (resumable)")
     prep.add_argument("--train-files", nargs="*", default=None)
@@ -71,17 +80,12 @@ def main(argv: list[str]) -> str:
 def _synth(args: argparse.Namespace) -> dict[str, Any]:
     """``dqrm data synth``: write the synthetic dataset and print each split's Bayes-optimal metrics."""
     start = time.perf_counter()
-    from dqrm_lightning.data.synthetic import synthesize
-
-    result = synthesize(
-        args.preset,
-        args.rows,
-        args.seed,
-        Path(args.out),
-        split_fractions=tuple(args.split),
-        rows_per_file=args.rows_per_file,
-        progress=True,
-    )
+    if args.schema is not None:
+        if args.preset is not None:
+            raise SystemExit("dqrm data synth: give `--preset` (raw Criteo files) or `--schema` (Parquet), not both")
+        result = _synth_schema(args)
+    else:
+        result = _synth_preset(args)
     seconds = time.perf_counter() - start
     result = {"command": "data synth", **result, "seconds": seconds, "rows_per_s": args.rows / seconds}
     for split, values in result.get("splits", {}).items():
@@ -93,13 +97,43 @@ def _synth(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _synth_schema(args: argparse.Namespace) -> dict[str, Any]:
+    from dqrm_lightning.data.synthetic.parquet import synthesize_schema
+    from dqrm_lightning.data.synthetic.schema_truth import SchemaSynthOptions
+
+    options = SchemaSynthOptions(default_rows=args.default_rows, max_bag=args.max_bag)
+    return synthesize_schema(
+        args.schema,
+        args.rows,
+        args.seed,
+        Path(args.out),
+        options=options,
+        split_fractions=tuple(args.split),
+        rows_per_file=args.rows_per_file,
+    )
+
+
+def _synth_preset(args: argparse.Namespace) -> dict[str, Any]:
+    from dqrm_lightning.data.synthetic import synthesize
+
+    return synthesize(
+        args.preset or "demo",
+        args.rows,
+        args.seed,
+        Path(args.out),
+        split_fractions=tuple(args.split),
+        rows_per_file=args.rows_per_file,
+        progress=True,
+    )
+
+
 def _movielens(args: argparse.Namespace) -> dict[str, Any]:
     """``dqrm data movielens``: convert MovieLens 100K and print each split's rows and positive rate."""
     start = time.perf_counter()
     from dqrm_lightning.data.movielens import convert_movielens
 
     try:
-        result = convert_movielens(Path(args.out), seed=args.seed, split=args.split)
+        result = convert_movielens(Path(args.out), seed=args.seed, split=args.split, output_format=args.format)
     except ModuleNotFoundError as err:
         raise SystemExit(f"dqrm data movielens: {err}") from None
     for split, values in result["splits"].items():

@@ -8,9 +8,11 @@ word so that every input bit flips about half of the output bits. All arrays are
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["GOLDEN_GAMMA", "derive_key", "hash_bytes", "hash_uniform", "mix64", "mix64_int"]
+__all__ = ["GOLDEN_GAMMA", "derive_key", "hash_bytes", "hash_uniform", "hashed_normal", "mix64", "mix64_int"]
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 """splitmix64's increment, the odd integer nearest ``2**64 / golden ratio``."""
@@ -18,6 +20,8 @@ GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 _MUL1 = 0xBF58476D1CE4E5B9
 _MUL2 = 0x94D049BB133111EB
+_M32 = (1 << 32) - 1
+_ID_MULT = 0xD6E8FEB86659FD93
 
 
 def mix64_int(x: int) -> int:
@@ -99,3 +103,27 @@ def hash_bytes(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
         strings = word_owner[at]
         h[strings] = mix64(h[strings] ^ values[at])
     return h
+
+
+def hashed_normal(ids: np.ndarray, key: int) -> np.ndarray:
+    """Standard normal numbers attached to ``ids`` by a keyed hash: splitmix64 of ``ids * C ^ key``, then Box-Muller
+    on the two 32-bit halves of each hash (the effect of an id in a synthetic click model).
+
+    Args:
+        ids: integer array (not modified; taken as uint64).
+        key: 64-bit key (:func:`derive_key`); another key gives independent numbers.
+
+    Returns:
+        float64 array of the shape of ``ids``.
+    """
+    h = ids.astype(np.uint64)
+    h *= np.uint64(_ID_MULT)
+    h ^= np.uint64(key)
+    mix64(h)
+    u1 = (h >> np.uint64(32)).astype(np.float64)
+    u1 += 0.5
+    u1 *= 2.0**-32
+    u2 = (h & np.uint64(_M32)).astype(np.float64)
+    u2 *= 2.0 * math.pi * 2.0**-32
+    radius = np.sqrt(-2.0 * np.log(u1))
+    return radius * np.cos(u2)

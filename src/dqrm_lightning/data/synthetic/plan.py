@@ -2,7 +2,8 @@
 
 The row stream is split in order: the first rows form ``train``, then ``val``, then ``test``. A split goes to
 ``<split>.tsv``, or, when ``rows_per_file`` is set and the split is larger, to ``<split>-00000.tsv``,
-``<split>-00001.tsv``, ... Rows are generated in blocks of :data:`BLOCK_ROWS`, which may feed several files.
+``<split>-00001.tsv``, ... (``.parquet`` instead of ``.tsv`` for Parquet output). Rows are generated in blocks of
+:data:`BLOCK_ROWS`, which may feed several files.
 """
 
 from __future__ import annotations
@@ -45,16 +46,17 @@ def split_counts(rows: int, fractions: Sequence[float]) -> list[int]:
     return [first, second - first, rows - second]
 
 
-def plan_files(counts: Sequence[int], rows_per_file: int | None) -> list[PlannedFile]:
-    """The data files of splits of ``counts`` rows, each file at most ``rows_per_file`` rows (None: one per split)."""
+def plan_files(counts: Sequence[int], rows_per_file: int | None, suffix: str = ".tsv") -> list[PlannedFile]:
+    """The data files of splits of ``counts`` rows, each file at most ``rows_per_file`` rows (None: one per split),
+    named ``<split>[-NNNNN]<suffix>``."""
     plan, start = [], 0
     for split, count in zip(SPLITS, counts, strict=True):
         if rows_per_file is None or count <= rows_per_file:
-            plan.append(PlannedFile(split, f"{split}.tsv", start, count))
+            plan.append(PlannedFile(split, f"{split}{suffix}", start, count))
         else:
             for i, lo in enumerate(range(0, count, rows_per_file)):
                 size = min(rows_per_file, count - lo)
-                plan.append(PlannedFile(split, f"{split}-{i:05d}.tsv", start + lo, size))
+                plan.append(PlannedFile(split, f"{split}-{i:05d}{suffix}", start + lo, size))
         start += count
     return plan
 
@@ -70,10 +72,11 @@ def block_pieces(plan: Sequence[PlannedFile], block: int, total: int) -> list[tu
     return pieces
 
 
-def remove_stale(out_dir: Path, plan: Sequence[PlannedFile]) -> None:
-    """Delete data files of an earlier run with another layout, so that ``train*.tsv`` globs stay right."""
+def remove_stale(out_dir: Path, plan: Sequence[PlannedFile], suffix: str = ".tsv") -> None:
+    """Delete ``<suffix>`` data files of an earlier run with another layout, so that ``train*<suffix>`` globs stay
+    right."""
     keep = {p.name for p in plan} | {truth_file(p.name).name for p in plan}
     for split in SPLITS:
-        for path in [*out_dir.glob(f"{split}.tsv*"), *out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].tsv*")]:
-            if path.name not in keep and path.name.endswith((".tsv", ".tsv" + TRUTH_SUFFIX)):
+        for path in [*out_dir.glob(f"{split}{suffix}*"), *out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9]{suffix}*")]:
+            if path.name not in keep and path.name.endswith((suffix, suffix + TRUTH_SUFFIX)):
                 path.unlink()

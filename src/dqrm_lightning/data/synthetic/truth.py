@@ -34,16 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from dqrm_lightning.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
-from dqrm_lightning.data.hashing import derive_key, mix64
+from dqrm_lightning.data.hashing import derive_key, hashed_normal
 from dqrm_lightning.data.synthetic.presets import SyntheticPreset, get_preset
 from dqrm_lightning.data.synthetic.zipf import ZipfSampler
 
-__all__ = ["GroundTruth", "SyntheticRows", "data_rng", "sigmoid"]
+__all__ = ["GroundTruth", "SyntheticRows", "calibrate_bias", "data_rng", "sigmoid"]
 
 _DENSE_MAX = 999_999_999  # dense counts are clipped to 9 digits
 _NEGATIVE_FEATURE = 1  # I2 carries the negative values, as in Criteo
 _M32 = (1 << 32) - 1
-_ID_MULT = 0xD6E8FEB86659FD93
 _MISSING_ID = 1 << 32  # the id of "missing" inside the click model (outside every feature's id range)
 _CACHE_IDS = 1 << 18  # hashed vectors of the most popular ids are precomputed per feature
 _CALIBRATION_ROWS = 1 << 17
@@ -62,19 +61,21 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
-def _hashed_normal(ids: np.ndarray, key: int) -> np.ndarray:
-    """Standard normal numbers attached to ``ids`` (int64) by a keyed hash (Box-Muller on its two halves)."""
-    h = ids.astype(np.uint64)
-    h *= np.uint64(_ID_MULT)
-    h ^= np.uint64(key)
-    mix64(h)
-    u1 = (h >> np.uint64(32)).astype(np.float64)
-    u1 += 0.5
-    u1 *= 2.0**-32
-    u2 = (h & np.uint64(_M32)).astype(np.float64)
-    u2 *= 2.0 * math.pi * 2.0**-32
-    radius = np.sqrt(-2.0 * np.log(u1))
-    return radius * np.cos(u2)
+def calibrate_bias(z: np.ndarray, target_ctr: float) -> float:
+    """The intercept ``b`` with ``mean(sigmoid(z + b)) = target_ctr`` (bisection on [-30, 30], 64 steps).
+
+    Args:
+        z: float64 logits of a calibration sample, without intercept.
+        target_ctr: the wanted mean click probability, in (0, 1).
+    """
+    lo, hi = -30.0, 30.0
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        if sigmoid(z + mid).mean() < target_ctr:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 class _HashedVectors:
@@ -99,7 +100,7 @@ class _HashedVectors:
     def _compute(self, ids: np.ndarray) -> np.ndarray:
         out = np.empty((len(self.keys), len(ids)), dtype=np.float64)
         for c, key in enumerate(self.keys):
-            out[c] = _hashed_normal(ids, key)
+            out[c] = hashed_normal(ids, key)
         out *= self._scale(ids)
         return out.astype(np.float32)
 
@@ -207,15 +208,7 @@ class GroundTruth:
         logs = np.log1p(np.maximum(dense, 0))
         counts = np.maximum(present.sum(axis=1, keepdims=True), 1)
         self._dense_centre = (logs * present).sum(axis=1, keepdims=True) / counts
-        z = self._logit_t(ids, dense, dense_missing)
-        lo, hi = -30.0, 30.0
-        for _ in range(64):
-            mid = 0.5 * (lo + hi)
-            if sigmoid(z + mid).mean() < self.preset.target_ctr:
-                lo = mid
-            else:
-                hi = mid
-        self.bias = 0.5 * (lo + hi)
+        self.bias = calibrate_bias(self._logit_t(ids, dense, dense_missing), self.preset.target_ctr)
 
     # -- sampling
     def _sample_ids(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from dqrm_lightning.data.criteo import COLUMN_NAMES, INT_FEATURE_COUNT
 from dqrm_lightning.data.prepare import truth_file
 from dqrm_lightning.data.synthetic.truth import SyntheticRows
 
-__all__ = ["RawFileWriter", "format_raw", "format_rows"]
+__all__ = ["RawFileWriter", "TruthWriter", "format_raw", "format_rows"]
 
 
 def _hex_table() -> np.ndarray:
@@ -77,6 +77,42 @@ def format_raw(
     return sink.getvalue()
 
 
+class TruthWriter:
+    """A ``.truth.npy`` file (float32 true click probability per row), written under a temporary name and renamed
+    when complete.
+
+    Args:
+        path: The truth file (``prepare.truth_file`` of its data file).
+        rows: The number of rows it will hold (the ``.npy`` header states it up front).
+    """
+
+    def __init__(self, path: Path, rows: int) -> None:
+        self.path = path
+        self.rows = rows
+        self.written = 0
+        self._tmp = path.with_name(path.name + ".partial")
+        self._file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        header = {"descr": "<f4", "fortran_order": False, "shape": (rows,)}
+        np.lib.format.write_array_header_1_0(self._file, header)
+
+    def write(self, prob: np.ndarray) -> None:
+        """Append ``(n,)`` true probabilities."""
+        self._file.write(np.ascontiguousarray(prob, dtype="<f4").tobytes())
+        self.written += len(prob)
+
+    def commit(self) -> None:
+        """Close and move into place; refuses a file with fewer or more rows than planned."""
+        self._file.close()
+        if self.written != self.rows:
+            raise RuntimeError(f"{self.path}: wrote {self.written} rows, planned {self.rows}")
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Close and delete the temporary file."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
 class RawFileWriter:
     """One data file and its ``.truth.npy``, written under temporary names and renamed when complete.
 
@@ -95,32 +131,30 @@ class RawFileWriter:
         self.path = path
         self.truth_path = truth_file(path)
         self.rows = rows
-        self.written = 0
         self._tmp = path.with_name(path.name + ".partial")
-        self._truth_tmp = self.truth_path.with_name(self.truth_path.name + ".partial")
         self._data: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/abort
-        self._truth: BinaryIO = open(self._truth_tmp, "wb")  # noqa: SIM115
-        header = {"descr": "<f4", "fortran_order": False, "shape": (rows,)}
-        np.lib.format.write_array_header_1_0(self._truth, header)
+        self._truth = TruthWriter(self.truth_path, rows)
+
+    @property
+    def written(self) -> int:
+        return self._truth.written
 
     def write(self, text: pa.Buffer, prob: np.ndarray) -> None:
         """Append rows: their text (from :func:`format_rows`) and ``(n,)`` true probabilities."""
         self._data.write(text)
-        self._truth.write(np.ascontiguousarray(prob, dtype="<f4").tobytes())
-        self.written += len(prob)
+        self._truth.write(prob)
 
     def commit(self) -> None:
         """Close both files and move them into place; refuses a file with fewer or more rows than planned."""
         self._data.close()
-        self._truth.close()
         if self.written != self.rows:
+            self.abort()
             raise RuntimeError(f"{self.path}: wrote {self.written} rows, planned {self.rows}")
         os.replace(self._tmp, self.path)
-        os.replace(self._truth_tmp, self.truth_path)
+        self._truth.commit()
 
     def abort(self) -> None:
         """Close and delete the temporary files."""
         self._data.close()
-        self._truth.close()
+        self._truth.abort()
         self._tmp.unlink(missing_ok=True)
-        self._truth_tmp.unlink(missing_ok=True)
