@@ -57,6 +57,7 @@ from dqrm_lightning.threads import apply as apply_threads
 from dqrm_lightning.threads import local_processes_from_env, remember_user_environment, resolve
 
 _LINKED = "model.num_embeddings_per_feature"
+_LINKED_SCHEMA = "model.schema"
 _WITHOUT_VALIDATION = " (or `--trainer.limit_val_batches 0` to train without validation)"
 _RAW_INPUTS = ("train_files", "val_files", "test_files", "kaggle_train_txt", "terabyte_dir")
 
@@ -111,6 +112,7 @@ class DQRMCLI(LightningCLI):
         parser.link_arguments(
             "data", "model.num_embeddings_per_feature", compute_fn=_table_sizes, apply_on="instantiate"
         )
+        parser.link_arguments("data", "model.schema", compute_fn=_schema, apply_on="instantiate")
         parser.add_lightning_class_args(StepTimer, "step_timer")
         # QATConfig's fields are the flat --qat.* options; instantiate_trainer hands the config to the callback
         parser.add_class_arguments(QATConfig, "qat", sub_configs=True)
@@ -347,6 +349,8 @@ class DQRMCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         given = sys.argv[1:] if args is None else args
+        if isinstance(given, list | tuple) and any(str(a).startswith(f"--{_LINKED_SCHEMA}") for a in given):
+            raise ConfigError(f"`{_LINKED_SCHEMA}` is set from the data: give the feature schema as `--data.schema`")
         if isinstance(given, list | tuple) and any(str(a).startswith(f"--{_LINKED}") for a in given):
             raise ConfigError(
                 f"`{_LINKED}` is set from the data (`data.table_sizes`): give table sizes with "
@@ -450,8 +454,15 @@ def _unlinked(err: BaseException) -> BaseException:
     return err
 
 
-def _table_sizes(datamodule: CriteoDataModule) -> list[int]:
-    return datamodule.table_sizes
+def _table_sizes(datamodule: CriteoDataModule) -> list[int] | None:
+    """Criteo's 26 table sizes (a data module with a feature schema sizes the model through ``model.schema``)."""
+    return None if datamodule.hparams.get("schema") is not None else datamodule.table_sizes
+
+
+def _schema(datamodule: CriteoDataModule) -> dict[str, Any] | None:
+    """The data's feature schema with every table sized, for the model (``None`` for raw Criteo files: the model's
+    Criteo preset from ``num_embeddings_per_feature``, as before schemas)."""
+    return None if datamodule.hparams.get("schema") is None else datamodule.resolved_schema().to_dict()
 
 
 def _data_error(err: BaseException) -> str:
