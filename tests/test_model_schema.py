@@ -12,7 +12,6 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining
-from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.model import DLRMModule, model_shape
 from dqrm_lightning.names import table_weight_key
 from dqrm_lightning.quant.config import QATConfig
