@@ -50,6 +50,7 @@ from dqrm_lightning.export.inference import MLP_PRECISIONS
 from dqrm_lightning.model import DLRMModule
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.runs import find_checkpoint, read_metrics, remove_if_unused, run_version, wandb_run_id
+from dqrm_lightning.schema import criteo_schema, load_schema
 from dqrm_lightning.strategies import (  # registers --trainer.strategy torchrec
     TorchRecStrategyBase,
 )
@@ -410,7 +411,7 @@ class DQRMCLI(LightningCLI):
         after these checks is the data itself."""
         for prefix, cls, check in (
             ("model", DLRMModule, DLRMModule.check_arguments),
-            ("qat", QATConfig, lambda values: QATConfig(**values)),
+            ("qat", QATConfig, self._check_qat),
             ("step_timer", StepTimer, lambda values: StepTimer(**values)),
             ("data", CriteoDataModule, lambda values: CriteoDataModule(**values)),  # cheap: reads nothing yet
         ):
@@ -423,6 +424,21 @@ class DQRMCLI(LightningCLI):
             except ValueError as err:
                 raise ConfigError(_qualify(str(err), prefix, set(inspect.signature(cls).parameters))) from err
         self._check_strategy()
+
+    def _check_qat(self, values: dict[str, Any]) -> None:
+        """The QAT settings, and their per-table bits against the model's features (the model's or the data's
+        schema by name, else Criteo's; a schema that does not load is reported by its own group's check)."""
+        config = QATConfig(**values)
+        schema = criteo_schema()
+        for prefix in ("model", "data"):
+            value = (self._setting(prefix) or {}).get("schema")
+            if value:
+                try:
+                    schema = load_schema(value.as_dict() if hasattr(value, "as_dict") else value)
+                except ValueError:
+                    return
+                break
+        config.table_overrides({table: schema.features_of(table) for table in schema.table_names})
 
     def _check_strategy(self) -> None:
         """A TorchRec strategy built once ahead, so that its own checks stop a bad setting before the data module is

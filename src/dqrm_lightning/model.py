@@ -1,6 +1,7 @@
 """``DLRMModule``: TorchRec's DLRM as a LightningModule with sparse, fused embedding updates.
 
-Notation: B batch size, F = 26 sparse features, D embedding dimension.
+Notation: B batch size, F sparse features (26 on Criteo), T tables (T <= F: features may share one), D embedding
+dimension.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
-from torchrec.models.dlrm import DLRM
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -27,12 +28,13 @@ from typing_extensions import override
 from dqrm_lightning._logging import logging_step
 from dqrm_lightning.checkpoint import CheckpointError
 from dqrm_lightning.comms.accounting import ModelShape
-from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
+from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.export.inference import ArtifactDLRM, load_inference_model
 from dqrm_lightning.metrics import BestTracker, ClickMetrics, binary_auroc, binary_log_loss
-from dqrm_lightning.names import QAT_CONFIG_KEY, QUANTIZER_PREFIX, table_key, table_name
+from dqrm_lightning.names import QAT_CONFIG_KEY, QUANTIZER_PREFIX, table_weight_key
 from dqrm_lightning.quant import EmbeddingQuantizer, QATConfig, prepare_qat
+from dqrm_lightning.schema import FeatureSchema, load_schema, schema_of
 from dqrm_lightning.strategies.sharding import (
     EmbeddingPlacement,
     copy_into,
@@ -46,25 +48,35 @@ _OPTIMIZERS: dict[str, type[torch.optim.SGD | torch.optim.Adagrad]] = {
     "sgd": torch.optim.SGD,
     "adagrad": torch.optim.Adagrad,
 }
+ARCHITECTURES = ("dlrm", "dcn")  # the dot interaction (DLRM), or TorchRec's DLRM_DCN (DCN-v2 cross layers)
 
 
 def model_shape(hparams: Mapping[str, Any]) -> ModelShape:
-    """Table sizes, D and the (in, out) of every MLP Linear (bottom MLP first, in forward order) of the DLRM that
-    ``DLRMModule(**hparams)`` builds."""
-    features = len(DEFAULT_CAT_NAMES) + 1  # the dense vector joins the pooled embeddings in the dot interaction
+    """Table sizes, D, the (in, out) of every MLP Linear (bottom MLP first, in forward order) and the cross layers'
+    parameters (``dcn``) of the model that ``DLRMModule(**hparams)`` builds."""
+    schema, dim = schema_of(hparams), hparams["embedding_dim"]
+    vectors = len(schema.sparse) + 1  # the dense vector joins the pooled embeddings in the interaction
+    dcn = hparams.get("architecture", "dlrm") == "dcn"
+    interaction = vectors * dim if dcn else dim + vectors * (vectors - 1) // 2
     layers = []
     for width, sizes in (
-        (INT_FEATURE_COUNT, hparams["dense_arch_layer_sizes"]),
-        (hparams["embedding_dim"] + features * (features - 1) // 2, hparams["over_arch_layer_sizes"]),
+        (len(schema.dense), hparams["dense_arch_layer_sizes"]),
+        (interaction, hparams["over_arch_layer_sizes"]),
     ):
         for out in sizes:
             layers.append((width, out))
             width = out
-    return ModelShape(list(hparams["num_embeddings_per_feature"]), hparams["embedding_dim"], layers)
+    rank = hparams.get("dcn_low_rank_dim", 0)
+    cross = hparams.get("dcn_num_layers", 0) * (2 * interaction * rank + interaction) if dcn else 0  # W, V, bias
+    return ModelShape(schema.table_rows(), dim, layers, cross)
 
 
 class DLRMModule(pl.LightningModule):
-    """DLRM (bottom MLP, 26 embedding tables, dot interaction, top MLP) trained with BCE-with-logits.
+    """DLRM (bottom MLP, embedding tables, dot interaction, top MLP) trained with BCE-with-logits; or, with
+    ``architecture: dcn``, TorchRec's ``DLRM_DCN`` (DCN-v2 low-rank cross layers as the interaction).
+
+    The features and tables come from a :class:`~dqrm_lightning.schema.FeatureSchema` (``schema``), by default
+    Criteo's: 13 dense inputs and 26 one-hot features, each in its own table of ``num_embeddings_per_feature`` rows.
 
     Embedding tables are built on the meta device and materialised by TorchRec's DistributedModelParallel in
     ``configure_model``; their optimizer runs fused in the backward pass and touches only the looked-up rows. Dense
@@ -73,15 +85,20 @@ class DLRMModule(pl.LightningModule):
     :meth:`use_artifact` evaluates an exported INT-N model instead.
 
     Args:
-        num_embeddings_per_feature: rows of each of the 26 tables (linked from the data module by the CLI).
-        embedding_dim: D.
-        dense_arch_layer_sizes: bottom MLP widths after the 13 dense inputs; the last must equal D.
+        num_embeddings_per_feature: Criteo: rows of each of the 26 tables (linked from the data module by the CLI);
+            ``None`` with ``schema``.
+        embedding_dim: D (every table's dimension: the interaction needs one).
+        dense_arch_layer_sizes: bottom MLP widths after the dense inputs; the last must equal D.
         over_arch_layer_sizes: top MLP widths; the last must be 1.
         optimizer: ``"sgd"`` or ``"adagrad"`` (both parts).
         learning_rate: dense learning rate.
         sparse_learning_rate: embedding learning rate (default: ``learning_rate``).
         table_dtype: precision of the stored master tables, ``"fp32"`` or ``"fp16"`` (half the table memory; the
             lookups still hand float32 activations on). See :mod:`dqrm_lightning.table_dtype`.
+        schema: the features and tables (``FeatureSchema.to_dict()``, every table sized), or ``None``: Criteo.
+        architecture: ``"dlrm"`` (dot interaction) or ``"dcn"`` (DCN-v2, the MLPerf DLRMv2 model).
+        dcn_num_layers: ``dcn``: cross layers.
+        dcn_low_rank_dim: ``dcn``: rank of each cross layer's weight.
 
     Example::
 
@@ -98,14 +115,19 @@ class DLRMModule(pl.LightningModule):
         learning_rate: float = 0.1,
         sparse_learning_rate: float | None = None,
         table_dtype: TableDtype = "fp32",
+        schema: dict[str, Any] | None = None,
+        architecture: Literal["dlrm", "dcn"] = "dlrm",
+        dcn_num_layers: int = 3,
+        dcn_low_rank_dim: int = 64,
     ) -> None:
         super().__init__()
         dense_arch_layer_sizes = dense_arch_layer_sizes or [512, 256, 64, embedding_dim]
         over_arch_layer_sizes = over_arch_layer_sizes or [512, 256, 1]
         self.save_hyperparameters()
-        if num_embeddings_per_feature is None:
+        if num_embeddings_per_feature is None and schema is None:
             raise ValueError("`num_embeddings_per_feature` is required (the CLI links it from the data module)")
         self.check_arguments(self.hparams)
+        self.schema: FeatureSchema = schema_of(self.hparams)  # the features and tables
         self.model: nn.Module | None = None  # the DLRM (sharded or not), or an exported artifact (use_artifact)
         self.placement = EmbeddingPlacement()  # a multi-process strategy hands over its own (`place_embeddings`)
         self.qat_config: QATConfig | None = None  # what prepare_qat made the model; saved in checkpoints
@@ -127,6 +149,10 @@ class DLRMModule(pl.LightningModule):
         defaults = {name: parameter.default for name, parameter in inspect.signature(cls).parameters.items()}
         args = defaults | dict(arguments)
         tables = args["num_embeddings_per_feature"]
+        if tables is not None and args["schema"] is not None:
+            raise ValueError(
+                "give `schema` (its tables' rows) or `num_embeddings_per_feature` (the Criteo tables), not both"
+            )
         if tables is not None and len(tables) != len(DEFAULT_CAT_NAMES):
             raise ValueError(f"`num_embeddings_per_feature` needs {len(DEFAULT_CAT_NAMES)} sizes, got {len(tables)}")
         if tables is not None and not all(_positive_int(n) for n in tables):
@@ -151,32 +177,42 @@ class DLRMModule(pl.LightningModule):
         if args["sparse_learning_rate"] is not None and args["sparse_learning_rate"] <= 0:
             raise ValueError(f"`sparse_learning_rate` must be positive or null, got {args['sparse_learning_rate']}")
         check_table_dtype(args["table_dtype"])
+        _check_architecture(args)
+        if args["schema"] is not None:
+            _check_schema(load_schema(args["schema"]), args["embedding_dim"])
 
     # --------------------------------------------------------------------------------------------------- building
     def table_configs(self) -> list[EmbeddingBagConfig]:
-        hp = self.hparams
+        """One config per schema table, in schema order, looked up by each of its features."""
+        hp, schema = self.hparams, self.schema
         return [
             EmbeddingBagConfig(
-                name=table_name(feature),
-                embedding_dim=hp["embedding_dim"],
+                name=table.name,
+                embedding_dim=schema.dim_of(table.name, hp["embedding_dim"]),
                 num_embeddings=rows,
-                feature_names=[feature],
+                feature_names=schema.features_of(table.name),
+                pooling=PoolingType.MEAN if table.pooling == "mean" else PoolingType.SUM,
                 data_type=TABLE_DTYPES[hp["table_dtype"]],
             )  # default init: U(-1/sqrt(rows), 1/sqrt(rows)), as DLRM
-            for feature, rows in zip(DEFAULT_CAT_NAMES, hp["num_embeddings_per_feature"], strict=True)
+            for table, rows in zip(schema.tables, schema.table_rows(), strict=True)
         ]
 
     def build_dlrm(self) -> DLRM:
-        """The unsharded DLRM: EBC on the meta device, MLPs on the CPU with DLRM's initialisation."""
+        """The unsharded DLRM (or DLRM_DCN): EBC on the meta device, MLPs on the CPU with DLRM's initialisation."""
         hp = self.hparams
         ebc = EmbeddingBagCollection(tables=self.table_configs(), device=torch.device("meta"))
-        dlrm = DLRM(
-            embedding_bag_collection=ebc,
-            dense_in_features=INT_FEATURE_COUNT,
-            dense_arch_layer_sizes=list(hp["dense_arch_layer_sizes"]),
-            over_arch_layer_sizes=list(hp["over_arch_layer_sizes"]),
-            dense_device=torch.device("cpu"),
-        )
+        arch: dict[str, Any] = {
+            "embedding_bag_collection": ebc,
+            "dense_in_features": len(self.schema.dense),
+            "dense_arch_layer_sizes": list(hp["dense_arch_layer_sizes"]),
+            "over_arch_layer_sizes": list(hp["over_arch_layer_sizes"]),
+            "dense_device": torch.device("cpu"),
+        }
+        if hp["architecture"] == "dcn":
+            dcn = {"dcn_num_layers": hp["dcn_num_layers"], "dcn_low_rank_dim": hp["dcn_low_rank_dim"]}
+            dlrm: DLRM = DLRM_DCN(**arch, **dcn)  # its cross layers keep TorchRec's initialisation
+        else:
+            dlrm = DLRM(**arch)
         for module in (dlrm.dense_arch, dlrm.over_arch):
             for layer in module.modules():
                 if isinstance(layer, nn.Linear):
@@ -435,7 +471,7 @@ class DLRMModule(pl.LightningModule):
             raise RuntimeError(
                 f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        _note_table_casts(state_dict, current)
+        _note_table_casts(state_dict, current, self.schema.table_names)
         for key, value in state_dict.items():
             if key in current:
                 copy_into(current[key], value, key)
@@ -449,10 +485,10 @@ class DLRMModule(pl.LightningModule):
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 
-def _note_table_casts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+def _note_table_casts(saved: Mapping[str, Any], current: Mapping[str, Any], table_names: list[str]) -> None:
     """Say so when a checkpoint's tables are loaded into tables of another precision (``copy_into`` casts them:
     float32 values round to the nearest float16, float16 ones widen exactly)."""
-    tables = [table_key(feature) for feature in DEFAULT_CAT_NAMES]
+    tables = [table_weight_key(table) for table in table_names]
     casts = {
         (saved[key].dtype, current[key].dtype)
         for key in tables
@@ -467,25 +503,90 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-_SHAPE_KEYS = ("num_embeddings_per_feature", "embedding_dim", "dense_arch_layer_sizes", "over_arch_layer_sizes")
+def _check_architecture(args: Mapping[str, Any]) -> None:
+    """Raise unless ``architecture`` and its DCN settings are valid (``ValueError`` naming the argument)."""
+    if args["architecture"] not in ARCHITECTURES:
+        raise ValueError(f"`architecture` must be one of {ARCHITECTURES}, got {args['architecture']!r}")
+    for name in ("dcn_num_layers", "dcn_low_rank_dim"):
+        if not _positive_int(args[name]):
+            raise ValueError(f"`{name}` must be a positive integer, got {args[name]!r}")
+
+
+def _check_schema(schema: FeatureSchema, embedding_dim: int) -> None:
+    """Raise unless the model can be built from ``schema``: dense inputs, every table sized, one dimension.
+
+    Raises:
+        ConfigError: naming the tables (and dimensions) at fault and what works.
+    """
+    if not schema.dense:
+        raise ConfigError("`schema.dense` is empty: the model's bottom MLP needs at least one dense feature")
+    reserved = [t.name for t in schema.tables if hasattr(nn.ModuleDict, t.name)]
+    if reserved:
+        raise ConfigError(
+            f"`schema` tables {reserved} are named like methods of torch's ModuleDict, which holds TorchRec's tables "
+            "by name: rename them (e.g. with a `t_` prefix)"
+        )
+    unsized = [t.name for t in schema.tables if t.rows is None]
+    if unsized:
+        raise ConfigError(
+            f"`schema` tables {unsized} have no `rows`: the model needs every table sized (give `rows`, or let the "
+            "data module size vocab tables and link its resolved schema)"
+        )
+    other = {t.name: t.dim for t in schema.tables if t.dim is not None and t.dim != embedding_dim}
+    if other:
+        raise ConfigError(
+            f"`schema` tables {other} (name: dim) differ from `embedding_dim` {embedding_dim}: the interaction "
+            "(dot products, or DCN's stacked vectors) needs one dimension; give every table the bottom MLP's output "
+            "width (`dim: null` or the same as `embedding_dim`)"
+        )
+
+
+_SHAPE_KEYS = (
+    "num_embeddings_per_feature",
+    "schema",
+    "embedding_dim",
+    "dense_arch_layer_sizes",
+    "over_arch_layer_sizes",
+    "architecture",
+    "dcn_num_layers",
+    "dcn_low_rank_dim",
+)
 
 
 def _shape_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
     """The model-shape hyper-parameters that differ between a checkpoint (or artifact) and this model, in words."""
     parts = []
     for key in _SHAPE_KEYS:
-        if saved.get(key) is None:
+        old, new = _plain(saved.get(key, _ARCH_DEFAULTS.get(key))), _plain(current.get(key, _ARCH_DEFAULTS.get(key)))
+        if old is None or old == new:
             continue
-        old, new = _plain(saved[key]), _plain(current[key])
-        if old == new:
-            continue
-        if key == "num_embeddings_per_feature" and len(old) == len(new):
+        if key == "schema":
+            parts.append(_schema_difference(old, new))
+        elif key == "num_embeddings_per_feature" and new is not None and len(old) == len(new):
             tables = [f"{f}: {a} vs {b}" for f, a, b in zip(DEFAULT_CAT_NAMES, old, new, strict=True) if a != b]
             shown = ", ".join(tables[:4]) + (f" (+{len(tables) - 4} more)" if len(tables) > 4 else "")
             parts.append(f"`model.{key}` differs in {len(tables)} tables (saved vs this run: {shown})")
         else:
             parts.append(f"`model.{key}` is {old} there, {new} in this run")
     return "; ".join(parts)
+
+
+_ARCH_DEFAULTS = {"architecture": "dlrm", "dcn_num_layers": 3, "dcn_low_rank_dim": 64}  # before DCN existed
+
+
+def _schema_difference(old: Mapping[str, Any], new: Mapping[str, Any] | None) -> str:
+    """How a saved schema differs from this run's (``None``: the Criteo preset), in words."""
+    if new is None:
+        return "`model.schema` is set there (features and tables of its own), the Criteo preset in this run"
+    before, after = load_schema(old), load_schema(new)
+    if before.table_names == after.table_names and before.feature_names == after.feature_names:
+        rows = [f"{t.name}: {t.rows} vs {u.rows}" for t, u in zip(before.tables, after.tables, strict=True)]
+        changed = [r for r, t, u in zip(rows, before.tables, after.tables, strict=True) if t != u]
+        return f"`model.schema` differs in tables (saved vs this run: {', '.join(changed[:4]) or 'settings'})"
+    return (
+        f"`model.schema` has features {before.feature_names} and tables {before.table_names} there, "
+        f"{after.feature_names} and {after.table_names} in this run"
+    )
 
 
 def _plain(value: Any) -> Any:

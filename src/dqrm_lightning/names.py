@@ -1,7 +1,8 @@
 """Names shared by the model, the strategies, checkpoints and the exporter, defined once.
 
-A sparse feature ``C3`` is looked up in table ``t_C3``; a DLRMModule checkpoint keeps the DLRM's parameters under
-``model.``, the QAT description under ``qat_config`` and the embedding quantizer's state under ``embedding_quantizer.``.
+A sparse feature ``C3`` is looked up in table ``t_C3`` (unless a schema gives it another, possibly shared, table); a
+DLRMModule checkpoint keeps the DLRM's parameters under ``model.``, the QAT description under ``qat_config`` and the
+embedding quantizer's state under ``embedding_quantizer.``.
 """
 
 from __future__ import annotations
@@ -23,5 +24,11 @@ def dlrm_key(name: str) -> str:
 
 
 def table_key(feature: str) -> str:
-    """State-dict key of a feature's table (its master weights) in a DLRMModule checkpoint and state dict."""
-    return dlrm_key(f"sparse_arch.embedding_bag_collection.embedding_bags.{table_name(feature)}.weight")
+    """State-dict key of the table of a feature with a table of its own (``t_<feature>``: every Criteo feature) in a
+    DLRMModule checkpoint and state dict."""
+    return table_weight_key(table_name(feature))
+
+
+def table_weight_key(table: str) -> str:
+    """State-dict key of a table (its master weights), by table name, in a DLRMModule checkpoint and state dict."""
+    return dlrm_key(f"sparse_arch.embedding_bag_collection.embedding_bags.{table}.weight")

@@ -152,13 +152,22 @@ def test_mixed_precision_policy():
     assert module.embedding_quantizer.qmax[25] == 7
 
 
+def test_per_table_bits_naming_no_feature_of_the_model_stop_prepare_qat():
+    """The names are the model's features (checked when QAT is prepared: the schema decides them)."""
+    module = DLRMModule([10] * 26, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    config = QATConfig(embedding_bits=4, embedding_bits_per_table={"t_C3": 2})  # a table name, not a feature
+    with pytest.raises(
+        ValueError, match=r"^`embedding_bits_per_table` names an unknown feature 't_C3'; features are C1..C26$"
+    ):
+        module.prepare_qat(config)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"embedding_bits": 3}, r"^`embedding_bits` must be one of \(2, 4, 8, 16\) or null, got 3$"),
         ({"embedding_bits": True}, "^`embedding_bits` must be one of"),
         ({"embedding_bits_per_table": {"C3": 5}}, "^`embedding_bits_per_table`: C3 must be one of"),
-        ({"embedding_bits_per_table": {"t_C3": 2}}, "^`embedding_bits_per_table` names an unknown feature 't_C3'"),
         ({"embedding_bits_by_rows": [[1000, 3]]}, r"^`embedding_bits_by_rows`: bits must be one of .*\[1000, 3\]"),
         ({"embedding_bits_by_rows": [[-1, 4]]}, r"^`embedding_bits_by_rows` entries are \[min_rows, bits\]"),
         ({"scale_period": 0}, "^`scale_period` must be a positive number of steps, got 0$"),

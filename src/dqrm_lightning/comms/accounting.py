@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Table sizes, embedding dimension and MLP layer shapes ``(in, out)``."""
+    """Table sizes, embedding dimension, MLP layer shapes ``(in, out)`` and the parameters of other dense layers
+    (DCN-v2 cross layers; their gradients travel like the MLP's)."""
 
     table_rows: Sequence[int]
     embedding_dim: int
     mlp_layers: Sequence[tuple[int, int]]
+    cross_parameters: int = 0
 
     @property
     def mlp_weights(self) -> int:
@@ -46,7 +48,7 @@ def bytes_per_iteration(
 
     Sparse rows carry their values only; row indices are not counted (as in the paper's accounting).
     """
-    mlp = shape.mlp_weights + shape.mlp_biases
+    mlp = shape.mlp_weights + shape.mlp_biases + shape.cross_parameters
     if mode == "dense":
         return 4 * (mlp + sum(shape.table_rows) * shape.embedding_dim)
     if rows_per_table is None:

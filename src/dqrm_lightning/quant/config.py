@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
 from dqrm_lightning.quant.fake_quant import SUPPORTED_BITS, Mode, Ste
 
 MLPGranularity = Literal["per_row", "per_tensor"]
@@ -30,7 +29,9 @@ class QATConfig:
 
     Args:
         embedding_bits: default bit width of every table (2, 4, 8, 16), or ``None`` for FP32 embeddings.
-        embedding_bits_per_table: overrides by feature name, e.g. ``{"C3": 2, "C9": 8}`` (mixed precision).
+        embedding_bits_per_table: overrides by feature name, e.g. ``{"C3": 2, "C9": 8}`` (mixed precision); a table
+            several features share is named by its table name, or by any of its features (one bit width per table).
+            The names are checked against the model's features when QAT is prepared (:meth:`table_overrides`).
         embedding_bits_by_rows: size policy ``[[min_rows, bits], ...]``: a table gets the bits of the largest
             ``min_rows`` it reaches (applied before ``embedding_bits_per_table``).
         embedding_mode: ``symmetric`` (reference code) or ``asymmetric`` (min/max grid, paper Fig. 2).
@@ -110,11 +111,8 @@ class QATConfig:
         if not _is_bits(self.embedding_bits, allow_none=True):
             raise ValueError(f"`embedding_bits` must be one of {SUPPORTED_BITS} or null, got {self.embedding_bits!r}")
         for feature, value in self.embedding_bits_per_table.items():
-            if feature not in DEFAULT_CAT_NAMES:
-                raise ValueError(
-                    f"`embedding_bits_per_table` names an unknown feature {feature!r}; features are "
-                    f"{DEFAULT_CAT_NAMES[0]}..{DEFAULT_CAT_NAMES[-1]}"
-                )
+            if not isinstance(feature, str) or not feature:
+                raise ValueError(f"`embedding_bits_per_table` keys are feature names, got {feature!r}")
             if not _is_bits(value):
                 raise ValueError(
                     f"`embedding_bits_per_table`: {feature} must be one of {SUPPORTED_BITS}, got {value!r}"
@@ -189,16 +187,47 @@ class QATConfig:
     def table_bits(self, feature: str, rows: int) -> int | None:
         """Bits of one table (``None`` = FP32)."""
         assert self.embedding_bits_per_table is not None  # __post_init__ stores None as {}
-        assert self.embedding_bits_by_rows is not None  # and None as []
+        return self.embedding_bits_per_table.get(feature, self._bits_by_rows(rows))
+
+    def _bits_by_rows(self, rows: int) -> int | None:
+        """Bits of a table of ``rows`` rows that no override names: ``embedding_bits_by_rows``, else the default."""
+        assert self.embedding_bits_by_rows is not None  # __post_init__ stores None as []
         bits = self.embedding_bits
         for min_rows, rule_bits in sorted(self.embedding_bits_by_rows):
             if rows >= min_rows:
                 bits = rule_bits
-        return self.embedding_bits_per_table.get(feature, bits)
+        return bits
 
-    def assign_bits(self, table_rows: Mapping[str, int], dim: int) -> dict[str, int | None]:
-        """Bits of every table (``None`` = FP32), by feature: :meth:`table_bits` of each, or under ``size_budget``
-        the greedy size policy.
+    def table_overrides(self, tables: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        """``embedding_bits_per_table`` by table name, for a model whose tables are ``tables`` (table name -> the
+        features looking it up). A key names a feature, or a table several features share.
+
+        Raises:
+            ValueError: a key names no feature or shared table of the model (naming the model's), or two keys give
+                one table different bits.
+        """
+        assert self.embedding_bits_per_table is not None  # __post_init__ stores None as {}
+        table_of = {feature: table for table, features in tables.items() for feature in features}
+        table_of |= {table: table for table, features in tables.items() if len(features) > 1}
+        overrides: dict[str, int] = {}
+        for key, bits in self.embedding_bits_per_table.items():
+            if key not in table_of:
+                raise ValueError(f"`embedding_bits_per_table` names an unknown feature {key!r}; {_known(tables)}")
+            table = table_of[key]
+            if overrides.get(table, bits) != bits:
+                raise ValueError(
+                    f"`embedding_bits_per_table` gives table {table!r} (features {list(tables[table])}) both "
+                    f"{overrides[table]} and {bits} bits; a table has one bit width"
+                )
+            overrides[table] = bits
+        return overrides
+
+    def assign_bits(
+        self, table_rows: Mapping[str, int], dim: int, overrides: Mapping[str, int] | None = None
+    ) -> dict[str, int | None]:
+        """Bits of every table (``None`` = FP32), by the names of ``table_rows`` (features, or table names with
+        ``overrides`` from :meth:`table_overrides`): :meth:`table_bits` of each, or under ``size_budget`` the greedy
+        size policy. ``overrides`` (by the same names) default to ``embedding_bits_per_table``.
 
         The policy starts every table not pinned by ``embedding_bits_per_table`` at ``embedding_bits`` (8 when
         ``None``) and repeatedly lowers, to the next of {8, 4, 2}, the table whose step saves the most bytes (ties:
@@ -210,11 +239,12 @@ class QATConfig:
             ValueError: the budget is unreachable even with every free table at INT2 (names the smallest fraction).
         """
         assert self.embedding_bits_per_table is not None  # __post_init__ stores None as {}
+        pinned = self.embedding_bits_per_table if overrides is None else overrides
         if self.size_budget is None:
-            return {feature: self.table_bits(feature, rows) for feature, rows in table_rows.items()}
+            return {name: pinned.get(name, self._bits_by_rows(rows)) for name, rows in table_rows.items()}
         start = self.embedding_bits or max(BUDGET_BITS)
-        bits: dict[str, int | None] = {f: self.embedding_bits_per_table.get(f, start) for f in table_rows}
-        free = [f for f in table_rows if f not in self.embedding_bits_per_table]
+        bits: dict[str, int | None] = {f: pinned.get(f, start) for f in table_rows}
+        free = [f for f in table_rows if f not in pinned]
 
         def size(feature: str, table_bits: int | None) -> int:
             return stored_table_bytes(table_rows[feature], dim, table_bits, self.embedding_granularity)
@@ -274,6 +304,14 @@ def _lower(bits: int | None) -> int | None:
     """The next smaller candidate bit width of the size policy (``None`` below the smallest, or for FP32)."""
     smaller = [b for b in BUDGET_BITS if bits is not None and b < bits]
     return smaller[0] if smaller else None
+
+
+def _known(tables: Mapping[str, Sequence[str]]) -> str:
+    """The features (and shared tables) of a model, in words (Criteo: ``features are C1..C26``)."""
+    features = [f for names in tables.values() for f in names]
+    shown = f"{features[0]}..{features[-1]}" if len(features) > 8 else ", ".join(features)
+    shared = [t for t, names in tables.items() if len(names) > 1]
+    return f"features are {shown}" + (f", shared tables are {', '.join(shared)}" if shared else "")
 
 
 def _is_bits(value: object, allow_none: bool = False, choices: tuple[int, ...] = SUPPORTED_BITS) -> bool:

@@ -1,6 +1,8 @@
 """``EmbeddingQuantizer``: DQRM's embedding QAT on the rows a batch looks up, with periodic per-table scales.
 
-Notation: B batch size, F sparse features (one table each), D embedding dimension.
+Notation: B batch size, F sparse features, T tables (T <= F: several features may share a table), D embedding
+dimension. Each feature is quantized on its table's grid: scales, offsets and bits are kept per table (T,), so the
+features of a shared table share one scale, computed from the whole table.
 
 No quantized copy of a table ever exists. The quantizer runs at the end of DLRM's sparse arch
 (:class:`~dqrm_lightning.quant.sparse_arch.FakeQuantizedSparseArch`), on the pooled embedding of each
@@ -11,8 +13,9 @@ No quantized copy of a table ever exists. The quantizer runs at the end of DLRM'
   fused FBGEMM kernels, sharded or not;
 * multi-hot features: rows must be quantized before pooling. With the identity straight-through gradient,
   ``sum_i q(w_i) = sum_i w_i + sum_i (q(w_i) - w_i)`` where the second term carries no gradient, so the pooled FP32
-  output (with its fused backward) is corrected by a term computed from the looked-up rows under ``no_grad``. This
-  needs the table on this process (single process or table-wise placement here).
+  output (with its fused backward) is corrected by a term computed from the looked-up rows under ``no_grad`` (divided
+  by the bag's length where the table pools by mean; an empty bag pools to zeros and gets no correction). This needs
+  the table on this process (single process, replicated tables, or table-wise placement).
 
 Scales are computed from the FP32 master tables under ``no_grad`` with ``torch.aminmax`` (a reduction: no
 table-sized temporary), at the first training step and then every ``scale_period`` optimizer steps; they are frozen
@@ -42,7 +45,7 @@ Two training options (``QATConfig.rounding``, ``QATConfig.scale_learning``):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,8 +53,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dqrm_lightning.names import table_name
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.fake_quant import (
     MIN_FP16_SCALE,
@@ -66,25 +71,24 @@ from dqrm_lightning.quant.table_extrema import BlockExtrema
 
 
 class TableAccess:
-    """Local FP32 weight views of each table of an EmbeddingBagCollection (sharded or not), by feature name."""
+    """Local FP32 weight views of each table of an EmbeddingBagCollection (sharded or not), by table name and by the
+    name of each feature looking the table up (the same views)."""
 
     def __init__(self, ebc: nn.Module) -> None:
         self.local: dict[str, list[tuple[torch.Tensor, tuple[int, ...]]]] = {}
         self.full_rows: dict[str, int] = {}
-        configs = _table_configs(ebc)
-        table_to_feature = {cfg.name: cfg.feature_names[0] for cfg in configs}
+        features = {cfg.name: list(cfg.feature_names) for cfg in _table_configs(ebc)}
         for key, value in ebc.state_dict().items():
             table = key.split(".")[-2]
-            if table not in table_to_feature:
+            if table not in features:
                 continue
-            feature = table_to_feature[table]
             if isinstance(value, ShardedTensor):
                 shards = [(s.tensor, tuple(s.metadata.shard_offsets)) for s in value.local_shards()]
-                self.full_rows[feature] = int(value.size(0))
+                rows = int(value.size(0))
             else:
-                shards = [(value, (0, 0))]
-                self.full_rows[feature] = int(value.shape[0])
-            self.local[feature] = shards
+                shards, rows = [(value, (0, 0))], int(value.shape[0])
+            for name in (*features[table], table):
+                self.local[name], self.full_rows[name] = shards, rows
 
     def extrema(self, feature: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(min, max) over this process's shards of a table (+inf/-inf when it holds none)."""
@@ -122,7 +126,17 @@ def _table_configs(ebc: nn.Module) -> list[Any]:
 
 def table_rows(ebc: nn.Module) -> dict[str, int]:
     """Rows of each feature's table in an EmbeddingBagCollection (sharded or not), by feature name."""
-    return {cfg.feature_names[0]: int(cfg.num_embeddings) for cfg in _table_configs(ebc)}
+    return {feature: int(cfg.num_embeddings) for cfg in _table_configs(ebc) for feature in cfg.feature_names}
+
+
+def feature_tables(ebc: nn.Module) -> dict[str, str]:
+    """The table each feature of an EmbeddingBagCollection (sharded or not) looks up, by feature name."""
+    return {feature: cfg.name for cfg in _table_configs(ebc) for feature in cfg.feature_names}
+
+
+def mean_pooled_tables(ebc: nn.Module) -> list[str]:
+    """The tables of an EmbeddingBagCollection (sharded or not) that pool a bag by its mean."""
+    return [cfg.name for cfg in _table_configs(ebc) if cfg.pooling == PoolingType.MEAN]
 
 
 def embedding_dim(ebc: nn.Module) -> int:
@@ -190,28 +204,46 @@ class EmbeddingQuantizer(nn.Module):
         table_rows: rows of each feature's table.
         embedding_dim: D (the bits of a ``size_budget`` depend on it).
         config: the QAT settings.
+        tables: the table each feature looks up (default: a table of its own, ``t_<feature>``); features of one table
+            share its grid and bits.
+        mean_tables: the tables that pool a bag by its mean (the others sum).
+
+    Raises:
+        ValueError: ``embedding_bits_per_table`` names no feature (or shared table) of these.
     """
 
     # buffers, registered in __init__ (declared here for their type: nn.Module looks them up dynamically)
-    bits: torch.Tensor  # (F,) int64, 0 = FP32 table
-    qmin: torch.Tensor  # (F,)
-    qmax: torch.Tensor  # (F,)
-    scale: torch.Tensor  # (F,)
-    low: torch.Tensor  # (F,)
-    high: torch.Tensor  # (F,)
+    bits: torch.Tensor  # (T,) int64, 0 = FP32 table
+    qmin: torch.Tensor  # (T,)
+    qmax: torch.Tensor  # (T,)
+    scale: torch.Tensor  # (T,)
+    low: torch.Tensor  # (T,)
+    high: torch.Tensor  # (T,)
     full_passes: torch.Tensor  # () int64
-    offset: torch.Tensor  # (F,)
+    offset: torch.Tensor  # (T,)
     refreshes: torch.Tensor  # () int64
     last_refresh_step: torch.Tensor  # () int64
     start_step: torch.Tensor  # () int64
-    row_ratio: torch.Tensor  # (F,) learned clipping ratio of row-wise grids (``per_row`` with ``lsq`` only)
+    row_ratio: torch.Tensor  # (T,) learned clipping ratio of row-wise grids (``per_row`` with ``lsq`` only)
+    table_index: torch.Tensor  # (F,) int64, not saved: the table of each feature
 
-    def __init__(self, feature_names: list[str], table_rows: list[int], embedding_dim: int, config: QATConfig) -> None:
+    def __init__(
+        self,
+        feature_names: list[str],
+        table_rows: list[int],
+        embedding_dim: int,
+        config: QATConfig,
+        tables: Sequence[str] | None = None,
+        mean_tables: Collection[str] = (),
+    ) -> None:
         super().__init__()
         self.feature_names = list(feature_names)
         self.config = config
-        assigned = config.assign_bits(dict(zip(feature_names, table_rows, strict=True)), embedding_dim)
-        bits = [assigned[f] for f in feature_names]
+        self._set_tables(list(tables) if tables is not None else [table_name(f) for f in feature_names], table_rows)
+        self.mean_pooled = [self.feature_tables[f] in mean_tables for f in range(len(feature_names))]
+        rows = dict(zip(self.table_names, self._table_rows, strict=True))
+        assigned = config.assign_bits(rows, embedding_dim, config.table_overrides(self.features_of))
+        bits = [assigned[t] for t in self.table_names]
         self.register_buffer("bits", torch.tensor([b or 0 for b in bits], dtype=torch.int64))
         ranges = [qrange(b, config.embedding_mode) if b else (0, 0) for b in bits]
         self.register_buffer("qmin", torch.tensor([r[0] for r in ranges], dtype=torch.float32))
@@ -227,7 +259,6 @@ class EmbeddingQuantizer(nn.Module):
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_refresh_step", torch.full((), -1, dtype=torch.int64))
         self.register_buffer("start_step", torch.full((), -1, dtype=torch.int64))
-        self._table_rows = list(table_rows)
         self._tables: TableAccess | None = None
         self._blocks: BlockExtrema | None = None  # incremental refreshes: per-block extrema of the local shards
         self._top: dict[str, tuple[_TopRows, _TopRows]] = {}  # exact tracking: (low side, high side) per table
@@ -238,6 +269,29 @@ class EmbeddingQuantizer(nn.Module):
         self.last_error: torch.Tensor | None = None
         self._noise_step, self._noise_draws = -1, 0  # stochastic rounding: the step and the forwards drawn in it
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _set_tables(self, tables: list[str], feature_rows: list[int]) -> None:
+        """The tables (in first-use order), the table of each feature and the rows of each table."""
+        if len(tables) != len(self.feature_names) or len(feature_rows) != len(self.feature_names):
+            raise ValueError(f"`tables` and `table_rows` need one entry per feature ({len(self.feature_names)})")
+        self.feature_tables = tables
+        self.table_names = list(dict.fromkeys(tables))
+        rows: dict[str, int] = {}
+        for feature, table, n in zip(self.feature_names, tables, feature_rows, strict=True):
+            if rows.setdefault(table, int(n)) != int(n):
+                raise ValueError(f"table {table!r} has {rows[table]} rows, but feature {feature!r} gives {n}")
+        self._table_rows = [rows[t] for t in self.table_names]
+        index = [self.table_names.index(t) for t in tables]
+        self._identity = index == list(range(len(index)))  # one table per feature, in feature order (Criteo)
+        self.register_buffer("table_index", torch.tensor(index, dtype=torch.int64), persistent=False)
+        self.features_of = {
+            t: [f for f, ft in zip(self.feature_names, tables, strict=True) if ft == t] for t in self.table_names
+        }
+        self._features_per_table = torch.bincount(self.table_index, minlength=len(self.table_names)).float()
+
+    def per_feature(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-table tensor (T, ...) as a per-feature one (F, ...): each feature's table's entry."""
+        return value if self._identity else value.index_select(0, self.table_index.to(value.device))
 
     def _register_grid(self, name: str, value: torch.Tensor) -> None:
         """A grid tensor: a buffer, or with learned scales a parameter (the offset only where the grid has one)."""
@@ -272,7 +326,8 @@ class EmbeddingQuantizer(nn.Module):
     def block_extrema(self) -> BlockExtrema:
         """The per-block extrema that incremental refreshes keep (``scale_refresh: incremental``)."""
         if self._blocks is None:
-            self._blocks = BlockExtrema(self.tables, self.feature_names, self._table_rows)
+            by_feature = dict(zip(self.feature_names, self.feature_tables, strict=True))
+            self._blocks = BlockExtrema(self.tables, self.table_names, self._table_rows, by_feature)
         return self._blocks
 
     @property
@@ -289,7 +344,7 @@ class EmbeddingQuantizer(nn.Module):
 
     @property
     def quantized(self) -> torch.Tensor:
-        """(F,) bool: which tables are quantized (0 bits = FP32)."""
+        """(T,) bool: which tables are quantized (0 bits = FP32)."""
         return self.bits > 0
 
     @property
@@ -301,14 +356,14 @@ class EmbeddingQuantizer(nn.Module):
     def refresh(self, step: int | None = None) -> None:
         """Recompute every quantized table's scale from its FP32 weights (all ranks agree)."""
         if self.config.scale_tracking == "exact":
-            for f, feature in enumerate(self.feature_names):
-                self._exact_extrema(f, feature)
+            for t, table in enumerate(self.table_names):
+                self._exact_extrema(t, table)
         else:
             scanned = self.block_extrema.refresh() if self.incremental else None  # collective when distributed
-            for f, feature in enumerate(self.feature_names):
-                self.low[f], self.high[f] = scanned[feature] if scanned else self.tables.extrema(feature)
+            for t, table in enumerate(self.table_names):
+                self.low[t], self.high[t] = scanned[table] if scanned else self.tables.extrema(table)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            extrema = torch.stack([-self.low, self.high])  # (2, F): max(-min), max(max) over ranks
+            extrema = torch.stack([-self.low, self.high])  # (2, T): max(-min), max(max) over ranks
             dist.all_reduce(extrema, op=dist.ReduceOp.MAX)
             self.low.copy_(-extrema[0])
             self.high.copy_(extrema[1])
@@ -322,12 +377,12 @@ class EmbeddingQuantizer(nn.Module):
         self.scale.copy_(torch.where(self.quantized, scale, torch.ones_like(scale)))
         self.offset.copy_(torch.where(self.quantized, offset, torch.zeros_like(offset)))
 
-    def _exact_extrema(self, f: int, feature: str) -> None:
+    def _exact_extrema(self, t: int, table: str) -> None:
         """Full pass over a local table: its extrema, and the candidate rows exact tracking starts from."""
-        table = self.tables.whole(feature)
-        self._top[feature] = (_TopRows.scan(table, high=False), _TopRows.scan(table, high=True))
-        self.low[f] = -self._top[feature][0].extreme()
-        self.high[f] = self._top[feature][1].extreme()
+        weight = self.tables.whole(table)
+        self._top[table] = (_TopRows.scan(weight, high=False), _TopRows.scan(weight, high=True))
+        self.low[t] = -self._top[table][0].extreme()
+        self.high[t] = self._top[table][1].extreme()
 
     @torch.no_grad()
     def track(self, features: KeyedJaggedTensor) -> None:
@@ -340,21 +395,22 @@ class EmbeddingQuantizer(nn.Module):
         if dist.is_initialized() and dist.get_world_size() > 1:
             raise NotImplementedError("exact scale tracking runs in one process; use periodic refreshes when sharded")
         per_feature = features.to_dict()
-        for f, feature in enumerate(self.feature_names):
-            if not bool(self.quantized[f]):
+        for t, table in enumerate(self.table_names):
+            if not bool(self.quantized[t]):
                 continue
-            if feature not in self._top:
-                self._exact_extrema(f, feature)
-            ids = torch.unique(per_feature[feature].values())
-            rows = self.tables.whole(feature)[ids]  # (U, D)
-            low_side, high_side = self._top[feature]
+            if table not in self._top:
+                self._exact_extrema(t, table)
+            looked_up = [per_feature[f].values() for f in self.features_of[table]]
+            ids = torch.unique(torch.cat(looked_up))
+            rows = self.tables.whole(table)[ids]  # (U, D)
+            low_side, high_side = self._top[table]
             exact = low_side.update(ids, -rows.amin(dim=1)) & high_side.update(ids, rows.amax(dim=1))
             if not exact:
-                self._exact_extrema(f, feature)
+                self._exact_extrema(t, table)
                 self.full_passes += 1
             else:
-                self.low[f] = -low_side.extreme()
-                self.high[f] = high_side.extreme()
+                self.low[t] = -low_side.extreme()
+                self.high[t] = high_side.extreme()
         self._set_scales()
 
     def due(self, step: int) -> bool:
@@ -405,7 +461,7 @@ class EmbeddingQuantizer(nn.Module):
         if one_hot:
             out = self._quantize_one_hot(pooled)
             if not self._all_quantized:
-                out = torch.where(self.quantized.view(shape), out, pooled)
+                out = torch.where(self.per_feature(self.quantized).view(shape), out, pooled)
         else:
             out = pooled + self._multi_hot_correction(pooled, features)
         if self.record_error:
@@ -414,16 +470,17 @@ class EmbeddingQuantizer(nn.Module):
         return out
 
     def grid_of(self, rows: torch.Tensor, f: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(scale, offset)`` of rows (B, F, D) of every table, or rows (N, D) of table ``f``: the table's frozen
-        grid, or under ``per_row`` each row's own; ``offset`` is ``None`` for the symmetric grid."""
-        per_feature = slice(None) if f is None else f
-        shape = (1, -1, 1) if f is None else ()  # broadcast per feature over (B, F, D), or a scalar
+        """``(scale, offset)`` of rows (B, F, D) of every feature, or rows (N, D) of feature ``f``'s table: the
+        table's frozen grid, or under ``per_row`` each row's own; ``offset`` is ``None`` for the symmetric grid."""
+
+        def pick(value: torch.Tensor) -> torch.Tensor:  # (T,) -> (1, F, 1), or the scalar of feature f's table
+            return self.per_feature(value).view(1, -1, 1) if f is None else value[int(self.table_index[f])]
+
         if self.config.embedding_granularity == "per_row":
-            ratio = self.row_ratio[per_feature].view(shape) if self._learned else None
-            bits = self.bits[per_feature].clamp_min(2).view(shape)
-            scale, offset = row_grid(rows, bits, self.config.embedding_mode, ratio)
+            ratio = pick(self.row_ratio) if self._learned else None
+            scale, offset = row_grid(rows, pick(self.bits.clamp_min(2)), self.config.embedding_mode, ratio)
         else:
-            scale, offset = (value[per_feature].view(shape) for value in self.grid())
+            scale, offset = (pick(value) for value in self.grid())
         return scale, (offset if self.config.embedding_mode == "asymmetric" else None)
 
     @torch.no_grad()
@@ -437,31 +494,34 @@ class EmbeddingQuantizer(nn.Module):
         batch = pooled.shape[0]
         per_feature = features.to_dict()
         for f, name in enumerate(self.feature_names):
-            if not bool(self.quantized[f]):
+            t = int(self.table_index[f])
+            if not bool(self.quantized[t]):
                 continue
             jagged = per_feature[name]
-            ids = jagged.values()
-            rows = self.tables.rows(name, ids).float()  # (N, D)
+            rows = self.tables.rows(self.table_names[t], jagged.values()).float()  # (N, D)
             scale, offset = self.grid_of(rows, f)
-            q = fake_quantize(rows, scale, self.qmin[f], self.qmax[f], offset, noise=self._rounding_noise(rows))
-            bag = torch.repeat_interleave(torch.arange(batch), jagged.lengths().long())
+            q = fake_quantize(rows, scale, self.qmin[t], self.qmax[t], offset, noise=self._rounding_noise(rows))
+            lengths = jagged.lengths().long()
+            bag = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)
             correction[:, f, :].index_add_(0, bag, (q - rows).to(pooled.dtype))
+            if self.mean_pooled[f]:  # the pooled vector is the bag's mean: so is its correction
+                correction[:, f, :] /= lengths.clamp_min(1).unsqueeze(1).to(pooled.dtype)
         return correction
 
     def _quantize_one_hot(self, pooled: torch.Tensor) -> torch.Tensor:
         """Every (sample, feature) vector of ``pooled`` (B, F, D) on its table's grid; returns (B, F, D)."""
         shape = (1, -1, 1)  # broadcast per feature over (B, F, D)
         scale, grid_offset = self.grid_of(pooled)
-        qmin, qmax = self.qmin.view(shape), self.qmax.view(shape)
+        qmin, qmax = self.per_feature(self.qmin).view(shape), self.per_feature(self.qmax).view(shape)
         noise = self._rounding_noise(pooled)
         if not self._learned:
             return fake_quantize(pooled, scale, qmin, qmax, grid_offset, self.config.ste, noise)
-        values = pooled.shape[0] * pooled.shape[2]  # N: the values each table contributes to this batch
-        grad_scale = (values * self.qmax.clamp_min(1)).rsqrt().view(shape)  # LSQ's g = 1 / sqrt(N * Qp)
+        values = pooled.shape[0] * pooled.shape[2] * self._features_per_table.to(pooled.device)  # N of each table
+        grad_scale = self.per_feature((values * self.qmax.clamp_min(1)).rsqrt()).view(shape)  # LSQ: 1 / sqrt(N Qp)
         return learned_fake_quantize(pooled, scale, qmin, qmax, grad_scale, grid_offset, self.config.ste, noise)
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, offset), each (F,), as the forward and the exported model use them: the buffers, or the learned
+        """(scale, offset), each (T,), as the forward and the exported model use them: the buffers, or the learned
         parameters clamped to the smallest float16 and rounded to float16 with a straight-through gradient."""
         if not self._learned:
             return self.scale, self.offset
@@ -504,15 +564,15 @@ class EmbeddingQuantizer(nn.Module):
         """The scale of each quantized table as the forward uses it (none under ``per_row``: every row has its own)."""
         if self.config.embedding_granularity == "per_row":
             return {}
-        scale = self.grid()[0].detach()
-        return {f: float(s) for f, s, q in zip(self.feature_names, scale, self.quantized, strict=True) if q}
+        scale, quantized = self.per_feature(self.grid()[0].detach()), self.per_feature(self.quantized)
+        return {f: float(s) for f, s, q in zip(self.feature_names, scale, quantized, strict=True) if q}
 
     def errors(self) -> dict[str, float]:
         """Mean |fake-quantized - FP32| of each quantized table in the last forward run with ``record_error``."""
         if self.last_error is None:
             return {}
-        errors = self.last_error.tolist()
-        return {f: errors[i] for i, f in enumerate(self.feature_names) if bool(self.quantized[i])}
+        errors, quantized = self.last_error.tolist(), self.per_feature(self.quantized)
+        return {f: errors[i] for i, f in enumerate(self.feature_names) if bool(quantized[i])}
 
     def load_saved(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load a saved quantizer (its :meth:`state_dict`), as export does: a state that was never refreshed leaves
@@ -526,6 +586,6 @@ class EmbeddingQuantizer(nn.Module):
             raise ValueError(f"the saved embedding quantizer lacks {sorted(missing & {'scale', 'offset'})}")
 
     def table_bits(self) -> dict[str, int | None]:
-        return {
-            f: (int(b) if q else None) for f, b, q in zip(self.feature_names, self.bits, self.quantized, strict=True)
-        }
+        """The bits of each feature's table (``None`` = FP32), by feature name."""
+        bits = self.per_feature(self.bits)
+        return {f: (int(b) if b > 0 else None) for f, b in zip(self.feature_names, bits, strict=True)}

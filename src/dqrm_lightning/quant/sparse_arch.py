@@ -1,6 +1,6 @@
 """``FakeQuantizedSparseArch``: DLRM's sparse arch with each table's looked-up rows fake-quantized (embedding QAT).
 
-Notation: B batch size, F sparse features (one table each), D embedding dimension.
+Notation: B batch size, F sparse features (several may share a table), D embedding dimension.
 """
 
 from __future__ import annotations
@@ -12,11 +12,17 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from typing_extensions import override
 
 from dqrm_lightning.quant.config import QATConfig
-from dqrm_lightning.quant.embedding import EmbeddingQuantizer, embedding_dim, table_rows
+from dqrm_lightning.quant.embedding import (
+    EmbeddingQuantizer,
+    embedding_dim,
+    feature_tables,
+    mean_pooled_tables,
+    table_rows,
+)
 
 
 class FakeQuantizedSparseArch(nn.Module):
-    """TorchRec's ``SparseArch`` (pooled embedding lookups, one table per feature) followed by an
+    """TorchRec's ``SparseArch`` (pooled embedding lookups of each feature in its table) followed by an
     :class:`~dqrm_lightning.quant.embedding.EmbeddingQuantizer`.
 
     Build with :meth:`from_sparse_arch`, which shares the arch's EmbeddingBagCollection (sharded or not: the tables,
@@ -45,8 +51,15 @@ class FakeQuantizedSparseArch(nn.Module):
         """Wrap ``arch``'s EmbeddingBagCollection (nothing is copied) with a new quantizer for ``config``."""
         ebc = arch.embedding_bag_collection
         features = list(arch.sparse_feature_names)
-        rows = table_rows(ebc)
-        quantizer = EmbeddingQuantizer(features, [rows[feature] for feature in features], embedding_dim(ebc), config)
+        rows, tables = table_rows(ebc), feature_tables(ebc)
+        quantizer = EmbeddingQuantizer(
+            features,
+            [rows[feature] for feature in features],
+            embedding_dim(ebc),
+            config,
+            tables=[tables[feature] for feature in features],
+            mean_tables=mean_pooled_tables(ebc),
+        )
         quantizer.attach(ebc)
         return cls(ebc, features, quantizer)
 

@@ -1,7 +1,7 @@
 """``BlockExtrema``: each table's extrema kept per block of rows, so that a periodic scale refresh rescans only the
 blocks whose rows may have changed since the last one.
 
-Notation: F sparse features (one table each), D embedding dimension, S rows per block (:data:`BLOCK_ROWS`).
+Notation: T tables, D embedding dimension, S rows per block (:data:`BLOCK_ROWS`).
 
 Between two refreshes only the rows that training batches looked up can change: the tables' optimizers update
 looked-up rows only (TorchRec's fused in-backward SGD and Adagrad, sparse gradients of replicated tables, and dense
@@ -20,13 +20,14 @@ Memory: two float32 values per block, 1/(2 D) of an FP32 table's bytes at S = 16
 
 Example::
 
-    extrema = BlockExtrema(TableAccess(ebc), feature_names, table_rows)
-    extrema.record(batch.sparse_features)  # every training forward
-    low, high = extrema.refresh()[feature]  # at a scale refresh (collective when distributed)
+    extrema = BlockExtrema(TableAccess(ebc), table_names, table_rows, feature_tables)
+    extrema.record(batch.sparse_features)  # every training forward (ids of every feature of a table)
+    low, high = extrema.refresh()[table]  # at a scale refresh (collective when distributed)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -121,19 +122,28 @@ class BlockExtrema:
 
     Args:
         tables: the local table shards.
-        feature_names: the F features (one table each).
-        table_rows: each feature's full table rows (the same on every rank).
+        table_names: the T tables.
+        table_rows: each table's full rows (the same on every rank).
+        feature_tables: the table each recorded feature (KeyedJaggedTensor key) looks up (default: the keys are the
+            table names).
     """
 
-    def __init__(self, tables: TableAccess, feature_names: list[str], table_rows: list[int]) -> None:
-        self.feature_names = list(feature_names)
+    def __init__(
+        self,
+        tables: TableAccess,
+        table_names: list[str],
+        table_rows: list[int],
+        feature_tables: Mapping[str, str] | None = None,
+    ) -> None:
+        self.table_names = list(table_names)
         blocks = [-(-rows // BLOCK_ROWS) for rows in table_rows]
         first = torch.tensor([0, *blocks]).cumsum(0)[:-1].tolist()
-        self._blocks = {f: (start, count) for f, start, count in zip(feature_names, first, blocks, strict=True)}
+        self._blocks = {t: (start, count) for t, start, count in zip(table_names, first, blocks, strict=True)}
+        self._table_of = dict(feature_tables) if feature_tables is not None else {t: t for t in table_names}
         self._dirty = torch.zeros(sum(blocks), dtype=torch.bool)  # over the blocks of all tables, table after table
         self._shards = {
-            feature: [_ShardBlocks(tensor, offsets[0]) for tensor, offsets in tables.local.get(feature, [])]
-            for feature in feature_names
+            table: [_ShardBlocks(tensor, offsets[0]) for tensor, offsets in tables.local.get(table, [])]
+            for table in table_names
         }
         self._pending: list[KeyedJaggedTensor] = []
         self.valid = False  # the per-block extrema are those of the tables (set by a full scan)
@@ -158,7 +168,7 @@ class BlockExtrema:
         counts: list[int] = []
         for features in self._pending:
             keys: list[str] = features.keys()  # a KeyedJaggedTensor's features, in their order
-            firsts += [self._blocks[key][0] for key in keys]
+            firsts += [self._blocks[self._table_of[key]][0] for key in keys]
             counts += features.length_per_key()
         values = torch.cat([features.values() for features in self._pending]).long()
         first = torch.repeat_interleave(torch.tensor(firsts), torch.tensor(counts), output_size=values.numel())
@@ -179,10 +189,10 @@ class BlockExtrema:
         self._mark_pending()
         self._sync_dirty()
         result = {}
-        for feature in self.feature_names:
-            first, count = self._blocks[feature]
+        for table in self.table_names:
+            first, count = self._blocks[table]
             low, high = torch.tensor(float("inf")), torch.tensor(float("-inf"))
-            for shard in self._shards[feature]:
+            for shard in self._shards[table]:
                 if shard.blocks < _SMALL_SHARD_BLOCKS:  # a single pass costs less than the bookkeeping
                     shard_low, shard_high = shard.aminmax()
                     low, high = torch.minimum(low, shard_low), torch.maximum(high, shard_high)
@@ -193,7 +203,7 @@ class BlockExtrema:
                     shard.scan_all()
                 shard_low, shard_high = shard.extrema()
                 low, high = torch.minimum(low, shard_low), torch.maximum(high, shard_high)
-            result[feature] = (low, high)
+            result[table] = (low, high)
         self._dirty.zero_()
         self.valid = True
         return result

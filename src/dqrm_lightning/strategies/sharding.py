@@ -80,19 +80,20 @@ class EmbeddingLayout:
         if self.embeddings == "sharded" and self.dense_embedding_gradients:
             raise ValueError("`dense_embedding_gradients` applies to replicated embeddings only")
 
-    def sharding_type(self, feature: str) -> str | None:
-        """The sharding type asked for a feature's table (``None``: the planner's choice)."""
+    def sharding_type(self, feature: str, table: str | None = None) -> str | None:
+        """The sharding type asked for the table of a feature (``None``: the planner's choice); ``table``: its name
+        when it is not ``t_<feature>`` (a table named by the schema, perhaps shared)."""
         if isinstance(self.sharding, Mapping):
-            for key in (feature, table_name(feature), "default"):
+            for key in (feature, table or table_name(feature), "default"):
                 if key in self.sharding:
                     return self.sharding[key]
             return None
         return None if self.sharding == "auto" else self.sharding
 
-    def check_tables(self, features: list[str]) -> None:
-        """Refuse per-table keys that name no table."""
+    def check_tables(self, features: list[str], tables: list[str] | None = None) -> None:
+        """Refuse per-table keys that name no table (``tables``: the table names, default ``t_<feature>``)."""
         if isinstance(self.sharding, Mapping):
-            known = {*features, *(table_name(f) for f in features), "default"}
+            known = {*features, *(tables if tables is not None else [table_name(f) for f in features]), "default"}
             unknown = sorted(set(self.sharding) - known)
             if unknown:
                 raise ValueError(f"`sharding` names unknown tables {unknown}; tables are {features[0]}..{features[-1]}")
@@ -162,7 +163,7 @@ def sharding_planner(
     fused kernel, or the dense one for ``data_parallel``); tables the layout leaves open are the planner's choice."""
     constraints = {}
     for cfg in ebc.embedding_bag_configs():
-        wanted = layout.sharding_type(cfg.feature_names[0])
+        wanted = layout.sharding_type(cfg.feature_names[0], cfg.name)
         if wanted is not None:
             kernel = "dense" if wanted == ShardingType.DATA_PARALLEL.value else "fused"
             constraints[cfg.name] = ParameterConstraints(sharding_types=[wanted], compute_kernels=[kernel])
@@ -198,7 +199,8 @@ def shard_model(
     layout = layout or EmbeddingLayout()
     ensure_process_group()
     _, ebc = find_ebc(model)
-    layout.check_tables([cfg.feature_names[0] for cfg in ebc.embedding_bag_configs()])
+    configs = ebc.embedding_bag_configs()
+    layout.check_tables([f for cfg in configs for f in cfg.feature_names], [cfg.name for cfg in configs])
     sharder = CPUEmbeddingBagCollectionSharder(qcomm_codecs_registry=qcomm_codecs_registry)
     if layout.sharding == "table_wise":
         plan = fused_table_wise_plan(model, dist.get_world_size(), device.type)
