@@ -24,4 +24,9 @@ def dlrm_key(name: str) -> str:
 
 def table_key(feature: str) -> str:
     """State-dict key of a feature's table (its master weights) in a DLRMModule checkpoint and state dict."""
-    return dlrm_key(f"sparse_arch.embedding_bag_collection.embedding_bags.{table_name(feature)}.weight")
+    return table_weight_key(table_name(feature))
+
+
+def table_weight_key(table: str) -> str:
+    """State-dict key of a table, by its name (a shared table of a schema: ``movies``), in a DLRMModule checkpoint."""
+    return dlrm_key(f"sparse_arch.embedding_bag_collection.embedding_bags.{table}.weight")
