@@ -3,6 +3,7 @@ models, against hand-built TorchRec models in eval mode (a DLRMModule checkpoint
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dqrm_lightning.commands.export import main as export_command
 from dqrm_lightning.comms.accounting import ModelShape
 from dqrm_lightning.export.artifact import ArtifactError, load_artifact, manifest_digest
 from dqrm_lightning.export.exporter import export_checkpoint
@@ -249,3 +251,10 @@ def test_a_consistently_edited_v4_manifest_is_refused_naming_the_entry(tmp_path,
     _edit(tmp_path / "art", edit)
     with pytest.raises(ArtifactError, match=message):
         load_artifact(tmp_path / "art")
+
+
+def test_dqrm_export_summarises_a_schema_artifact_by_table(tmp_path):
+    save(torchrec_model(SCHEMA, "dcn"), SCHEMA, "dcn", tmp_path / "m.ckpt")
+    args = ["--ckpt", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "art"), "--embedding-bits", "2"]
+    summary = json.loads(Path(export_command(args)).read_text())
+    assert summary["table_bits"] == {"movies": 2, "t_user": 2, "t_genres": 2}
