@@ -242,8 +242,10 @@ def _edit(art, edit) -> None:
             r"crossnet/bias\.0\.bin: holds float32 \[40\], cross layer 0 needs float32 \[40, 3\]",
         ),
         (lambda m: m["tables"][0].update(pooling="max"), "table movies has pooling 'max'"),
+        (lambda m: m.pop("crossnet"), r"incomplete manifest \(KeyError: 'crossnet'\)"),
+        (lambda m: m["model"].update(architecture="dcnv3"), "unknown architecture 'dcnv3'"),
     ],
-    ids=["crossnet-shape", "pooling"],
+    ids=["crossnet-shape", "pooling", "no-crossnet", "architecture"],
 )
 def test_a_consistently_edited_v4_manifest_is_refused_naming_the_entry(tmp_path, edit, message):
     save(torchrec_model(SCHEMA, "dcn"), SCHEMA, "dcn", tmp_path / "m.ckpt")

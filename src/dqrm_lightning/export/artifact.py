@@ -251,7 +251,10 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
                 key: _entry_file(arrays, name, manifest_path, f"layer {layer['name']} {key}")
                 for key, name in files.items()
             }
-        if "crossnet" in manifest:
+        architecture = manifest["model"].get("architecture", "dlrm")
+        if architecture not in ("dlrm", "dcn"):
+            raise ArtifactError(f"{manifest_path}: unknown architecture {architecture!r} (not 'dlrm' or 'dcn')")
+        if architecture == "dcn":  # its cross network is part of the model: never run without it
             _load_crossnet(artifact, arrays, manifest["crossnet"], manifest_path)
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ArtifactError):
