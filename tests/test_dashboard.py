@@ -5,6 +5,7 @@ import csv
 import pytest
 
 from dqrm_lightning.dashboard import load_spec, metric_keys
+from dqrm_lightning.schema import FeatureSchema
 from tests.helpers.cli import FAST, dqrm, on_sample, summary_path
 
 
@@ -30,3 +31,12 @@ def test_a_malformed_spec_is_refused_naming_the_entry(tmp_path):
     bad.write_text("sections:\n  - name: A\n    panels:\n      - {title: t}\n")
     with pytest.raises(ValueError, match=r"sections\[0\]\.panels\[0\]"):
         load_spec(bad)
+
+
+def test_table_panels_follow_the_schema_one_line_per_table():
+    schema = FeatureSchema.from_dict(
+        {"dense": [], "sparse": [{"name": "movie", "table": "movies"}, "user", {"name": "history", "table": "movies"}]}
+    )
+    keys = metric_keys(load_spec(schema=schema), {"qat"})
+    assert {k for k in keys if k.startswith("qat/scale/")} == {"qat/scale/movie", "qat/scale/user"}
+    assert "qat/scale/C26" in metric_keys(load_spec(), {"qat"})  # Criteo by default

@@ -1,8 +1,9 @@
 import pytest
 
 from dqrm_lightning.comms.accounting import ModelShape
-from dqrm_lightning.export.size import model_bytes, quantized_model_bytes, quantized_table_bytes
+from dqrm_lightning.export.size import model_bytes, quantized_model_bytes, quantized_table_bytes, quantized_table_ratio
 from dqrm_lightning.quant.config import QATConfig
+from dqrm_lightning.schema import FeatureSchema
 
 TABLES_ONLY = ModelShape(table_rows=[1000] * 26, embedding_dim=16, mlp_layers=[])
 
@@ -30,3 +31,19 @@ def test_a_size_budget_sets_the_counted_bits():
     config = QATConfig(size_budget=0.125)
     assert quantized_model_bytes(TABLES_ONLY, config) <= 0.125 * model_bytes(TABLES_ONLY)
     assert quantized_model_bytes(TABLES_ONLY, config) > quantized_model_bytes(TABLES_ONLY, QATConfig(embedding_bits=2))
+
+
+def test_a_schema_counts_each_table_once_at_its_own_dimension():
+    schema = FeatureSchema.from_dict(
+        {
+            "dense": [],
+            "sparse": [{"name": "movie", "table": "movies"}, "user", {"name": "history", "table": "movies"}],
+            "tables": [{"name": "movies", "rows": 100, "dim": 16}, {"name": "t_user", "rows": 50}],
+        }
+    )
+    config = QATConfig(embedding_bits=4)
+    # movies (shared by two features) once at D 16, t_user at the model's D 8; an fp16 scale and offset each
+    assert quantized_table_bytes([100, 50], 8, config, schema) == (100 * 8 + 4) + (50 * 4 + 4)
+    assert quantized_table_ratio([100, 50], 8, config, schema) == 1008 / (4 * (100 * 16 + 50 * 8))
+    with pytest.raises(ValueError, match="3 table sizes for the 2 tables of the schema"):
+        quantized_table_bytes([100, 50, 7], 8, config, schema)

@@ -27,6 +27,7 @@ from dqrm_lightning.callbacks.threads import ThreadPolicy
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.export.size import model_bytes, quantized_model_bytes, quantized_table_ratio
 from dqrm_lightning.model import DLRMModule, model_shape
+from dqrm_lightning.schema import schema_of
 from dqrm_lightning.table_dtype import table_value_bits
 
 
@@ -95,11 +96,12 @@ class RunSummary(pl.Callback):
             # `training`: the master model as trained (tables at `model.table_dtype`, float32 MLPs)
             summary["model_bytes"] = {"fp32": model_bytes(shape), "training": model_bytes(shape, table_bits)}
             if pl_module.qat_config is not None:
-                quantized = quantized_model_bytes(shape, pl_module.qat_config)
+                schema, config = schema_of(pl_module.hparams), pl_module.qat_config
+                quantized = quantized_model_bytes(shape, config, schema)
                 summary["model_bytes"] |= {
                     "quantized": quantized,
                     "ratio": quantized / model_bytes(shape),
-                    "tables_ratio": quantized_table_ratio(shape.table_rows, shape.embedding_dim, pl_module.qat_config),
+                    "tables_ratio": quantized_table_ratio(shape.table_rows, shape.embedding_dim, config, schema),
                 }
         for callback in connected(trainer).callbacks:
             if isinstance(callback, QuantizationAwareTraining) and callback.enabled:

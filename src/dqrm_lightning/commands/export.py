@@ -29,6 +29,7 @@ def main(argv: list[str]) -> str:
         "--force", action="store_true", help="replace --out even if it holds files that are not a previous artifact"
     )
     args = parser.parse_args(argv)
+    from dqrm_lightning.export.artifact import entry_name
     from dqrm_lightning.export.exporter import export_checkpoint
 
     start = time.perf_counter()
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> str:
         "artifact": str(args.out),
         "quantization": manifest["quantization"],
         "bytes": sizes,
-        "table_bits": {t["feature"]: t["bits"] for t in manifest["tables"]},
+        "table_bits": {entry_name(t): t["bits"] for t in manifest["tables"]},
         "mlp_bits": {layer["name"]: layer["bits"] for layer in manifest["mlp"]},
         "seconds": time.perf_counter() - start,
     }

@@ -10,6 +10,14 @@ Layout of an artifact directory::
     mlp/<layer>.w.bin      MLP weight codes (INT4 packed two per byte, INT8) or float32 weights
     mlp/<layer>.s.bin      float32 scale per output row (quantized layers)
     mlp/<layer>.b.bin      float32 bias (the value the QAT model used)
+    crossnet/<k>.<l>.bin   DCN-v2 models only: float32 ``W_kernels`` (N, r), ``V_kernels`` (r, N) and ``bias`` (N,) of
+                           cross layer l (the cross network is not quantized)
+
+A Criteo DLRM's table entries name their one feature (``"feature": "C1"``, files ``tables/C1.bin``, format version 3).
+An artifact of any other model (format version 4) records the model's ``schema`` and ``architecture`` (``dlrm`` or
+``dcn``, with ``dcn_num_layers`` and ``dcn_low_rank_dim``) under ``model``, and one entry per table: its name
+(``"table"``, files ``tables/<table>.bin``), the ``features`` that look it up and its ``pooling`` (``sum`` or
+``mean``).
 
 Codes are stored unsigned: ``u = q + 2^(b-1)`` for the symmetric grid (``q`` signed), ``u = q`` for the asymmetric
 one; each table's value is ``u * scale + offset`` with a float16-exact ``scale`` and ``offset`` (``offset =
@@ -37,10 +45,14 @@ import numpy as np
 import torch
 
 from dqrm_lightning.checkpoint import file_sha256
+from dqrm_lightning.names import table_name
 
 FORMAT = "dqrm-artifact"
-VERSION = 3  # 2: the manifest carries its own sha256 (``digest``); 3: row-wise tables (``scale_bias`` files)
-_READS = (2, VERSION)  # version 2 artifacts are version 3 ones without row-wise tables
+# 2: the manifest carries its own sha256 (``digest``); 3: row-wise tables (``scale_bias`` files); 4: any feature schema
+# (tables named, shared by features, pooled sum or mean) and DCN-v2 models
+VERSION = 4
+_READS = (2, 3, VERSION)  # version 2 artifacts are version 3 ones without row-wise tables, 3 Criteo DLRMs of 4
+CROSSNET_KEYS = ("W_kernels", "V_kernels", "bias")  # the parameters of each DCN-v2 cross layer
 _DTYPES = ("|u1", "<f4", "<f2")  # what the writer stores: packed codes (bytes), float32 and float16 arrays
 
 
@@ -89,9 +101,31 @@ class Artifact:
 
     path: Path
     manifest: dict[str, Any]
-    tables: dict[str, np.ndarray] = field(default_factory=dict)
+    tables: dict[str, np.ndarray] = field(default_factory=dict)  # by :func:`entry_name`
     scale_bias: dict[str, np.ndarray] = field(default_factory=dict)  # row-wise tables: float16 (rows, 2)
     mlp: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    crossnet: list[dict[str, np.ndarray]] = field(default_factory=list)  # DCN-v2: each layer's CROSSNET_KEYS
+
+
+def entry_name(table: dict[str, Any]) -> str:
+    """The name a table entry of the manifest is known by: its table (version 4), or its one feature (a Criteo
+    artifact: ``C1``, whose table is ``t_C1``)."""
+    return str(table["table"]) if "table" in table else str(table["feature"])
+
+
+def entry_table(table: dict[str, Any]) -> str:
+    """The TorchRec table name of a table entry (``t_C1`` for a Criteo entry ``C1``)."""
+    return str(table["table"]) if "table" in table else table_name(table["feature"])
+
+
+def entry_features(table: dict[str, Any]) -> list[str]:
+    """The features looking up a table entry's table."""
+    return list(table["features"]) if "table" in table else [table["feature"]]
+
+
+def format_version(manifest: dict[str, Any]) -> int:
+    """The format version an artifact is written in: 3 for a Criteo DLRM (read by earlier versions too), else 4."""
+    return VERSION if "schema" in manifest["model"] else 3
 
 
 def check_output_dir(out: str | Path, force: bool = False) -> None:
@@ -160,7 +194,7 @@ class ArtifactWriter:
         return name
 
     def finish(self, manifest: dict[str, Any]) -> Path:
-        manifest = {"format": FORMAT, "version": VERSION, **manifest, "files": self.files}
+        manifest = {"format": FORMAT, "version": format_version(manifest), **manifest, "files": self.files}
         manifest["digest"] = manifest_digest(manifest)
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if self.out.exists():
@@ -210,24 +244,56 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
         arrays = {name: _open_file(root, name, meta, verify) for name, meta in manifest["files"].items()}
         artifact = Artifact(root, manifest)
         for table in manifest["tables"]:
-            array = _entry_file(arrays, table["file"], manifest_path, f"table {table['feature']}")
-            _check_shape(root / table["file"], array, (table["rows"], row_bytes(table["bits"], table["dim"])))
-            artifact.tables[table["feature"]] = array
-            if table.get("scale_bias"):
-                scale_bias = _entry_file(arrays, table["scale_bias"], manifest_path, f"table {table['feature']}")
-                _check_shape(root / table["scale_bias"], scale_bias, (table["rows"], 2), np.float16)
-                artifact.scale_bias[table["feature"]] = scale_bias
+            _load_table(artifact, arrays, table, manifest_path)
         for layer in manifest["mlp"]:
             files = {key: layer[key] for key in ("weight", "scale", "bias") if layer.get(key)}
             artifact.mlp[layer["name"]] = {
                 key: _entry_file(arrays, name, manifest_path, f"layer {layer['name']} {key}")
                 for key, name in files.items()
             }
+        architecture = manifest["model"].get("architecture", "dlrm")
+        if architecture not in ("dlrm", "dcn"):
+            raise ArtifactError(f"{manifest_path}: unknown architecture {architecture!r} (not 'dlrm' or 'dcn')")
+        if architecture == "dcn":  # its cross network is part of the model: never run without it
+            _load_crossnet(artifact, arrays, manifest["crossnet"], manifest_path)
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ArtifactError):
             raise
         raise ArtifactError(f"{manifest_path}: incomplete manifest ({type(err).__name__}: {err})") from None
     return artifact
+
+
+def _load_table(artifact: Artifact, arrays: dict[str, np.ndarray], table: dict[str, Any], manifest_path: Path) -> None:
+    """Check a table entry's files against it and keep them in ``artifact``."""
+    name, root = entry_name(table), artifact.path
+    array = _entry_file(arrays, table["file"], manifest_path, f"table {name}")
+    _check_shape(root / table["file"], array, (table["rows"], row_bytes(table["bits"], table["dim"])))
+    artifact.tables[name] = array
+    if table.get("pooling", "sum") not in ("sum", "mean"):
+        raise ArtifactError(f"{manifest_path}: table {name} has pooling {table['pooling']!r} (not 'sum' or 'mean')")
+    if table.get("scale_bias"):
+        scale_bias = _entry_file(arrays, table["scale_bias"], manifest_path, f"table {name}")
+        _check_shape(root / table["scale_bias"], scale_bias, (table["rows"], 2), np.float16)
+        artifact.scale_bias[name] = scale_bias
+
+
+def _load_crossnet(
+    artifact: Artifact, arrays: dict[str, np.ndarray], crossnet: dict[str, Any], manifest_path: Path
+) -> None:
+    """Check a DCN-v2 cross network's files against their shapes: ``W`` (N, r), ``V`` (r, N), ``bias`` (N,)."""
+    n, r = int(crossnet["in_features"]), int(crossnet["low_rank"])
+    shapes = {"W_kernels": (n, r), "V_kernels": (r, n), "bias": (n,)}
+    for index, layer in enumerate(crossnet["layers"]):
+        loaded = {}
+        for key in CROSSNET_KEYS:
+            array = _entry_file(arrays, layer[key], manifest_path, f"cross layer {index} {key}")
+            if array.dtype != np.float32 or tuple(array.shape) != shapes[key]:
+                raise ArtifactError(
+                    f"{artifact.path / layer[key]}: holds {array.dtype} {list(array.shape)}, cross layer {index} "
+                    f"needs float32 {list(shapes[key])}"
+                )
+            loaded[key] = array
+        artifact.crossnet.append(loaded)
 
 
 def _open_file(root: Path, name: str, meta: dict[str, Any], verify: bool) -> np.ndarray:
@@ -273,8 +339,8 @@ def scale_bias(artifact: Artifact, table: dict[str, Any]) -> torch.Tensor:
     """(rows, 2) float16 ``(scale, bias)`` of every row of a quantized table (manifest entry ``table``): its own per
     row for a row-wise table, the table's on every row (a broadcast view) otherwise. A row's value is
     ``codes * scale + bias``, as in FBGEMM's row-wise INT-N format."""
-    if table["feature"] in artifact.scale_bias:
-        return torch.from_numpy(np.array(artifact.scale_bias[table["feature"]]))
+    if entry_name(table) in artifact.scale_bias:
+        return torch.from_numpy(np.array(artifact.scale_bias[entry_name(table)]))
     return torch.tensor([table["scale"], table["offset"]], dtype=torch.float16).expand(table["rows"], 2)
 
 

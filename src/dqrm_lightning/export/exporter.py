@@ -4,6 +4,11 @@ The checkpoint's quantized parts are rebuilt as the modules that trained them (a
 :class:`~dqrm_lightning.quant.embedding.EmbeddingQuantizer` with its saved scales, a
 :class:`~dqrm_lightning.quant.linear.FakeQuantizedLinear` per MLP layer), which give the integer codes and grids; the
 FP32 tables are read a million rows at a time from the memory-mapped checkpoint, one table resident at a time.
+
+One table is written per table of the model's :class:`~dqrm_lightning.schema.FeatureSchema` (several features may
+share one); the quantizer holds a grid per feature (equal for the features of a table), and a table's grid is that of
+its first feature. A DCN-v2 model (``architecture: dcn``) also stores its cross network, in FP32. A Criteo DLRM
+checkpoint (no ``schema``) exports exactly as before schemas existed: entries keyed by feature, format version 3.
 """
 
 from __future__ import annotations
@@ -19,16 +24,14 @@ import numpy as np
 import torch
 
 from dqrm_lightning.checkpoint import load_file, read_dcp
-from dqrm_lightning.data.criteo import DEFAULT_CAT_NAMES
-from dqrm_lightning.export.artifact import ArtifactWriter, check_output_dir, pack_codes
-from dqrm_lightning.export.size import model_bytes
+from dqrm_lightning.export.artifact import CROSSNET_KEYS, ArtifactWriter, check_output_dir, pack_codes
 from dqrm_lightning.mapped import release, row_chunks
-from dqrm_lightning.model import model_shape
-from dqrm_lightning.names import MLP_ARCHS, QAT_CONFIG_KEY, QUANTIZER_PREFIX, dlrm_key, table_key
+from dqrm_lightning.names import MLP_ARCHS, QAT_CONFIG_KEY, QUANTIZER_PREFIX, dlrm_key, table_weight_key
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.embedding import EmbeddingQuantizer
 from dqrm_lightning.quant.fake_quant import Mode, grid_from_extrema, qrange, quantize_codes
 from dqrm_lightning.quant.linear import FakeQuantizedLinear, linear_kwargs
+from dqrm_lightning.schema import FeatureSchema, TableSpec, schema_of
 
 PtqScales = Literal["trained", "init"]
 
@@ -83,69 +86,139 @@ def export_checkpoint(
     check_output_dir(out, force)  # before reading the checkpoint: nothing of the user's is ever overwritten
     checkpoint = read_checkpoint(ckpt_path)
     hp = checkpoint.get("hyper_parameters")
-    if not hp or "num_embeddings_per_feature" not in hp:
+    if not hp or ("num_embeddings_per_feature" not in hp and not hp.get("schema")):
         raise ValueError(f"{ckpt_path}: not a DLRMModule checkpoint (no hyper_parameters)")
+    schema, architecture = schema_of(hp), hp.get("architecture") or "dlrm"
+    if architecture not in ("dlrm", "dcn"):
+        raise ValueError(f"{ckpt_path}: `architecture` must be 'dlrm' or 'dcn', got {architecture!r}")
+    legacy = not hp.get("schema") and architecture == "dlrm"  # a Criteo DLRM: written exactly as before schemas
     config, ptq = _quantization(checkpoint, ckpt_path, embedding_bits, mlp_bits, ptq_scales)
     state = checkpoint["state_dict"]
-    rows = list(hp["num_embeddings_per_feature"])
-    quantizer = EmbeddingQuantizer(list(DEFAULT_CAT_NAMES), rows, int(hp["embedding_dim"]), config)
+    features, table_rows = schema.feature_names, dict(zip(schema.table_names, schema.table_rows(), strict=True))
+    rows = [table_rows[schema.table_of(feature).name] for feature in features]
+    quantizer = EmbeddingQuantizer(features, rows, int(hp["embedding_dim"]), config)
     quantizer.load_saved(_under(state, QUANTIZER_PREFIX))
     if ptq is None and config.quantizes_embeddings and not quantizer.initialized:
         ptq = "trained"  # never trained with quantization active (e.g. stopped in the FP32 warm-up)
     with ArtifactWriter(out, force) as writer:
-        bits = quantizer.table_bits()  # the trained bits (saved with the quantizer)
+        bits = quantizer.table_bits()  # the trained bits (saved with the quantizer), by feature
         tables = []
-        for f, feature in enumerate(DEFAULT_CAT_NAMES):
-            stored = state[table_key(feature)]  # in its stored dtype: _write_table converts a chunk at a time
-            tables.append(_write_table(writer, f, stored, bits[feature], config, quantizer, ptq))
+        for table in schema.tables:
+            first = schema.features_of(table.name)[0]  # the features of a table hold equal grids
+            stored = state[table_weight_key(table.name)]  # in its stored dtype: _write_table converts a chunk at a time
+            identity = _table_identity(schema, table, legacy)
+            tables.append(
+                _write_table(writer, identity, features.index(first), stored, bits[first], config, quantizer, ptq)
+            )
             release(stored)  # of a mapped checkpoint, one table is resident at a time
 
         layers = [
             _write_layer(writer, name, layer, config if quantize_mlp else None) for name, layer in _mlp_layers(state)
         ]
-        manifest = _manifest(hp, config, ptq, ckpt_path, tables, layers, _sizes(hp, tables, writer.files))
+        crossnet = _write_crossnet(writer, state, hp) if architecture == "dcn" else None
+        model = _model_entry(hp, schema, architecture, legacy)
+        manifest = _manifest(model, config, ptq, ckpt_path, tables, layers, crossnet)
+        manifest["bytes"] = _sizes(tables, layers, crossnet, writer.files)
         writer.finish(manifest)
         return manifest | {"files": writer.files}
 
 
+def _table_identity(schema: FeatureSchema, table: TableSpec, legacy: bool) -> dict[str, Any]:
+    """The start of a table's manifest entry: its name, the features that look it up (interaction order) and its
+    pooling; a Criteo artifact from before schemas names only its one feature (``C1`` for table ``t_C1``)."""
+    if legacy:
+        return {"feature": schema.features_of(table.name)[0]}
+    return {"table": table.name, "features": schema.features_of(table.name), "pooling": table.pooling}
+
+
+def interaction_order(schema: FeatureSchema) -> list[str]:
+    """The sparse features in the order of the model's pooled embeddings (TorchRec's ``SparseArch``: the features of
+    each table in table order), which the interaction and the top MLP's input follow."""
+    return [feature for table in schema.table_names for feature in schema.features_of(table)]
+
+
+def _model_entry(hp: dict[str, Any], schema: FeatureSchema, architecture: str, legacy: bool) -> dict[str, Any]:
+    """The manifest's ``model``: the shape hyperparameters, and (not for Criteo DLRMs, whose artifacts stay as before
+    schemas) the schema, the architecture and the DCN settings."""
+    model: dict[str, Any] = {}
+    if not hp.get("schema"):
+        model["num_embeddings_per_feature"] = [int(r) for r in hp["num_embeddings_per_feature"]]
+    model |= {
+        "embedding_dim": int(hp["embedding_dim"]),
+        "dense_arch_layer_sizes": list(hp["dense_arch_layer_sizes"]),
+        "over_arch_layer_sizes": list(hp["over_arch_layer_sizes"]),
+        "feature_names": interaction_order(schema),
+    }
+    if legacy:
+        return model
+    model |= {"schema": schema.to_dict(), "architecture": architecture}
+    if architecture == "dcn":
+        model |= {
+            "dcn_num_layers": int(hp.get("dcn_num_layers", 3)),
+            "dcn_low_rank_dim": int(hp.get("dcn_low_rank_dim", 64)),
+        }
+    return model
+
+
 def _manifest(
-    hp: dict[str, Any],
+    model: dict[str, Any],
     config: QATConfig,
     ptq: PtqScales | None,
     ckpt_path: str | Path,
     tables: list[dict[str, Any]],
     layers: list[dict[str, Any]],
-    sizes: dict[str, Any],
+    crossnet: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The manifest of an artifact, without its file list and digest (which the writer adds)."""
-    return {
-        "model": {
-            "num_embeddings_per_feature": [int(r) for r in hp["num_embeddings_per_feature"]],
-            "embedding_dim": int(hp["embedding_dim"]),
-            "dense_arch_layer_sizes": list(hp["dense_arch_layer_sizes"]),
-            "over_arch_layer_sizes": list(hp["over_arch_layer_sizes"]),
-            "feature_names": list(DEFAULT_CAT_NAMES),
-        },
+    """The manifest of an artifact, without its sizes, file list and digest."""
+    manifest = {
+        "model": model,
         "qat_config": asdict(config),
         "quantization": "qat" if ptq is None else f"ptq ({ptq} scales)",
         "source_checkpoint": str(ckpt_path),
         "tables": tables,
         "mlp": layers,
-        "bytes": sizes,
     }
+    return manifest if crossnet is None else manifest | {"crossnet": crossnet}
 
 
-def _sizes(hp: dict[str, Any], tables: list[dict[str, Any]], files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _write_crossnet(writer: ArtifactWriter, state: dict[str, torch.Tensor], hp: dict[str, Any]) -> dict[str, Any]:
+    """Write a DCN-v2 model's low-rank cross network (``x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l``; ``W_l`` (N, r),
+    ``V_l`` (r, N), ``b_l`` (N,)) in FP32 and return its manifest entry: QAT does not quantize it, nor does export."""
+    prefix = dlrm_key("inter_arch.crossnet.")
+    num_layers = int(hp.get("dcn_num_layers", 3))
+    layers = []
+    for layer in range(num_layers):
+        files = {}
+        for key in CROSSNET_KEYS:
+            name = f"{prefix}{key}.{layer}"
+            if name not in state:
+                raise ValueError(f"the DCN checkpoint lacks {name!r} (`dcn_num_layers` is {num_layers})")
+            files[key] = writer.add(f"crossnet/{key}.{layer}.bin", state[name].detach().float().numpy())
+        layers.append(files)
+    in_features, low_rank = state[f"{prefix}W_kernels.0"].shape if num_layers else (0, 0)
+    return {"bits": 32, "in_features": int(in_features), "low_rank": int(low_rank), "layers": layers}
+
+
+def _sizes(
+    tables: list[dict[str, Any]],
+    layers: list[dict[str, Any]],
+    crossnet: dict[str, Any] | None,
+    files: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     """The manifest's ``bytes``: ``payload`` (its files), ``model`` (the payload plus the fp16 scale and offset of
     each per-table quantized table, kept in the manifest: :func:`~dqrm_lightning.export.size.quantized_model_bytes`),
     ``scale_bias`` (the tables' scales and offsets, included in both), ``tables`` (the stored tables) and the FP32
-    counterparts with their ratios."""
+    counterparts (tables, MLP weights and biases, the DCN cross network) with their ratios."""
     payload = sum(meta["bytes"] for meta in files.values())
     in_manifest = 4 * sum(1 for t in tables if t["bits"] != 32 and "scale_bias" not in t)
     per_row = sum(files[t["scale_bias"]]["bytes"] for t in tables if "scale_bias" in t)
     stored_tables = in_manifest + per_row + sum(files[t["file"]]["bytes"] for t in tables)
-    fp32_model = model_bytes(model_shape(hp))
     fp32_tables = sum(4 * t["rows"] * t["dim"] for t in tables)
+    fp32_mlp = sum(
+        4 * (out * width + (out if "bias" in layer else 0)) for layer in layers for out, width in [layer["shape"]]
+    )
+    fp32_crossnet = sum(files[name]["bytes"] for layer in (crossnet or {}).get("layers", []) for name in layer.values())
+    fp32_model = fp32_tables + fp32_mlp + fp32_crossnet
     return {
         "payload": payload,
         "model": payload + in_manifest,
@@ -180,6 +253,7 @@ def _quantization(
 
 def _write_table(
     writer: ArtifactWriter,
+    identity: dict[str, Any],
     f: int,
     weight: torch.Tensor,
     bits: int | None,
@@ -187,19 +261,20 @@ def _write_table(
     quantizer: EmbeddingQuantizer,
     ptq: PtqScales | None,
 ) -> dict[str, Any]:
-    """Write table ``f`` (FP32, or unsigned codes at ``bits``) and return its manifest entry. ``weight`` is the
-    table as trained (float32 or float16: an FP32 table of float16 training holds its values exactly)."""
-    feature, (rows, dim) = DEFAULT_CAT_NAMES[f], weight.shape
-    entry: dict[str, Any] = {"feature": feature, "rows": int(rows), "dim": int(dim), "mode": config.embedding_mode}
+    """Write a table (FP32, or unsigned codes at ``bits``) on the grid of the quantizer's feature ``f`` and return its
+    manifest entry, which starts with ``identity`` (:func:`_table_identity`). ``weight`` is the table as trained
+    (float32 or float16: an FP32 table of float16 training holds its values exactly)."""
+    name, (rows, dim) = identity.get("table", identity.get("feature")), weight.shape
+    entry: dict[str, Any] = identity | {"rows": int(rows), "dim": int(dim), "mode": config.embedding_mode}
     if bits is None:
         entry |= {"bits": 32, "scale": 1.0, "offset": 0.0}
-        entry["file"] = writer.add(f"tables/{feature}.bin", _packed_rows(weight, 32, lambda chunk: chunk.numpy()))
+        entry["file"] = writer.add(f"tables/{name}.bin", _packed_rows(weight, 32, lambda chunk: chunk.numpy()))
         return entry
     if config.embedding_granularity == "per_row":  # each row's own grid, as QAT computed it from the same rows
         codes, scale_bias = _row_wise_codes(weight, bits, config.embedding_mode, quantizer, f)
         entry |= {"bits": bits, "granularity": "per_row"}
-        entry["scale_bias"] = writer.add(f"tables/{feature}.sb.bin", scale_bias)
-        entry["file"] = writer.add(f"tables/{feature}.bin", pack_codes(codes, bits))
+        entry["scale_bias"] = writer.add(f"tables/{name}.sb.bin", scale_bias)
+        entry["file"] = writer.add(f"tables/{name}.bin", pack_codes(codes, bits))
         return entry
     if ptq is None:  # the QAT model's frozen grid
         grid_scale, grid_offset = (t.detach() for t in quantizer.grid())  # as the QAT forward used it
@@ -213,7 +288,7 @@ def _write_table(
     lo, hi = torch.tensor(float(low)), torch.tensor(float(high))
     packed = _packed_rows(weight, bits, lambda chunk: quantize_codes(chunk, s, lo, hi, o).numpy() + shift)
     entry |= {"bits": bits, "scale": scale, "offset": -shift * scale if shift else offset}
-    entry["file"] = writer.add(f"tables/{feature}.bin", packed)
+    entry["file"] = writer.add(f"tables/{name}.bin", packed)
     return entry
 
 

@@ -7,7 +7,11 @@ layer's integer codes are exact in bfloat16 (bits <= 8) and its scale per output
 product, so only the layer's input and the product's output are rounded to bfloat16 (8 significant bits). It changes
 predictions slightly (measured AUC change: benchmarks/results/inference_speed.txt).
 
-Notation: B batch size, F = 26 sparse features, D embedding dimension.
+Any feature schema: a table may be looked up by several features, and a feature's bag may hold any number of ids
+(0: a vector of zeros), pooled by the table's ``sum`` or ``mean``. The interaction is DLRM's dot product, or for a
+DCN-v2 artifact (``architecture: dcn``) the low-rank cross network, kept in FP32.
+
+Notation: B batch size, F sparse features (Criteo: 26), D embedding dimension, N = (F + 1) D.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from torch import nn
 
 from dqrm_lightning.export.artifact import (
     Artifact,
+    entry_features,
+    entry_name,
+    entry_table,
     load_artifact,
     mlp_weight_codes,
     scale_bias,
     unpack_codes,
 )
-from dqrm_lightning.names import MLP_ARCHS, table_name
+from dqrm_lightning.names import MLP_ARCHS
 
 
 class _InputQuantizer(nn.Module):
@@ -117,10 +124,30 @@ def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
     return torch.cat((dense, pairs), dim=1)
 
 
+class CrossNet(nn.Module):
+    """DCN-v2's low-rank cross network (Wang et al. 2021, arXiv 2008.13535; TorchRec's ``LowRankCrossNet``): layer
+    l maps ``x_l`` to ``x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l`` with ``W_l`` (N, r), ``V_l`` (r, N), ``b_l``
+    (N,) and ``*`` elementwise; input and output (B, N)."""
+
+    def __init__(self, layers: Sequence[dict[str, np.ndarray]]) -> None:
+        super().__init__()
+        self.w = nn.ParameterList(torch.from_numpy(np.array(layer["W_kernels"])) for layer in layers)
+        self.v = nn.ParameterList(torch.from_numpy(np.array(layer["V_kernels"])) for layer in layers)
+        self.b = nn.ParameterList(torch.from_numpy(np.array(layer["bias"])) for layer in layers)
+        self.requires_grad_(False)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for w, v, b in zip(self.w, self.v, self.b, strict=True):
+            x = x0 * F.linear(F.linear(x, v), w, b) + x  # V x: (B, r); W (V x) + b: (B, N)
+        return x
+
+
 class ArtifactDLRM(nn.Module):
-    """An exported DLRM: the artifact's MLPs (float32 ``nn.Linear`` layers holding the dequantized weights, or
-    bfloat16 products with ``mlp_precision="bf16"``, see the module docstring), and an engine-specific :meth:`embed`
-    of the tables. ``manifest`` is the artifact's.
+    """An exported DLRM or DCN-v2 model: the artifact's MLPs (float32 ``nn.Linear`` layers holding the dequantized
+    weights, or bfloat16 products with ``mlp_precision="bf16"``, see the module docstring), the interaction (dot
+    product, or the FP32 cross network of a DCN artifact) and an engine-specific :meth:`embed` of the tables.
+    ``manifest`` is the artifact's.
 
     Raises:
         ValueError: ``mlp_precision`` not one of :data:`MLP_PRECISIONS`.
@@ -134,7 +161,8 @@ class ArtifactDLRM(nn.Module):
         dense, over = ([layer for layer in artifact.manifest["mlp"] if layer["arch"] == arch] for arch in MLP_ARCHS)
         self.dense_arch = _mlp(dense, artifact, relu_last=True, precision=mlp_precision)
         self.over_arch = _mlp(over, artifact, relu_last=False, precision=mlp_precision)
-        self.feature_names = artifact.manifest["model"]["feature_names"]
+        self.feature_names = artifact.manifest["model"]["feature_names"]  # in the interaction's order
+        self.crossnet = CrossNet(artifact.crossnet) if artifact.manifest["model"].get("architecture") == "dcn" else None
 
     def embed(self, features: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -144,65 +172,84 @@ class ArtifactDLRM(nn.Module):
         """Logits (B, 1)."""
         dense = self.dense_arch(dense_features)  # (B, D)
         sparse = self.embed(sparse_features)  # (B, F, D)
-        return self.over_arch(dot_interaction(dense, sparse))
+        if self.crossnet is None:
+            return self.over_arch(dot_interaction(dense, sparse))
+        combined = torch.cat((dense.unsqueeze(1), sparse), dim=1).flatten(1)  # (B, N)
+        return self.over_arch(self.crossnet(combined))
 
 
 class PlainTorchDLRM(ArtifactDLRM):
-    """The artifact in plain torch (no TorchRec, no FBGEMM): looked-up rows are unpacked and dequantized per batch.
+    """The artifact in plain torch (no TorchRec, no FBGEMM): looked-up rows are unpacked and dequantized per batch,
+    then pooled per bag by their table's ``sum`` or ``mean``.
 
-    ``embed`` takes a dict ``feature -> (B,) int64 ids`` (one id per feature and sample) or anything with
-    ``__getitem__(feature).values()`` such as a KeyedJaggedTensor of one-hot features.
+    ``embed`` takes a KeyedJaggedTensor (any bag lengths), or a dict ``feature -> (B,) int64 ids`` (one id per
+    feature and sample).
     """
 
     def __init__(self, artifact: Artifact, mlp_precision: str = "fp32") -> None:
         super().__init__(artifact, mlp_precision)
-        self.tables = {t["feature"]: t for t in artifact.manifest["tables"]}
-        self.codes = {f: torch.from_numpy(np.array(artifact.tables[f])) for f in self.feature_names}
-        self.scale_bias = {
-            t["feature"]: scale_bias(artifact, t) for t in artifact.manifest["tables"] if t["bits"] != 32
+        self.tables = {f: t for t in artifact.manifest["tables"] for f in entry_features(t)}  # by feature
+        self.codes = {
+            entry_name(t): torch.from_numpy(np.array(artifact.tables[entry_name(t)])) for t in self.tables.values()
         }
+        self.scale_bias = {
+            entry_name(t): scale_bias(artifact, t) for t in artifact.manifest["tables"] if t["bits"] != 32
+        }
+
+    def _rows(self, table: dict[str, Any], ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows ``ids`` (N,) of a table: (N, D) float32."""
+        name = entry_name(table)
+        codes = unpack_codes(self.codes[name][ids], table["bits"], table["dim"])
+        if table["bits"] == 32:
+            return codes
+        grid = self.scale_bias[name][ids].float()  # (N, 2)
+        return codes.float() * grid[:, :1] + grid[:, 1:]
 
     def embed(self, features: Any) -> torch.Tensor:
         out = []
         for feature in self.feature_names:
-            ids = features[feature]
-            ids = ids.values() if hasattr(ids, "values") and callable(ids.values) else ids
-            table = self.tables[feature]
-            codes = unpack_codes(self.codes[feature][ids.long()], table["bits"], table["dim"])
-            if table["bits"] == 32:
-                out.append(codes)
+            bag = features[feature]
+            if callable(getattr(bag, "values", None)):  # a JaggedTensor: ids and bag lengths
+                ids, offsets = bag.values().long(), bag.offsets()[:-1].long()
             else:
-                grid = self.scale_bias[feature][ids.long()].float()  # (B, 2)
-                out.append(codes.float() * grid[:, :1] + grid[:, 1:])
+                ids = bag.long()
+                offsets = torch.arange(len(ids))
+            table = self.tables[feature]
+            rows = self._rows(table, ids)  # (N, D)
+            mode = table.get("pooling", "sum")
+            out.append(F.embedding_bag(torch.arange(len(ids)), rows, offsets, mode=mode))  # (B, D)
         return torch.stack(out, dim=1)  # (B, F, D)
 
 
 class TorchRecDLRM(ArtifactDLRM):
-    """The artifact on TorchRec's quantized EmbeddingBagCollection (FBGEMM IntN TBE kernels on CPU or GPU)."""
+    """The artifact on TorchRec's quantized EmbeddingBagCollection (FBGEMM IntN TBE kernels on CPU or GPU), one
+    table per manifest entry with the features that look it up and its pooling."""
 
     def __init__(self, artifact: Artifact, mlp_precision: str = "fp32") -> None:
         super().__init__(artifact, mlp_precision)
-        from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+        from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
         from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
 
         data_types = {2: DataType.INT2, 4: DataType.INT4, 8: DataType.INT8, 32: DataType.FP32}
+        poolings = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
         configs: list[EmbeddingBagConfig] = []
         weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # table: (rows, fp16 scale and bias per row)
         for table in artifact.manifest["tables"]:
             bits = table["bits"]
-            codes = torch.from_numpy(np.array(artifact.tables[table["feature"]]))
+            codes = torch.from_numpy(np.array(artifact.tables[entry_name(table)]))
             if bits == 16:  # FBGEMM has no INT16 rows: serve the dequantized values in FP32
                 grid = scale_bias(artifact, table).float()  # (rows, 2)
                 values = unpack_codes(codes, 16, table["dim"]).float() * grid[:, :1] + grid[:, 1:]
                 codes, bits = values.contiguous().view(torch.uint8), 32
-            name = table_name(table["feature"])
+            name = entry_table(table)
             configs.append(
                 EmbeddingBagConfig(
                     name=name,
                     embedding_dim=table["dim"],
                     num_embeddings=table["rows"],
-                    feature_names=[table["feature"]],
+                    feature_names=entry_features(table),
                     data_type=data_types[bits],
+                    pooling=poolings[table.get("pooling", "sum")],
                 )
             )
             if bits == 32:
@@ -214,7 +261,7 @@ class TorchRecDLRM(ArtifactDLRM):
         )
 
     def embed(self, features: Any) -> torch.Tensor:
-        pooled = self.ebc(features)  # KeyedTensor, values (B, F * D) in the tables' order
+        pooled = self.ebc(features)  # KeyedTensor, values (B, F * D) in the tables' order (grouped by pooling)
         if pooled.keys() == self.feature_names:  # the exporter's order: a view, no copy
             return pooled.values().view(pooled.values().shape[0], len(self.feature_names), -1)  # (B, F, D)
         by_feature = pooled.to_dict()
