@@ -472,13 +472,13 @@ def _unlinked(err: BaseException) -> BaseException:
 
 def _table_sizes(datamodule: CriteoDataModule) -> list[int] | None:
     """Criteo's 26 table sizes (a data module with a feature schema sizes the model through ``model.schema``)."""
-    return None if datamodule.hparams.get("schema") is not None else datamodule.table_sizes
+    return None if datamodule.schema is not None else datamodule.table_sizes
 
 
 def _schema(datamodule: CriteoDataModule) -> dict[str, Any] | None:
     """The data's feature schema with every table sized, for the model (``None`` for raw Criteo files: the model's
     Criteo preset from ``num_embeddings_per_feature``, as before schemas)."""
-    return None if datamodule.hparams.get("schema") is None else datamodule.resolved_schema().to_dict()
+    return None if datamodule.schema is None else datamodule.resolved_schema().to_dict()
 
 
 def _data_error(err: BaseException) -> str:

@@ -29,8 +29,9 @@ there but used by no feature is an error). Criteo Kaggle and Terabyte are the pr
 columns ``I1..I13`` (missing values 0, ``log(x + 1)``), 26 one-hot features ``C1..C26``, each its own table
 ``t_C1..t_C26``.
 
-Order matters and is kept: the model's sparse features (KeyedJaggedTensor keys, the interaction's order) are
-``sparse`` in the order given, its tables the order in which features first use them.
+Order matters and is kept: a batch's sparse features (KeyedJaggedTensor keys) are ``sparse`` in the order given, the
+tables the order in which features first use them, and the model's pooled embeddings (interaction, embedding QAT)
+the features of each table in table order (:attr:`FeatureSchema.pooled_feature_names`, TorchRec's ``SparseArch``).
 """
 
 from __future__ import annotations
@@ -180,6 +181,13 @@ class FeatureSchema:
     def feature_names(self) -> list[str]:
         """The sparse features, in order (the KeyedJaggedTensor keys)."""
         return [s.name for s in self.sparse]
+
+    @property
+    def pooled_feature_names(self) -> list[str]:
+        """The sparse features in the order of the model's pooled embeddings (TorchRec's ``SparseArch``: the features
+        of each table, tables in order), which the interaction, the top MLP's input and the embedding quantizer
+        follow; :attr:`feature_names` unless features sharing a table are apart in ``sparse``."""
+        return [feature for table in self.table_names for feature in self.features_of(table)]
 
     @property
     def table_names(self) -> list[str]:

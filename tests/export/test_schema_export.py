@@ -177,11 +177,14 @@ def test_int4_ptq_export_predicts_what_the_model_does_on_the_grid(tmp_path, arch
 def test_a_qat_checkpoint_exports_one_grid_per_table_from_its_first_feature(tmp_path, engine):
     model = torchrec_model(SCHEMA, "dlrm")
     config = QATConfig(embedding_bits=4)
-    rows = [SCHEMA.table_of(f).rows for f in SCHEMA.feature_names]
-    quantizer = EmbeddingQuantizer(SCHEMA.feature_names, rows, D, config)
+    features = SCHEMA.pooled_feature_names  # as the model's quantizer holds them: one grid per table
+    tables = [SCHEMA.table_of(f).name for f in features]
+    rows = [SCHEMA.table(t).rows for t in tables]
+    mean_tables = {t.name for t in SCHEMA.tables if t.pooling == "mean"}
+    quantizer = EmbeddingQuantizer(features, rows, D, config, tables, mean_tables)
     scales = {"movies": 0.015625, "t_user": 0.03125, "t_genres": 0.046875}  # float16-exact, as QAT keeps them
     with torch.no_grad():
-        quantizer.scale.copy_(torch.tensor([scales[SCHEMA.table_of(f).name] for f in SCHEMA.feature_names]))
+        quantizer.scale.copy_(torch.tensor([scales[t] for t in quantizer.table_names]))
         quantizer.refreshes.fill_(1)
     save(model, SCHEMA, "dlrm", tmp_path / "m.ckpt", qat={"quantizer": quantizer.state_dict(), "config": config})
     manifest = export_checkpoint(tmp_path / "m.ckpt", tmp_path / "art")

@@ -176,7 +176,9 @@ class CriteoDataModule(pl.LightningDataModule):
         super().__init__()
         # Table sizes are the model's hyper-parameter (linked from `table_sizes`); keeping them out of the data
         # module's hparams avoids a clash when Lightning merges both for the loggers.
-        self.save_hyperparameters(ignore=["num_embeddings_per_feature"])
+        # the schema is the model's hyperparameter (sized, linked by the CLI): Lightning refuses a run whose model and
+        # data hold one name with different values, so the data module keeps its own (maybe unsized) one aside
+        self.save_hyperparameters(ignore=["num_embeddings_per_feature", "schema"])
         self.num_embeddings_per_feature = num_embeddings_per_feature
         layouts = [bool(train_files or val_files or test_files), bool(kaggle_train_txt), bool(terabyte_dir)]
         if sum(layouts) > 1:
@@ -190,7 +192,7 @@ class CriteoDataModule(pl.LightningDataModule):
             )
         if categorical_encoding not in ("hash", "vocab"):
             raise ValueError(f"`categorical_encoding` must be 'hash' or 'vocab', got {categorical_encoding!r}")
-        self._schema = load_schema(schema) if schema is not None else None
+        self._schema = load_schema(schema) if schema is not None else None  # None: raw Criteo files
         if self._schema is not None:
             _check_schema_settings(
                 self._schema, dict(self.hparams) | {"num_embeddings_per_feature": num_embeddings_per_feature}
@@ -281,6 +283,11 @@ class CriteoDataModule(pl.LightningDataModule):
                         raise ValueError(f"vocabulary exceeds `num_embeddings_per_feature` ({', '.join(over)})")
                 self._table_sizes = list(sizes)
         return self._table_sizes
+
+    @property
+    def schema(self) -> FeatureSchema | None:
+        """The feature schema of the files as given (tables maybe unsized), or ``None`` for raw Criteo files."""
+        return self._schema
 
     def resolved_schema(self) -> FeatureSchema:
         """The feature schema with every table sized: raw Criteo, ``criteo_schema(table_sizes)``; with a schema, its

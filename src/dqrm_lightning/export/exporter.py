@@ -94,9 +94,12 @@ def export_checkpoint(
     legacy = not hp.get("schema") and architecture == "dlrm"  # a Criteo DLRM: written exactly as before schemas
     config, ptq = _quantization(checkpoint, ckpt_path, embedding_bits, mlp_bits, ptq_scales)
     state = checkpoint["state_dict"]
-    features, table_rows = schema.feature_names, dict(zip(schema.table_names, schema.table_rows(), strict=True))
-    rows = [table_rows[schema.table_of(feature).name] for feature in features]
-    quantizer = EmbeddingQuantizer(features, rows, int(hp["embedding_dim"]), config)
+    features = schema.pooled_feature_names  # the embedding quantizer's feature order (TorchRec's SparseArch)
+    tables_of = [schema.table_of(feature).name for feature in features]
+    table_rows = dict(zip(schema.table_names, schema.table_rows(), strict=True))
+    mean_tables = {table.name for table in schema.tables if table.pooling == "mean"}
+    rows = [table_rows[table] for table in tables_of]
+    quantizer = EmbeddingQuantizer(features, rows, int(hp["embedding_dim"]), config, tables_of, mean_tables)
     quantizer.load_saved(_under(state, QUANTIZER_PREFIX))
     if ptq is None and config.quantizes_embeddings and not quantizer.initialized:
         ptq = "trained"  # never trained with quantization active (e.g. stopped in the FP32 warm-up)
@@ -131,12 +134,6 @@ def _table_identity(schema: FeatureSchema, table: TableSpec, legacy: bool) -> di
     return {"table": table.name, "features": schema.features_of(table.name), "pooling": table.pooling}
 
 
-def interaction_order(schema: FeatureSchema) -> list[str]:
-    """The sparse features in the order of the model's pooled embeddings (TorchRec's ``SparseArch``: the features of
-    each table in table order), which the interaction and the top MLP's input follow."""
-    return [feature for table in schema.table_names for feature in schema.features_of(table)]
-
-
 def _model_entry(hp: dict[str, Any], schema: FeatureSchema, architecture: str, legacy: bool) -> dict[str, Any]:
     """The manifest's ``model``: the shape hyperparameters, and (not for Criteo DLRMs, whose artifacts stay as before
     schemas) the schema, the architecture and the DCN settings."""
@@ -147,7 +144,7 @@ def _model_entry(hp: dict[str, Any], schema: FeatureSchema, architecture: str, l
         "embedding_dim": int(hp["embedding_dim"]),
         "dense_arch_layer_sizes": list(hp["dense_arch_layer_sizes"]),
         "over_arch_layer_sizes": list(hp["over_arch_layer_sizes"]),
-        "feature_names": interaction_order(schema),
+        "feature_names": schema.pooled_feature_names,
     }
     if legacy:
         return model
@@ -277,7 +274,7 @@ def _write_table(
         entry["file"] = writer.add(f"tables/{name}.bin", pack_codes(codes, bits))
         return entry
     if ptq is None:  # the QAT model's frozen grid
-        grid_scale, grid_offset = (t.detach() for t in quantizer.grid())  # as the QAT forward used it
+        grid_scale, grid_offset = (quantizer.per_feature(t.detach()) for t in quantizer.grid())  # as QAT used it
         scale, offset = float(grid_scale[f]), float(grid_offset[f])
     else:
         scale, offset = _ptq_grid(weight, bits, config, ptq)
