@@ -294,6 +294,8 @@ class DLRMModule(pl.LightningModule):
             return
         self.configure_model()
         self.embedding_quantizer = prepare_qat(self.dlrm, config)
+        if self.embedding_quantizer is not None:
+            self.embedding_quantizer.multi_hot_features = {s.name for s in self.schema.sparse if s.multi_hot}
         self.qat_config = config
 
     def _check_quantization(self, config: QATConfig) -> None:

@@ -14,8 +14,11 @@ No quantized copy of a table ever exists. The quantizer runs at the end of DLRM'
 * multi-hot features: rows must be quantized before pooling. With the identity straight-through gradient,
   ``sum_i q(w_i) = sum_i w_i + sum_i (q(w_i) - w_i)`` where the second term carries no gradient, so the pooled FP32
   output (with its fused backward) is corrected by a term computed from the looked-up rows under ``no_grad`` (divided
-  by the bag's length where the table pools by mean; an empty bag pools to zeros and gets no correction). This needs
-  the table on this process (single process, replicated tables, or table-wise placement).
+  by the bag's length where the table pools by mean; an empty bag pools to zeros and gets no correction). Rows of a
+  table sharded over the ranks (model parallel) are fetched from the ranks holding them in one collective per
+  feature (:func:`~dqrm_lightning.quant.row_fetch.fetch_rows`). Which features take this path is the schema's
+  declaration (``multi_hot_features``, the same on every rank); without one, a batch with one id per bag everywhere
+  takes the one-hot path.
 
 Scales are computed from the FP32 master tables under ``no_grad`` with ``torch.aminmax`` (a reduction: no
 table-sized temporary), at the first training step and then every ``scale_period`` optimizer steps; they are frozen
@@ -67,6 +70,7 @@ from dqrm_lightning.quant.fake_quant import (
     qrange,
     row_grid,
 )
+from dqrm_lightning.quant.row_fetch import fetch_rows
 from dqrm_lightning.quant.table_extrema import BlockExtrema
 
 
@@ -77,18 +81,23 @@ class TableAccess:
     def __init__(self, ebc: nn.Module) -> None:
         self.local: dict[str, list[tuple[torch.Tensor, tuple[int, ...]]]] = {}
         self.full_rows: dict[str, int] = {}
+        self.spread: set[str] = set()  # tables (and their features) sharded over several ranks
+        self._dims: dict[str, int] = {}
         features = {cfg.name: list(cfg.feature_names) for cfg in _table_configs(ebc)}
+        several_ranks = dist.is_initialized() and dist.get_world_size() > 1
         for key, value in ebc.state_dict().items():
             table = key.split(".")[-2]
             if table not in features:
                 continue
             if isinstance(value, ShardedTensor):
                 shards = [(s.tensor, tuple(s.metadata.shard_offsets)) for s in value.local_shards()]
-                rows = int(value.size(0))
+                rows, dim = int(value.size(0)), int(value.size(1))
             else:
-                shards, rows = [(value, (0, 0))], int(value.shape[0])
+                shards, (rows, dim) = [(value, (0, 0))], value.shape
             for name in (*features[table], table):
-                self.local[name], self.full_rows[name] = shards, rows
+                self.local[name], self.full_rows[name], self._dims[name] = shards, int(rows), int(dim)
+                if several_ranks and isinstance(value, ShardedTensor):  # the same on every rank
+                    self.spread.add(name)
 
     def extrema(self, feature: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(min, max) over this process's shards of a table (+inf/-inf when it holds none)."""
@@ -112,7 +121,11 @@ class TableAccess:
         return shards[0][0].detach()
 
     def rows(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
-        """FP32 rows ``ids`` of a table held whole by this process."""
+        """Rows ``ids`` of a feature's table: from this process, or, for a table sharded over the ranks, fetched from
+        the ranks holding them (:func:`~dqrm_lightning.quant.row_fetch.fetch_rows`, a collective: every rank asks
+        for the same tables in the same order)."""
+        if feature in self.spread:
+            return fetch_rows(self.local[feature], ids, self._dims[feature])
         return self.whole(feature)[ids]
 
 
@@ -266,6 +279,9 @@ class EmbeddingQuantizer(nn.Module):
         self._ebc: tuple[nn.Module, ...] = ()  # a tuple: not registered as a submodule (its tables are not ours)
         self.active = True  # False: the forward passes the FP32 rows through (see enable_fake_quant)
         self.record_error = False
+        # features the schema declares multi-hot (set by the model): quantized before pooling in every batch; without
+        # a declaration a batch of one id per bag takes the one-hot path
+        self.multi_hot_features: set[str] = set()
         self.last_error: torch.Tensor | None = None
         self._noise_step, self._noise_draws = -1, 0  # stochastic rounding: the step and the forwards drawn in it
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -456,14 +472,18 @@ class EmbeddingQuantizer(nn.Module):
     def quantize(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
         """Fake-quantize the looked-up rows behind ``pooled`` (B, F, D); returns (B, F, D)."""
         shape = (1, -1, 1)  # broadcast per feature over (B, F, D)
-        lengths = features.lengths().view(len(features.keys()), -1)  # (F, B)
-        one_hot = bool((lengths == 1).all())
-        if one_hot:
+        if self.multi_hot_features:  # declared by the schema: the same on every rank (the correction is collective)
             out = self._quantize_one_hot(pooled)
-            if not self._all_quantized:
-                out = torch.where(self.per_feature(self.quantized).view(shape), out, pooled)
-        else:
-            out = pooled + self._multi_hot_correction(pooled, features)
+            multi = torch.tensor([f in self.multi_hot_features for f in self.feature_names]).view(shape)
+            out = torch.where(multi, pooled + self._multi_hot_correction(pooled, features, multi.view(-1)), out)
+        else:  # no schema says: one-hot batches (Criteo) take the one-hot path
+            lengths = features.lengths().view(len(features.keys()), -1)  # (F, B)
+            if bool((lengths == 1).all()):
+                out = self._quantize_one_hot(pooled)
+            else:
+                out = pooled + self._multi_hot_correction(pooled, features)
+        if not self._all_quantized:
+            out = torch.where(self.per_feature(self.quantized).view(shape), out, pooled)
         if self.record_error:
             with torch.no_grad():
                 self.last_error = (out - pooled).abs().mean(dim=(0, 2)).detach()  # (F,)
@@ -484,8 +504,11 @@ class EmbeddingQuantizer(nn.Module):
         return scale, (offset if self.config.embedding_mode == "asymmetric" else None)
 
     @torch.no_grad()
-    def _multi_hot_correction(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
-        """sum over each bag of (q(w) - w): (B, F, D), no gradient."""
+    def _multi_hot_correction(
+        self, pooled: torch.Tensor, features: KeyedJaggedTensor, only: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """sum over each bag of (q(w) - w): (B, F, D), no gradient; zero for the features outside ``only`` ((F,) bool,
+        default: all)."""
         if self.config.ste != "identity":
             raise NotImplementedError("multi-hot QAT supports the identity straight-through gradient only")
         if self._learned:
@@ -495,7 +518,7 @@ class EmbeddingQuantizer(nn.Module):
         per_feature = features.to_dict()
         for f, name in enumerate(self.feature_names):
             t = int(self.table_index[f])
-            if not bool(self.quantized[t]):
+            if not bool(self.quantized[t]) or (only is not None and not bool(only[f])):
                 continue
             jagged = per_feature[name]
             rows = self.tables.rows(self.table_names[t], jagged.values()).float()  # (N, D)
