@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from dqrm_lightning._progress import ProgressMeter
 from dqrm_lightning.data.prepare import SPLITS
-from dqrm_lightning.data.synthetic.bayes import AUC_METHOD, BayesStats
+from dqrm_lightning.data.synthetic.bayes import BayesStats
 from dqrm_lightning.data.synthetic.plan import (
     BLOCK_ROWS,
     PlannedFile,
@@ -29,6 +29,7 @@ from dqrm_lightning.data.synthetic.plan import (
     plan_files,
     remove_stale,
     split_counts,
+    split_summary,
 )
 from dqrm_lightning.data.synthetic.presets import PRESETS, SyntheticPreset, get_preset
 from dqrm_lightning.data.synthetic.truth import GroundTruth, data_rng
@@ -192,20 +193,12 @@ def _summary(
     rows_per_file: int | None,
     stats: dict[str, BayesStats],
 ) -> dict:
-    splits = {}
-    for split in SPLITS:
-        splits[split] = stats[split].result() | {"files": [p.name for p in plan if p.split == split]}
     return {
         "format": "criteo-raw-tsv",
         "preset": truth.preset.name,
         "seed": truth.seed,
-        "rows": rows,
-        "rows_per_split": {split: splits[split]["rows"] for split in SPLITS},
-        "split_fractions": list(fractions),
-        "rows_per_file": rows_per_file,
         "bias": truth.bias,
-        "auc_method": AUC_METHOD,
-        "splits": splits,
+        **split_summary(plan, rows, fractions, rows_per_file, stats),
         "preset_config": dataclasses.asdict(truth.preset),
     }
 

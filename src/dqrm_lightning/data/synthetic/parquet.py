@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from dqrm_lightning.data.prepare import SPLITS, truth_file
-from dqrm_lightning.data.synthetic.bayes import AUC_METHOD, BayesStats
+from dqrm_lightning.data.synthetic.bayes import BayesStats
 from dqrm_lightning.data.synthetic.generate import _check_arguments
 from dqrm_lightning.data.synthetic.plan import (
     BLOCK_ROWS,
@@ -42,6 +42,7 @@ from dqrm_lightning.data.synthetic.plan import (
     plan_files,
     remove_stale,
     split_counts,
+    split_summary,
 )
 from dqrm_lightning.data.synthetic.schema_truth import SchemaGroundTruth, SchemaRows, SchemaSynthOptions
 from dqrm_lightning.data.synthetic.truth import data_rng
@@ -200,18 +201,12 @@ def _summary(
     rows_per_file: int | None,
     stats: dict[str, BayesStats],
 ) -> dict:
-    splits = {split: stats[split].result() | {"files": [p.name for p in plan if p.split == split]} for split in SPLITS}
     return {
         "format": "parquet",
         "schema": truth.schema.to_dict(),
         "seed": truth.seed,
-        "rows": rows,
-        "rows_per_split": {split: splits[split]["rows"] for split in SPLITS},
-        "split_fractions": list(fractions),
-        "rows_per_file": rows_per_file,
         "bias": truth.bias,
         "dense_weights": [float(w) for w in truth.dense_weights],
-        "auc_method": AUC_METHOD,
-        "splits": splits,
+        **split_summary(plan, rows, fractions, rows_per_file, stats),
         "options": dataclasses.asdict(truth.options),
     }

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dqrm_lightning.data.prepare import SPLITS, TRUTH_SUFFIX, truth_file
+from dqrm_lightning.data.synthetic.bayes import AUC_METHOD, BayesStats
 
-__all__ = ["BLOCK_ROWS", "PlannedFile", "block_pieces", "plan_files", "remove_stale", "split_counts"]
+__all__ = ["BLOCK_ROWS", "PlannedFile", "block_pieces", "plan_files", "remove_stale", "split_counts", "split_summary"]
 
 BLOCK_ROWS = 65_536
 """Rows per generated block (the unit of the random streams and of memory use)."""
@@ -80,3 +81,23 @@ def remove_stale(out_dir: Path, plan: Sequence[PlannedFile], suffix: str = ".tsv
         for path in [*out_dir.glob(f"{split}{suffix}*"), *out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9]{suffix}*")]:
             if path.name not in keep and path.name.endswith((suffix, suffix + TRUTH_SUFFIX)):
                 path.unlink()
+
+
+def split_summary(
+    plan: Sequence[PlannedFile],
+    rows: int,
+    fractions: Sequence[float],
+    rows_per_file: int | None,
+    stats: dict[str, BayesStats],
+) -> dict:
+    """The split part of a generated data set's ``truth.json``: rows, fractions, files and the Bayes-optimal metrics
+    of each split (every generator adds what describes its own click model)."""
+    splits = {split: stats[split].result() | {"files": [p.name for p in plan if p.split == split]} for split in SPLITS}
+    return {
+        "rows": rows,
+        "rows_per_split": {split: splits[split]["rows"] for split in SPLITS},
+        "split_fractions": list(fractions),
+        "rows_per_file": rows_per_file,
+        "auc_method": AUC_METHOD,
+        "splits": splits,
+    }
