@@ -13,7 +13,8 @@ Memory: peak RSS of `dqrm fit` FP32 vs `dqrm fit -c configs/qat/int4.yaml`, sepa
 
 `--variants` picks the training variants (first = the baseline of every ratio; ``p<P>``: refreshed every P steps,
 incremental refresh; ``full<P>``: each refresh a full pass; ``exact``), `--batch-sizes` the batch sizes and `--parts`
-what runs (``training``, ``inference``, ``rss``); the defaults are the full run.
+what runs (``training``, ``refresh``: one scale refresh timed alone, full pass vs incremental, ``inference``, ``rss``);
+the defaults are the full run but ``refresh``.
 
 Inference (batch 2048): the trained model is exported twice, INT4 (QAT) and FP32, and both artifacts run on
 TorchRec's quantized EmbeddingBagCollection (FBGEMM kernels), alternating; plain-torch INT4 is shown for reference.
@@ -21,6 +22,7 @@ TorchRec's quantized EmbeddingBagCollection (FBGEMM kernels), alternating; plain
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import statistics
@@ -114,13 +116,47 @@ def inference(module: DLRMModule, datamodule: CriteoDataModule, work: Path, repe
     )
 
 
+def refresh_cost(module: DLRMModule, datamodule: CriteoDataModule, period: int, repeats: int) -> None:
+    """Milliseconds of one scale refresh of every table: a full pass (``scale_refresh: full``) vs an incremental one
+    (``scale_refresh: incremental``) after ``period`` training batches' lookups (the same batches each time), and
+    both spread over the ``period`` steps they serve; medians of ``repeats``, alternating."""
+    quantizer = module.embedding_quantizer
+    assert quantizer is not None
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = list(itertools.islice(iter(datamodule.train_dataloader()), period))
+    blocks = quantizer.block_extrema
+    blocks.refresh()  # the first refresh scans every block
+    full: list[float] = []
+    incremental: list[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for table in quantizer.table_names:
+            quantizer.tables.extrema(table)
+        full.append(1000.0 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        for batch in batches:
+            blocks.record(batch.sparse_features)
+        blocks.refresh()
+        incremental.append(1000.0 * (time.perf_counter() - start))
+    f, i = statistics.median(full), statistics.median(incremental)
+    print(
+        f"scale refresh of all tables, batch {datamodule.hparams['batch_size']}, P = {period}, median of {repeats}: "
+        f"full pass {f:.1f} ms ({f / period:.3f} ms/step), incremental {i:.1f} ms incl. recording the lookups "
+        f"({i / period:.3f} ms/step); incremental / full {i / f:.3f}"
+    )
+
+
 def main() -> None:
     parser = arguments(steps=600, warmup=50, repeats=3)
     parser.add_argument("--rss-steps", type=int, default=300)
     parser.add_argument("--variants", nargs="+", default=["fp32", "p200", "p1", "exact"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 2048])
     parser.add_argument(
-        "--parts", nargs="+", choices=("training", "inference", "rss"), default=["training", "inference", "rss"]
+        "--parts",
+        nargs="+",
+        choices=("training", "refresh", "inference", "rss"),
+        default=["training", "inference", "rss"],
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -152,6 +188,8 @@ def main() -> None:
                 f"(min {min(ratios):.3f}, max {max(ratios):.3f})",
                 flush=True,
             )
+    if "refresh" in args.parts:
+        refresh_cost(module, kaggle_datamodule(data, 128), 200, args.repeats)
     if "inference" in args.parts:
         datamodule = kaggle_datamodule(data, 2048)
         with tempfile.TemporaryDirectory() as work:
