@@ -20,7 +20,7 @@ import torch
 from typing_extensions import override
 
 from dqrm_lightning._logging import logging_step
-from dqrm_lightning.comms.accounting import ModelShape, bytes_per_iteration
+from dqrm_lightning.comms.accounting import ModelShape, bytes_per_iteration, model_parallel_a2a_bytes
 from dqrm_lightning.model import DLRMModule, model_shape
 
 MODES = ("dense", "sparse_fp32", "sparse_int8", "model_parallel_a2a")
@@ -54,7 +54,7 @@ class CommunicationAccounting(pl.Callback):
             "sparse_fp32": bytes_per_iteration(shape, "sparse_fp32", rows),
             "sparse_int8": bytes_per_iteration(shape, "sparse_int8", rows),
             # pooled embeddings of the other ranks' tables, forward and their gradients backward
-            "model_parallel_a2a": 2 * 4 * local_batch * len(rows) * shape.embedding_dim * (world - 1) // world,
+            "model_parallel_a2a": model_parallel_a2a_bytes(shape, local_batch, world, features=len(rows)),
         }
         for mode, value in values.items():
             self.totals[mode] += value
