@@ -42,12 +42,16 @@ def config_shape(name: str) -> tuple[ModelShape, int]:
 
 def costs(shape: ModelShape, local_batch: int, rows: Sequence[float]) -> dict[str, Cost]:
     """Bytes per iteration and rank of each mode as a function of W (model parallel: mean and busiest rank)."""
-    out: dict[str, Cost] = {
-        mode: (lambda w, mode=mode: bytes_at_scale(shape, mode, w, local_batch, rows)) for mode in MODES
-    }
-    out["model_parallel_busiest"] = lambda w: bytes_at_scale(
-        shape, "model_parallel", w, local_batch, tables_on_rank=busiest_rank_tables(shape, w)
-    )
+
+    def cost(mode: str, busiest: bool = False) -> Cost:
+        def bytes_at(w: int) -> float:
+            tables = busiest_rank_tables(shape, w) if busiest else None
+            return bytes_at_scale(shape, mode, w, local_batch, rows, tables_on_rank=tables)
+
+        return bytes_at
+
+    out = {mode: cost(mode) for mode in MODES}
+    out["model_parallel_busiest"] = cost("model_parallel", busiest=True)
     return out
 
 
@@ -114,7 +118,7 @@ def main() -> None:
         shape, own = config_shape(name)
         exponent = PRESETS[name].zipf_exponent
         for batch in sorted({own, *args.batches}):
-            rows = {
+            rows: dict[str, Sequence[float]] = {
                 "bound": touched_rows_upper_bound(shape, batch),
                 f"Zipf {exponent}": [expected_unique_ids(n, batch, exponent) for n in shape.table_rows],
             }
