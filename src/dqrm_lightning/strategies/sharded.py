@@ -4,7 +4,9 @@
 strategy starts: tables placed as ``sharding`` says (:class:`~dqrm_lightning.strategies.sharding.EmbeddingLayout`),
 dense layers in DDP inside DMP, so the strategy does not wrap the LightningModule in DDP again. The pooled embeddings
 travel in an all-to-all that can be quantized (``qcomm_forward`` / ``qcomm_backward``,
-:mod:`dqrm_lightning.comms.qcomms`).
+:mod:`dqrm_lightning.comms.qcomms`). With ``pipeline=True`` the input all-to-all of each training batch starts one step
+early, overlapping the previous step (TorchRec's sparse-dist train pipeline,
+:class:`~dqrm_lightning.strategies.pipeline.SparseDistPipeline`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from torch import Tensor
 from typing_extensions import override
 
 from dqrm_lightning.comms.qcomms import check_precisions, qcomm_registry, reduce_scatter_precision
+from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.strategies.base import TorchRecStrategyBase
+from dqrm_lightning.strategies.pipeline import SparseDistPipeline
 from dqrm_lightning.strategies.sharding import EmbeddingLayout, EmbeddingPlacement
 
 _ROW_WISE = {"row_wise", "table_row_wise"}
@@ -33,6 +38,8 @@ class ShardedEmbeddingStrategy(TorchRecStrategyBase):
         qcomm_forward: precision of the embedding all-to-all in the forward pass (``fp16``, ``bf16``, ``fp8``,
             ``int8``) or ``None`` (FP32).
         qcomm_backward: the same for the gradients in the backward pass.
+        pipeline: start each training batch's embedding input all-to-all while the previous batch trains
+            (TorchRec's sparse-dist train pipeline, driven by Lightning's loop); the same results as without it.
         kwargs: as :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``, ``timeout``, ...).
 
     Raises:
@@ -50,6 +57,7 @@ class ShardedEmbeddingStrategy(TorchRecStrategyBase):
         sharding: str | dict[str, str] = "table_wise",
         qcomm_forward: str | None = None,
         qcomm_backward: str | None = None,
+        pipeline: bool = False,
         **kwargs: Any,
     ) -> None:
         check_precisions(qcomm_forward, qcomm_backward)
@@ -57,6 +65,8 @@ class ShardedEmbeddingStrategy(TorchRecStrategyBase):
         self.qcomm_forward = qcomm_forward
         self.qcomm_backward = qcomm_backward
         self.reduce_scatter_precision = reduce_scatter_precision(qcomm_forward, qcomm_backward)
+        self.pipeline = pipeline
+        self._pipeline: SparseDistPipeline | None = None
         row_wise = _ROW_WISE & set(sharding.values() if isinstance(sharding, dict) else [sharding])
         if self.reduce_scatter_precision and row_wise:
             raise ValueError(
@@ -81,3 +91,56 @@ class ShardedEmbeddingStrategy(TorchRecStrategyBase):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    # ------------------------------------------------------------------------------------ sparse-dist pipeline
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """With ``pipeline``, the training DataLoader's batches start their input all-to-all as Lightning reads
+        them."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if not self.pipeline or trainer is None or trainer.state.stage != RunningStage.TRAINING:
+            return dataloader
+        if getattr(self.lightning_module, "embedding_quantizer", None) is not None:
+            raise ConfigError(
+                "`trainer.strategy.pipeline: true` does not run with embedding QAT yet (TorchRec's pipeline traces the "
+                "model, and the QAT sparse arch's quantizer is not a traceable submodule): set `pipeline: false`"
+            )
+        if self._pipeline is None:
+            self._pipeline = SparseDistPipeline(self.lightning_module.model, self.root_device)  # type: ignore[union-attr]
+        return self._pipeline.wrap(dataloader)  # type: ignore[arg-type]  # the training DataLoader
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._pipeline is not None:
+            self._pipeline.begin(batch)
+
+    @override
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        super().pre_backward(closure_loss)
+        if self._pipeline is not None:
+            self._pipeline.after_forward()
+
+    def _detach_pipeline(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.detach()
+
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._detach_pipeline()
+
+    @override
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._detach_pipeline()
+
+    @override
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._detach_pipeline()
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self._detach_pipeline()

@@ -4,7 +4,7 @@ Select it with ``--trainer.strategy torchrec`` (or its class path, with ``init_a
 the process group backend is gloo on CPU and nccl on GPU. ``embeddings`` picks the strategy it builds:
 
 * ``"sharded"`` (default): :class:`~dqrm_lightning.strategies.ShardedEmbeddingStrategy`, TorchRec model parallelism
-  (``sharding``, ``qcomm_forward``, ``qcomm_backward``);
+  (``sharding``, ``qcomm_forward``, ``qcomm_backward``, ``pipeline``);
 * ``"replicated"``: :class:`~dqrm_lightning.strategies.ReplicatedEmbeddingStrategy`, the DQRM paper's data
   parallelism (``gradient_compression``, ``dense_embedding_gradients``).
 
@@ -34,6 +34,8 @@ class TorchRecStrategy(TorchRecStrategyBase):
         sharding: sharded: see :class:`~dqrm_lightning.strategies.ShardedEmbeddingStrategy`.
         qcomm_forward: sharded: precision of the embedding all-to-all in the forward pass, or ``None`` (FP32).
         qcomm_backward: sharded: the same for the gradients in the backward pass.
+        pipeline: sharded: overlap each batch's embedding input all-to-all with the previous step (TorchRec's
+            sparse-dist train pipeline).
         gradient_compression: replicated: DQRM's INT-N gradient compression (``None``: float32 averages).
         dense_embedding_gradients: replicated: all-reduce whole-table gradients (the paper's dense baseline).
         kwargs: as :class:`~lightning.pytorch.strategies.DDPStrategy` (``process_group_backend``, ``timeout``, ...).
@@ -56,6 +58,7 @@ class TorchRecStrategy(TorchRecStrategyBase):
         qcomm_backward: str | None = None,
         gradient_compression: GradientCompressionConfig | None = None,
         dense_embedding_gradients: bool = False,
+        pipeline: bool = False,
         **kwargs: Any,
     ) -> ShardedEmbeddingStrategy | ReplicatedEmbeddingStrategy:
         # the layout's own checks first: an unknown layout or sharding type, a setting of the other layout
@@ -66,10 +69,14 @@ class TorchRecStrategy(TorchRecStrategyBase):
                     "`qcomm_forward`/`qcomm_backward` quantize the sharded all-to-all; replicated tables "
                     "have none (use `gradient_compression`)"
                 )
+            if pipeline:
+                raise ValueError(
+                    "`pipeline` overlaps the sharded tables' input all-to-all; replicated tables have none"
+                )
             return ReplicatedEmbeddingStrategy(gradient_compression, dense_embedding_gradients, **kwargs)
         if gradient_compression is not None:
             raise ValueError("`gradient_compression` is the data-parallel mode's: set `embeddings: replicated`")
-        return ShardedEmbeddingStrategy(sharding, qcomm_forward, qcomm_backward, **kwargs)
+        return ShardedEmbeddingStrategy(sharding, qcomm_forward, qcomm_backward, pipeline, **kwargs)
 
     @classmethod
     @override
