@@ -551,7 +551,9 @@ def main(argv: list[str] | None = None) -> None:
             raise _one_line(command, err) from None
         if isinstance(err, argparse.ArgumentError):
             raise _one_line(command, err, _option_error(err, DQRMCLI.last, argv)) from None
-        _name_dead_ranks(DQRMCLI.last, command)
+        dead = _name_dead_ranks(DQRMCLI.last, command)
+        if dead is not None:  # the cause, in one line: the traceback only shows this rank's broken connection
+            raise _one_line(command, err, dead) from None
         raise
     _close_process_group()  # after a run that succeeded on every rank (a failed one exits with its own error)
 
@@ -615,18 +617,34 @@ def _option_error(err: argparse.ArgumentError, cli: DQRMCLI | None, argv: list[s
     return f"{message} (`{prog} --help` lists the options)"
 
 
-def _name_dead_ranks(cli: DQRMCLI | None, command: str, wait_seconds: float = 5.0) -> None:
-    """Name the ranks that Lightning's launcher started and that died: rank 0 only sees a broken connection."""
+def _name_dead_ranks(cli: DQRMCLI | None, command: str, wait_seconds: float = 5.0) -> str | None:
+    """The line naming the ranks that died, which a surviving rank only sees as a broken connection: the ones
+    Lightning's launcher started here and that exited, else (torchrun, SLURM, other nodes) the ones whose heartbeats
+    stopped (:class:`~dqrm_lightning.strategies.peers.PeerWatch`); None when every rank is alive."""
     trainer = getattr(cli, "trainer", None)
-    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    strategy = getattr(trainer, "strategy", None)
+    launcher = getattr(strategy, "launcher", None)
     deadline = time.monotonic() + wait_seconds
+    exited = []
     for local_rank, process in enumerate(getattr(launcher, "procs", None) or [], start=1):
         try:
             code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             continue
         if code:
-            print(f"{command}: error: rank {local_rank} terminated with code {code}; the run stopped", file=sys.stderr)
+            exited.append(f"rank {local_rank} terminated with code {code}")
+    if exited:
+        return f"{'; '.join(exited)}; the run stopped"
+    peers = getattr(strategy, "peers", None)
+    if peers is None:
+        return None
+    dead = peers.dead()
+    if dead is None:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        return f"lost the run's rendezvous store at {where} (hosted on node 0): node 0 stopped; the run stopped"
+    if dead:
+        return f"{', '.join(dead)} stopped responding (process killed or node lost); the run stopped"
+    return None
 
 
 def _close_process_group() -> None:

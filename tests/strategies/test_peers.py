@@ -1,0 +1,46 @@
+"""PeerWatch: the heartbeats that name the ranks of a run that died."""
+
+import torch.distributed as dist
+
+from dqrm_lightning.strategies.peers import PeerWatch
+
+INTERVAL = 0.05
+
+
+def test_the_ranks_whose_heartbeats_stop_are_named_with_their_node_and_host(monkeypatch):
+    monkeypatch.setattr("socket.gethostname", lambda: "n1")
+    store = dist.HashStore()
+    watches = [PeerWatch(store, rank, 3, node_rank=rank // 2, interval=INTERVAL) for rank in range(3)]
+    watches[0].start()
+    watches[1].start()  # rank 2 never starts
+    try:
+        assert watches[0].dead() == ["rank 2 (never started)"]
+        watches[1].stop()
+        watches[1]._thread.join()
+        assert watches[0].dead() == ["rank 1 (node 0, host n1)", "rank 2 (never started)"]
+        assert watches[2].dead() == ["rank 1 (node 0, host n1)"]  # rank 0 still beats
+    finally:
+        for watch in watches:
+            watch.stop()
+
+
+class _LostStore(dist.HashStore):
+    def add(self, key, value):
+        raise dist.DistStoreError("Connection reset by peer")
+
+
+def test_an_unreachable_store_is_no_list_of_ranks():
+    watch = PeerWatch(_LostStore(), 1, 2, node_rank=1, interval=INTERVAL)
+    assert watch.dead() is None
+
+
+def test_every_live_rank_beats_within_the_wait():
+    store = dist.HashStore()
+    watches = [PeerWatch(store, rank, 2, node_rank=rank, interval=0.2) for rank in range(2)]
+    for watch in watches:
+        watch.start()
+    try:
+        assert watches[0].dead() == []
+    finally:
+        for watch in watches:
+            watch.stop()
