@@ -643,7 +643,7 @@ def _name_dead_ranks(cli: DQRMCLI | None, command: str, wait_seconds: float = 5.
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         return f"lost the run's rendezvous store at {where} (hosted on node 0): node 0 stopped; the run stopped"
     if dead:
-        return f"{', '.join(dead)} stopped responding (process killed or node lost); the run stopped"
+        return f"{', '.join(dead)} stopped (its process ended or its node was lost); the run stopped"
     return None
 
 

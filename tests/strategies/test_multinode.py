@@ -158,7 +158,7 @@ def test_a_killed_node_stops_the_other_with_one_line_naming_it(data, tmp_path):
     assert "summary:" not in (logs / "node0.out").read_text()
     lines = (logs / "node0.err").read_text().splitlines()
     expected = (
-        f"dqrm fit: error: rank 1 (node 1, host {socket.gethostname()}) stopped responding (process killed or node "
+        f"dqrm fit: error: rank 1 (node 1, host {socket.gethostname()}) stopped (its process ended or its node was "
         "lost); the run stopped"
     )
     assert lines.count(expected) == 1, "\n".join(lines[-40:])

@@ -1,5 +1,8 @@
 """PeerWatch: the heartbeats that name the ranks of a run that died."""
 
+from types import SimpleNamespace
+
+import pytest
 import torch.distributed as dist
 
 from dqrm_lightning.strategies.peers import PeerWatch
@@ -44,3 +47,32 @@ def test_every_live_rank_beats_within_the_wait():
     finally:
         for watch in watches:
             watch.stop()
+
+
+class _Peers:
+    def __init__(self, dead):
+        self._dead = dead
+
+    def dead(self):
+        return self._dead
+
+
+@pytest.mark.parametrize(
+    ("dead", "line"),
+    [
+        ([], None),  # every rank alive: the error is this rank's own, reported as it is
+        (
+            ["rank 1 (node 1, host n2)", "rank 3 (node 1, host n2)"],
+            "rank 1 (node 1, host n2), rank 3 (node 1, host n2) stopped (its process ended or its node was lost); "
+            "the run stopped",
+        ),
+        (None, "lost the run's rendezvous store at 10.0.0.1:29500 (hosted on node 0): node 0 stopped; the run stopped"),
+    ],
+)
+def test_the_cli_names_the_dead_ranks_in_one_line(monkeypatch, dead, line):
+    from dqrm_lightning.cli import _name_dead_ranks
+
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    cli = SimpleNamespace(trainer=SimpleNamespace(strategy=SimpleNamespace(launcher=None, peers=_Peers(dead))))
+    assert _name_dead_ranks(cli, "dqrm fit") == line
