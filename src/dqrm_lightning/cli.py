@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
             raise _one_line(command, err) from None
         if isinstance(err, argparse.ArgumentError):
             raise _one_line(command, err, _option_error(err, DQRMCLI.last, argv)) from None
-        dead = _name_dead_ranks(DQRMCLI.last, command)
+        dead = _name_dead_ranks(DQRMCLI.last)
         if dead is not None:  # the cause, in one line: the traceback only shows this rank's broken connection
             raise _one_line(command, err, dead) from None
         raise
@@ -617,7 +617,7 @@ def _option_error(err: argparse.ArgumentError, cli: DQRMCLI | None, argv: list[s
     return f"{message} (`{prog} --help` lists the options)"
 
 
-def _name_dead_ranks(cli: DQRMCLI | None, command: str, wait_seconds: float = 5.0) -> str | None:
+def _name_dead_ranks(cli: DQRMCLI | None, wait_seconds: float = 5.0) -> str | None:
     """The line naming the ranks that died, which a surviving rank only sees as a broken connection: the ones
     Lightning's launcher started here and that exited, else (torchrun, SLURM, other nodes) the ones whose heartbeats
     stopped (:class:`~dqrm_lightning.strategies.peers.PeerWatch`); None when every rank is alive."""

@@ -138,23 +138,37 @@ def test_checkpoints_move_between_two_nodes_and_one_process(data, tmp_path):
     _assert_same_run(resumed, single)
 
 
-def test_a_killed_node_stops_the_other_with_one_line_naming_it(data, tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "extra", "bound"),
+    [
+        pytest.param(signal.SIGKILL, [], 60, id="killed"),  # its connections close: the next collective fails
+        pytest.param(  # a frozen node keeps its connections open: the process group's timeout ends the wait
+            signal.SIGSTOP,
+            ["--trainer.strategy.init_args.timeout", "0:00:40"],
+            100,
+            id="frozen",
+            marks=pytest.mark.slow,  # ~70 s
+        ),
+    ],
+)
+def test_a_lost_node_stops_the_other_with_one_line_naming_it(data, tmp_path, signum, extra, bound):
     args = _fit_args(data, tmp_path, "model_parallel", "--checkpoint_every_n_steps", "3", "--trainer.max_epochs", "5")
     port = _free_port()
     logs = tmp_path / "logs"
-    with _start_nodes([_node_command(node, port, *args, *TWO_NODES) for node in range(2)], logs) as (node0, node1):
+    commands = [_node_command(node, port, *args, *extra, *TWO_NODES) for node in range(2)]
+    with _start_nodes(commands, logs) as (node0, node1):
         deadline = time.monotonic() + 180
         while not list(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")):  # training is under way
             assert node0.poll() is None, (logs / "node0.err").read_text()[-3000:]
             assert node1.poll() is None, (logs / "node1.err").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 3 minutes"
             time.sleep(0.1)
-        os.killpg(node1.pid, signal.SIGKILL)  # the whole node: its torchrun agent and its rank
-        killed = time.monotonic()
-        code = node0.wait(timeout=90)
-        stopped_after = time.monotonic() - killed
+        os.killpg(node1.pid, signum)  # the whole node: its torchrun agent and its rank
+        lost = time.monotonic()
+        code = node0.wait(timeout=bound + 30)
+        stopped_after = time.monotonic() - lost
     assert code != 0
-    assert stopped_after < 60, stopped_after  # bounded: not gloo's 30-minute collective timeout
+    assert stopped_after < bound, stopped_after  # bounded: not Lightning's default 30-minute collective timeout
     assert "summary:" not in (logs / "node0.out").read_text()
     lines = (logs / "node0.err").read_text().splitlines()
     expected = (
@@ -162,7 +176,8 @@ def test_a_killed_node_stops_the_other_with_one_line_naming_it(data, tmp_path):
         "lost); the run stopped"
     )
     assert lines.count(expected) == 1, "\n".join(lines[-40:])
-    assert not any(line.startswith("Traceback") for line in lines)  # the cause in one line, not rank 0's traceback
+    # the cause in one line, not rank 0's traceback (torchrun's agent reports its own failure after it)
+    assert not any(line.lstrip().startswith('File "') and "dqrm_lightning" in line for line in lines)
 
 
 def _slurm_env(node: int, port: int) -> dict[str, str]:

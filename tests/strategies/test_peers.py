@@ -75,4 +75,4 @@ def test_the_cli_names_the_dead_ranks_in_one_line(monkeypatch, dead, line):
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     cli = SimpleNamespace(trainer=SimpleNamespace(strategy=SimpleNamespace(launcher=None, peers=_Peers(dead))))
-    assert _name_dead_ranks(cli, "dqrm fit") == line
+    assert _name_dead_ranks(cli) == line
