@@ -626,13 +626,14 @@ def _name_dead_ranks(cli: DQRMCLI | None, wait_seconds: float = 5.0) -> str | No
     launcher = getattr(strategy, "launcher", None)
     deadline = time.monotonic() + wait_seconds
     exited = []
+    first = getattr(strategy, "node_rank", 0) * getattr(strategy, "num_processes", 1)  # this node's first rank
     for local_rank, process in enumerate(getattr(launcher, "procs", None) or [], start=1):
         try:
             code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             continue
         if code:
-            exited.append(f"rank {local_rank} terminated with code {code}")
+            exited.append(f"rank {first + local_rank} terminated with code {code}")
     if exited:
         return f"{'; '.join(exited)}; the run stopped"
     peers = getattr(strategy, "peers", None)

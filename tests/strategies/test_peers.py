@@ -76,3 +76,22 @@ def test_the_cli_names_the_dead_ranks_in_one_line(monkeypatch, dead, line):
     monkeypatch.setenv("MASTER_PORT", "29500")
     cli = SimpleNamespace(trainer=SimpleNamespace(strategy=SimpleNamespace(launcher=None, peers=_Peers(dead))))
     assert _name_dead_ranks(cli) == line
+
+
+class _Exited:
+    def __init__(self, code):
+        self.code = code
+
+    def wait(self, timeout):
+        return self.code
+
+
+@pytest.mark.parametrize(("node_rank", "rank"), [(0, 2), (1, 5)])
+def test_ranks_started_by_lightning_s_launcher_are_named_by_global_rank(node_rank, rank):
+    from dqrm_lightning.cli import _name_dead_ranks
+
+    # 3 processes per node; this node's launcher started local ranks 1 and 2, and local rank 2 died
+    launcher = SimpleNamespace(procs=[_Exited(0), _Exited(17)])
+    strategy = SimpleNamespace(launcher=launcher, node_rank=node_rank, num_processes=3, peers=None)
+    line = _name_dead_ranks(SimpleNamespace(trainer=SimpleNamespace(strategy=strategy)))
+    assert line == f"rank {rank} terminated with code 17; the run stopped"
