@@ -118,6 +118,7 @@ def test_two_torchrun_nodes_train_exactly_like_two_processes_on_one_node(data, t
 
 
 @pytest.mark.slow  # ~70 s: a 2-node fit, a 1-process fit and two resumed 2-process fits
+@pytest.mark.timeout(600)
 def test_checkpoints_move_between_two_nodes_and_one_process(data, tmp_path):
     nodes = _two_torchrun_nodes(tmp_path, "fit", *_fit_args(data, tmp_path / "nodes", "model_parallel"))
     last = nodes["checkpoints"]["last"]

@@ -1,4 +1,4 @@
-"""PeerWatch: the heartbeats that name the ranks of a run that died."""
+"""PeerWatch (the heartbeats of a run's ranks) and the one line that names the ranks of a run that died."""
 
 from types import SimpleNamespace
 
