@@ -19,7 +19,7 @@ def test_the_ranks_whose_heartbeats_stop_are_named_with_their_node_and_host(monk
     try:
         assert watches[0].dead() == ["rank 2 (never started)"]
         watches[1].stop()
-        watches[1]._thread.join()
+        assert not watches[1]._thread.is_alive()
         assert watches[0].dead() == ["rank 1 (node 0, host n1)", "rank 2 (never started)"]
         assert watches[2].dead() == ["rank 1 (node 0, host n1)"]  # rank 0 still beats
     finally:

@@ -54,9 +54,13 @@ class PeerWatch:
         self._thread = threading.Thread(target=self._beat, name="dqrm-peer-watch", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop beating (the run ended, or this rank failed: a rank that is not running does not beat)."""
+    def stop(self, wait: float = 2.0) -> None:
+        """Stop beating (the run ended, or this rank failed: a rank that is not running does not beat), waiting up to
+        ``wait`` seconds for the thread to end (a thread still inside a store call as the interpreter exits can abort
+        the process)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(wait)
 
     def _beat(self) -> None:
         while not self._stop.is_set():
