@@ -54,6 +54,7 @@ from dqrm_lightning.schema import criteo_schema, load_schema
 from dqrm_lightning.strategies import (  # registers --trainer.strategy torchrec
     TorchRecStrategyBase,
 )
+from dqrm_lightning.strategies.peers import die_with_torchrun_agent
 from dqrm_lightning.threads import apply as apply_threads
 from dqrm_lightning.threads import local_processes_from_env, remember_user_environment, resolve
 
@@ -534,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None  # LightningCLI then reads sys.argv itself (given both, it warns)
     argv = list(sys.argv[1:] if argv is None else argv)
     remember_user_environment()
+    die_with_torchrun_agent()
     _quiet_known_warnings()
     if argv and argv[0] in _TOOLS:
         _run_tool(argv[0], argv[1:])

@@ -86,6 +86,13 @@ def _two_torchrun_nodes(tmp_path: Path, name: str, *args: str) -> dict:
     return json.loads(summary_path(out0).read_text())
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc)."""
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+
+
 def _fit_args(data: Path, root: Path, mode: str, *extra: str, threads: bool = True) -> list[str]:
     one_thread = ["--threads", "1"] if threads else []
     return ["fit", *demo_args(data, root), *MODES[mode], "--trainer.max_epochs", "1", *one_thread, *extra]
@@ -153,7 +160,7 @@ def test_checkpoints_move_between_two_nodes_and_one_process(data, tmp_path):
     ],
 )
 def test_a_lost_node_stops_the_other_with_one_line_naming_it(data, tmp_path, signum, extra, bound):
-    args = _fit_args(data, tmp_path, "model_parallel", "--checkpoint_every_n_steps", "3", "--trainer.max_epochs", "5")
+    args = _fit_args(data, tmp_path, "model_parallel", "--checkpoint_every_n_steps", "3", "--trainer.max_epochs", "200")
     port = _free_port()
     logs = tmp_path / "logs"
     commands = [_node_command(node, port, *args, *extra, *TWO_NODES) for node in range(2)]
@@ -164,7 +171,11 @@ def test_a_lost_node_stops_the_other_with_one_line_naming_it(data, tmp_path, sig
             assert node1.poll() is None, (logs / "node1.err").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 3 minutes"
             time.sleep(0.1)
-        os.killpg(node1.pid, signum)  # the whole node: its torchrun agent and its rank
+        if signum == signal.SIGKILL:
+            os.kill(node1.pid, signum)  # node 1's torchrun agent only: its rank, in a session of its own, dies with it
+        else:
+            for pid in [node1.pid, *_children(node1.pid)]:  # the whole node freezes
+                os.kill(pid, signum)
         lost = time.monotonic()
         code = node0.wait(timeout=bound + 30)
         stopped_after = time.monotonic() - lost

@@ -19,7 +19,11 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import signal
 import socket
+import sys
 import threading
 import time
 
@@ -101,3 +105,20 @@ def default_store() -> dist.Store | None:
     with contextlib.suppress(AttributeError, RuntimeError, ValueError):
         return dist.distributed_c10d._get_default_store()
     return None
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_torchrun_agent() -> bool:
+    """Under torchrun, have the kernel SIGKILL this rank when its torchrun agent dies (Linux; True when set).
+
+    torchrun starts each rank in a session of its own, so a signal to the agent's process group does not reach the
+    rank, and an agent killed with SIGKILL has no time to stop it: the rank would train on as an orphan and the run
+    would never notice that a node was lost. With the parent-death signal the rank dies with its agent, like the
+    rest of a lost node, and the other ranks stop naming it (:class:`PeerWatch`).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
