@@ -113,7 +113,7 @@ def _assert_same_run(nodes: dict, single: dict) -> None:
         assert torch.equal(final[key], value), key
 
 
-@pytest.mark.slow  # ~60 s: two 2-process runs per mode
+@pytest.mark.slow  # ~25 s per mode: two 2-process runs
 @pytest.mark.parametrize("mode", list(MODES))
 def test_two_torchrun_nodes_train_exactly_like_two_processes_on_one_node(data, tmp_path, mode):
     nodes = _two_torchrun_nodes(tmp_path, "nodes", *_fit_args(data, tmp_path / "nodes", mode))
@@ -124,7 +124,7 @@ def test_two_torchrun_nodes_train_exactly_like_two_processes_on_one_node(data, t
     _assert_same_run(nodes, single)
 
 
-@pytest.mark.slow  # ~70 s: a 2-node fit, a 1-process fit and two resumed 2-process fits
+@pytest.mark.slow  # ~60 s: a 2-node fit, a 1-process fit and two resumed 2-process fits
 @pytest.mark.timeout(600)
 def test_checkpoints_move_between_two_nodes_and_one_process(data, tmp_path):
     nodes = _two_torchrun_nodes(tmp_path, "fit", *_fit_args(data, tmp_path / "nodes", "model_parallel"))
@@ -155,7 +155,7 @@ def test_checkpoints_move_between_two_nodes_and_one_process(data, tmp_path):
             ["--trainer.strategy.init_args.timeout", "0:00:40"],
             100,
             id="frozen",
-            marks=pytest.mark.slow,  # ~70 s
+            marks=pytest.mark.slow,  # ~50 s
         ),
     ],
 )
@@ -221,7 +221,6 @@ def test_slurm_environment_two_nodes_one_task_each(monkeypatch):
     assert (environment.main_address, environment.main_port) == ("127.0.0.1", 12345)
 
 
-@pytest.mark.slow  # ~30 s
 def test_slurm_two_nodes_train_and_share_the_machine_s_cores(data, tmp_path):
     port = _free_port()
     # the thread policy decides: it must see both ranks on this host
