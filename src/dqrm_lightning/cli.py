@@ -54,6 +54,7 @@ from dqrm_lightning.schema import criteo_schema, load_schema
 from dqrm_lightning.strategies import (  # registers --trainer.strategy torchrec
     TorchRecStrategyBase,
 )
+from dqrm_lightning.strategies.peers import die_with_torchrun_agent
 from dqrm_lightning.threads import apply as apply_threads
 from dqrm_lightning.threads import local_processes_from_env, remember_user_environment, resolve
 
@@ -534,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None  # LightningCLI then reads sys.argv itself (given both, it warns)
     argv = list(sys.argv[1:] if argv is None else argv)
     remember_user_environment()
+    die_with_torchrun_agent()
     _quiet_known_warnings()
     if argv and argv[0] in _TOOLS:
         _run_tool(argv[0], argv[1:])
@@ -551,7 +553,9 @@ def main(argv: list[str] | None = None) -> None:
             raise _one_line(command, err) from None
         if isinstance(err, argparse.ArgumentError):
             raise _one_line(command, err, _option_error(err, DQRMCLI.last, argv)) from None
-        _name_dead_ranks(DQRMCLI.last, command)
+        dead = _name_dead_ranks(DQRMCLI.last)
+        if dead is not None:  # the cause, in one line: the traceback only shows this rank's broken connection
+            raise _one_line(command, err, dead) from None
         raise
     _close_process_group()  # after a run that succeeded on every rank (a failed one exits with its own error)
 
@@ -615,18 +619,35 @@ def _option_error(err: argparse.ArgumentError, cli: DQRMCLI | None, argv: list[s
     return f"{message} (`{prog} --help` lists the options)"
 
 
-def _name_dead_ranks(cli: DQRMCLI | None, command: str, wait_seconds: float = 5.0) -> None:
-    """Name the ranks that Lightning's launcher started and that died: rank 0 only sees a broken connection."""
+def _name_dead_ranks(cli: DQRMCLI | None, wait_seconds: float = 5.0) -> str | None:
+    """The line naming the ranks that died, which a surviving rank only sees as a broken connection: the ones
+    Lightning's launcher started here and that exited, else (torchrun, SLURM, other nodes) the ones whose heartbeats
+    stopped (:class:`~dqrm_lightning.strategies.peers.PeerWatch`); None when every rank is alive."""
     trainer = getattr(cli, "trainer", None)
-    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    strategy = getattr(trainer, "strategy", None)
+    launcher = getattr(strategy, "launcher", None)
     deadline = time.monotonic() + wait_seconds
+    exited = []
+    first = getattr(strategy, "node_rank", 0) * getattr(strategy, "num_processes", 1)  # this node's first rank
     for local_rank, process in enumerate(getattr(launcher, "procs", None) or [], start=1):
         try:
             code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             continue
         if code:
-            print(f"{command}: error: rank {local_rank} terminated with code {code}; the run stopped", file=sys.stderr)
+            exited.append(f"rank {first + local_rank} terminated with code {code}")
+    if exited:
+        return f"{'; '.join(exited)}; the run stopped"
+    peers = getattr(strategy, "peers", None)
+    if peers is None:
+        return None
+    dead = peers.dead()
+    if dead is None:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        return f"lost the run's rendezvous store at {where} (hosted on node 0): node 0 stopped; the run stopped"
+    if dead:
+        return f"{', '.join(dead)} stopped (its process ended or its node was lost); the run stopped"
+    return None
 
 
 def _close_process_group() -> None:

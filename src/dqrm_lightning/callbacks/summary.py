@@ -61,6 +61,7 @@ class RunSummary(pl.Callback):
             "epochs_completed": trainer.current_epoch,
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
             "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
             "process_group_backend": dist.get_backend() if dist.is_initialized() else None,
         }

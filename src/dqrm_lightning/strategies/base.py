@@ -33,6 +33,7 @@ from dqrm_lightning.checkpoint import (
     verify_directory,
     write_directory_digests,
 )
+from dqrm_lightning.strategies.peers import PeerWatch, default_store
 from dqrm_lightning.strategies.sharding import EmbeddingLayout, EmbeddingPlacement
 
 _TENSORS = "state_dict"
@@ -66,6 +67,7 @@ class TorchRecStrategyBase(DDPStrategy):
         super().__init__(**kwargs)
         self.layout = layout
         self._checkpoint_dir: Path | None = None  # a directory whose tensors load in `load_model_state_dict`
+        self.peers: PeerWatch | None = None  # the ranks' heartbeats (several processes): who died, when one does
 
     def embedding_placement(self) -> EmbeddingPlacement:
         """What the module is told about its tables (called once the process group and the device are set up)."""
@@ -74,6 +76,10 @@ class TorchRecStrategyBase(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        store = default_store() if self.world_size > 1 else None
+        if store is not None:
+            self.peers = PeerWatch(store, self.global_rank, self.world_size, self.node_rank)
+            self.peers.start()
         module = self.lightning_module
         place_embeddings = getattr(module, "place_embeddings", None)
         if place_embeddings is None:
@@ -148,6 +154,12 @@ class TorchRecStrategyBase(DDPStrategy):
             target[_SPARSE_OPTIMIZER] = fused.state_dict()  # e.g. Adagrad's accumulators
         load_dcp(target, path)
         return target
+
+    @override
+    def teardown(self) -> None:
+        if self.peers is not None:
+            self.peers.stop()
+        super().teardown()
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
