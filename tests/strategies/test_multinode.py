@@ -149,7 +149,13 @@ def test_checkpoints_move_between_two_nodes_and_one_process(data, tmp_path):
 @pytest.mark.parametrize(
     ("signum", "extra", "bound"),
     [
-        pytest.param(signal.SIGKILL, [], 60, id="killed"),  # its connections close: the next collective fails
+        pytest.param(  # its connections close: the next collective fails
+            signal.SIGKILL,
+            [],
+            60,
+            id="killed",
+            marks=pytest.mark.slow,  # ~15 s; the default run keeps a dying rank on one node (test_torchrec_strategy)
+        ),
         pytest.param(  # a frozen node keeps its connections open: the process group's timeout ends the wait
             signal.SIGSTOP,
             ["--trainer.strategy.init_args.timeout", "0:00:40"],
