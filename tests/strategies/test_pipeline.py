@@ -1,6 +1,7 @@
 """``ShardedEmbeddingStrategy(pipeline=True)`` (TorchRec's sparse-dist pipeline under Lightning's loop) trains exactly
 like the plain loop on 2 gloo processes: the same batches, the same losses at every step and the same weights, with
-evaluation between training steps."""
+evaluation between training steps, FP32 and with INT4 QAT (tables and MLPs); a pipelined QAT run stopped and resumed
+from its checkpoint continues exactly as the uninterrupted one."""
 
 import os
 from pathlib import Path
@@ -9,10 +10,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.multiprocessing as mp
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from dqrm_lightning.callbacks import QuantizationAwareTraining
-from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.quant import QATConfig
 from dqrm_lightning.strategies import ShardedEmbeddingStrategy, TorchRecStrategy
 from tests.helpers.training import small_datamodule, small_module
@@ -39,9 +39,13 @@ def _local_state(module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _fit(tmp_path: Path, pipeline: bool, qat: bool) -> dict | str:
+def _fit(
+    tmp_path: Path, pipeline: bool, qat: bool, max_steps: int = 12, resume: Path | None = None, save: Path | None = None
+) -> dict:
     losses = _Losses()
     callbacks: list[Callback] = [losses]
+    if save is not None:  # a checkpoint at the last step, written in the loop as `dqrm fit` writes them
+        callbacks.append(ModelCheckpoint(dirpath=save, every_n_train_steps=max_steps, save_top_k=-1))
     if qat:  # INT4 tables and MLPs, scales refreshed every 3 steps: QAT's per-batch hooks see the trained batch
         callbacks.append(QuantizationAwareTraining(QATConfig(embedding_bits=4, mlp_bits=4, scale_period=3)))
     module = small_module()
@@ -50,21 +54,18 @@ def _fit(tmp_path: Path, pipeline: bool, qat: bool) -> dict | str:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=save is not None,
         callbacks=callbacks,
         strategy=ShardedEmbeddingStrategy(pipeline=pipeline),
         accelerator="cpu",
         devices=2,
-        max_steps=12,
+        max_steps=max_steps,
         limit_val_batches=2,
         val_check_interval=5,  # evaluation between training steps, on the original forwards
     )
-    data = tmp_path / f"data_{pipeline}"  # each rank writes the same seeded files
+    data = tmp_path / "data"  # each rank writes the same seeded files
     data.mkdir(parents=True)
-    try:
-        trainer.fit(module, datamodule=small_datamodule(data))
-    except ConfigError as err:
-        return str(err)
+    trainer.fit(module, datamodule=small_datamodule(data), ckpt_path=resume)
     used = trainer.strategy._pipeline
     pipelined = 0 if used is None else len(used._torchrec._pipelined_modules)  # the sharded EBC's forward rewritten
     return {"losses": losses.losses, "rows": losses.rows, "state": _local_state(module), "pipelined": pipelined}
@@ -73,8 +74,16 @@ def _fit(tmp_path: Path, pipeline: bool, qat: bool) -> dict | str:
 def _rank(rank: int, out: str, port: int, qat: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0")
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank))  # processes made here: Lightning launches none
-    results = {p: _fit(Path(out) / f"r{rank}", p, qat) for p in (False, True)}
+    results = {p: _fit(Path(out) / f"r{rank}_{p}", p, qat) for p in (False, True)}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _assert_same_training(plain: dict, piped: dict) -> None:
+    assert piped["rows"] == plain["rows"]
+    assert piped["losses"] == plain["losses"]
+    assert plain["state"].keys() == piped["state"].keys()
+    for key, value in plain["state"].items():
+        torch.testing.assert_close(piped["state"][key], value, rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.multiprocess
@@ -86,21 +95,43 @@ def test_pipelined_training_equals_the_plain_loop_on_two_processes(tmp_path: Pat
         plain, piped = results[False], results[True]
         assert len(plain["losses"]) == 12
         assert (plain["pipelined"], piped["pipelined"]) == (0, 1)
-        assert piped["rows"] == plain["rows"]
-        assert piped["losses"] == plain["losses"]
-        assert plain["state"].keys() == piped["state"].keys()
-        for key, value in plain["state"].items():
-            torch.testing.assert_close(piped["state"][key], value, rtol=0, atol=0, msg=key)
+        _assert_same_training(plain, piped)
 
 
 @pytest.mark.multiprocess
-@pytest.mark.slow  # ~35 s: a 2-process QAT fit on the plain loop first
-def test_embedding_qat_with_the_pipeline_is_refused_in_one_line(tmp_path: Path):
+@pytest.mark.slow  # ~50 s: two 12-step QAT fits on 2 processes
+def test_pipelined_qat_equals_the_plain_loop_on_two_processes(tmp_path: Path):
     mp.start_processes(_rank, args=(str(tmp_path), 29732, True), nprocs=2, start_method="spawn")
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert len(results[False]["losses"]) == 12  # QAT trains on the plain loop
-        assert "does not run with embedding QAT yet" in results[True]
+        plain, piped = results[False], results[True]
+        assert len(plain["losses"]) == 12
+        assert (plain["pipelined"], piped["pipelined"]) == (0, 1)  # the QAT sparse arch's tables are pipelined too
+        assert any("scale" in key for key in plain["state"])  # QAT state (the tables' scales) is compared too
+        _assert_same_training(plain, piped)
+
+
+def _resume_rank(rank: int, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0")
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank))
+    root = Path(out)
+    whole = _fit(root / f"r{rank}_whole", True, True)
+    first = _fit(root / f"r{rank}_first", True, True, max_steps=7, save=root / "ckpt")  # both ranks write it
+    second = _fit(root / f"r{rank}_second", True, True, resume=next((root / "ckpt").glob("*step=7*")))
+    torch.save({"whole": whole, "first": first, "second": second}, root / f"rank{rank}.pt")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow  # ~60 s: three QAT fits on 2 processes
+def test_pipelined_qat_resumes_mid_epoch_exactly(tmp_path: Path):
+    mp.start_processes(_resume_rank, args=(str(tmp_path), 29733), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        whole, first, second = results["whole"], results["first"], results["second"]
+        assert len(first["losses"]) == 7 and len(second["losses"]) == 5  # steps 8..12 after the resume
+        assert first["losses"] + second["losses"] == whole["losses"]
+        assert first["rows"] + second["rows"] == whole["rows"]  # the resumed run reads on from batch 8
+        _assert_same_training(whole, {**second, "rows": whole["rows"], "losses": whole["losses"]})
 
 
 def test_pipeline_is_a_sharded_option():

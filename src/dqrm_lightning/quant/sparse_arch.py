@@ -79,4 +79,8 @@ class FakeQuantizedSparseArch(nn.Module):
         """Pooled embeddings of ``features`` (F keys, B samples each) from fake-quantized rows, shape (B, F, D)."""
         pooled = self.embedding_bag_collection(features).to_dict()  # feature -> (B, D)
         sparse = torch.stack([pooled[name] for name in self.sparse_feature_names], dim=1)  # (B, F, D)
+        if isinstance(sparse, torch.fx.Proxy):
+            # TorchRec's sparse-dist train pipeline traces this forward only to find which input feeds the tables;
+            # the quantizer (eager code behind the lookup, not a submodule) stays out of that graph and runs eagerly.
+            return sparse
         return self.quantizer(sparse, features)  # each table's looked-up rows on its integer grid

@@ -19,7 +19,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from dqrm_lightning.comms.qcomms import check_precisions, qcomm_registry, reduce_scatter_precision
-from dqrm_lightning.errors import ConfigError
 from dqrm_lightning.strategies.base import TorchRecStrategyBase
 from dqrm_lightning.strategies.pipeline import SparseDistPipeline
 from dqrm_lightning.strategies.sharding import EmbeddingLayout, EmbeddingPlacement
@@ -100,11 +99,6 @@ class ShardedEmbeddingStrategy(TorchRecStrategyBase):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if not self.pipeline or trainer is None or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        if getattr(self.lightning_module, "embedding_quantizer", None) is not None:
-            raise ConfigError(
-                "`trainer.strategy.pipeline: true` does not run with embedding QAT yet (TorchRec's pipeline traces the "
-                "model, and the QAT sparse arch's quantizer is not a traceable submodule): set `pipeline: false`"
-            )
         if self._pipeline is None:
             self._pipeline = SparseDistPipeline(self.lightning_module.model, self.root_device)  # type: ignore[union-attr]
         return self._pipeline.wrap(dataloader)  # type: ignore[arg-type]  # the training DataLoader
