@@ -128,7 +128,8 @@ def test_pipelined_qat_resumes_mid_epoch_exactly(tmp_path: Path):
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         whole, first, second = results["whole"], results["first"], results["second"]
-        assert len(first["losses"]) == 7 and len(second["losses"]) == 5  # steps 8..12 after the resume
+        assert len(first["losses"]) == 7
+        assert len(second["losses"]) == 5  # steps 8..12 after the resume
         assert first["losses"] + second["losses"] == whole["losses"]
         assert first["rows"] + second["rows"] == whole["rows"]  # the resumed run reads on from batch 8
         _assert_same_training(whole, {**second, "rows": whole["rows"], "losses": whole["losses"]})
