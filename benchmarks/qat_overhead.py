@@ -37,6 +37,7 @@ import torch
 from _kaggle import arguments, ensure_data, fit_command, kaggle_config, model_kwargs, segment_trainer
 from _kaggle import datamodule as kaggle_datamodule
 
+from dqrm_lightning import threads
 from dqrm_lightning.callbacks import QuantizationAwareTraining, StepTimer
 from dqrm_lightning.data.datamodule import CriteoDataModule
 from dqrm_lightning.export.exporter import export_checkpoint
@@ -150,6 +151,7 @@ def refresh_cost(module: DLRMModule, datamodule: CriteoDataModule, period: int, 
 def main() -> None:
     parser = arguments(steps=600, warmup=50, repeats=3)
     parser.add_argument("--rss-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the thread policy)")
     parser.add_argument("--variants", nargs="+", default=["fp32", "p200", "p1", "exact"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 2048])
     parser.add_argument(
@@ -160,11 +162,16 @@ def main() -> None:
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    settings = threads.resolve(args.threads)  # as `dqrm fit` sizes its pools
+    threads.apply(settings)
     data = Path(args.data)
     ensure_data(data, args.rows)
     config = kaggle_config()
     sizes = config["sizes"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; Kaggle-config DLRM, tables 33,762,577 x 16")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {settings.intra_op} intra-op threads "
+        f"({settings.intra_op_from}); Kaggle-config DLRM, tables 33,762,577 x 16"
+    )
     torch.manual_seed(0)
     module = DLRMModule(sizes, **model_kwargs(config))
     module.prepare_qat(QATConfig(embedding_bits=4, mlp_bits=4))  # FP32 segments switch quantization off

@@ -30,6 +30,24 @@ def test_per_row_weight_quantization(bits):
     assert fq.to_linear().weight is linear.weight
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+def test_the_training_fast_path_never_needs_a_clamp(bits, granularity):
+    """The identity-STE path skips the clamp: its codes equal the clamped ones exactly, for rows of every magnitude
+    (the row maxima of both signs are hit exactly)."""
+    torch.manual_seed(bits)
+    weight = torch.randn(64, 97) * torch.logspace(-30, 30, 64).unsqueeze(1)
+    weight[::3, 5] = -weight[::3].abs().amax(dim=1) * 1.0000001  # a negative extreme in some rows
+    weight[1] = 0.0
+    fq = FakeQuantizedLinear.from_linear(nn.Linear(97, 64), bits=bits, granularity=granularity)
+    with torch.no_grad():
+        fq.weight.copy_(weight)
+    fast, _, scale = fq.quantized_weight()
+    n = 2 ** (bits - 1) - 1
+    clamped = torch.clamp(torch.round(weight / scale), -n - 1, n) * scale
+    torch.testing.assert_close(fast, clamped, rtol=0, atol=0)
+
+
 def test_per_tensor_and_reference_bias():
     torch.manual_seed(0)
     linear = nn.Linear(4, 3)

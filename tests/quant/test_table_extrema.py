@@ -30,10 +30,12 @@ def _lookups(ids_a: list[int], ids_b: list[int]) -> KeyedJaggedTensor:
     )
 
 
-def _tables(split: int | None = None) -> tuple[dict[str, torch.Tensor], SimpleNamespace]:
+def _tables(
+    split: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, torch.Tensor], SimpleNamespace]:
     """Tables a and b, and their local shards: whole, or table a as two row shards split at row ``split``."""
     torch.manual_seed(0)
-    tables = {f: torch.randn(rows, 4) for f, rows in zip(FEATURES, ROWS_AB, strict=True)}
+    tables = {f: torch.randn(rows, 4).to(dtype) for f, rows in zip(FEATURES, ROWS_AB, strict=True)}
     a = tables["a"]
     shards_a = [(a, (0, 0))] if split is None else [(a[:split], (0, 0)), (a[split:], (split, 0))]
     return tables, SimpleNamespace(local={"a": shards_a, "b": [(tables["b"], (0, 0))]})
@@ -47,8 +49,10 @@ def _assert_exact(extrema: BlockExtrema, tables: dict[str, torch.Tensor]) -> Non
 
 
 @pytest.mark.parametrize("split", [None, 64, 37])  # whole, shard split on a block boundary, and off one
-def test_refresh_equals_a_full_pass_after_updates_of_the_looked_up_rows(split):
-    tables, access = _tables(split)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # FP32 or FP16 master tables
+def test_refresh_equals_a_full_pass_after_updates_of_the_looked_up_rows(split, dtype, monkeypatch):
+    monkeypatch.setattr(table_extrema, "_GATHER_BLOCKS", 2)  # dirty blocks gathered a few at a time
+    tables, access = _tables(split, dtype)
     extrema = BlockExtrema(access, FEATURES, ROWS_AB)  # type: ignore[arg-type]
     _assert_exact(extrema, tables)  # the first refresh scans everything
     generator = torch.Generator().manual_seed(1)
@@ -58,9 +62,10 @@ def test_refresh_equals_a_full_pass_after_updates_of_the_looked_up_rows(split):
         extrema.record(_lookups(ids_a, ids_b))
         # the looked-up rows move, both outward and inward (an extreme row shrinking must lower the extreme)
         tables["a"][ids_a] *= 3.0 if step % 2 else 0.1
-        tables["b"][ids_b] += torch.randn(len(ids_b), 4, generator=generator)
+        tables["b"][ids_b] += torch.randn(len(ids_b), 4, generator=generator).to(dtype)
         if step % 4 == 3:
             _assert_exact(extrema, tables)
+    assert {shard.low.dtype for shards in extrema._shards.values() for shard in shards} == {dtype}  # kept as is
     for row in range(ROWS_AB[0]):  # each row in turn holds both extremes: every block boundary of every shard
         tables["a"][row, 0], tables["a"][row, 1] = 1000.0 + row, -1000.0 - row
         extrema.record(_lookups([row], []))

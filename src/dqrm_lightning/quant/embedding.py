@@ -22,10 +22,10 @@ No quantized copy of a table ever exists. The quantizer runs at the end of DLRM'
 
 Scales are computed from the FP32 master tables under ``no_grad`` with ``torch.aminmax`` (a reduction: no
 table-sized temporary), at the first training step and then every ``scale_period`` optimizer steps; they are frozen
-in between and during evaluation. By default (``scale_refresh: full``) a refresh passes over every table; with
-``scale_refresh: incremental`` a refresh after the first rescans only the blocks of rows that training forwards
-looked up since the last one, the only rows that can have changed
-(:class:`~dqrm_lightning.quant.table_extrema.BlockExtrema`): the same extrema from a fraction of the bytes. Under
+in between and during evaluation. By default (``scale_refresh: incremental``) a refresh after the first rescans only
+the blocks of rows that training forwards looked up since the last one, the only rows that can have changed
+(:class:`~dqrm_lightning.quant.table_extrema.BlockExtrema`): the same extrema from a fraction of the bytes; with
+``scale_refresh: full`` every refresh passes over every table (the paper's procedure). Under
 sharding every rank reduces its local shards and the extrema are all-reduced, so all ranks hold identical scales.
 Scales, offsets, bits and the refresh counters are buffers: they are saved in checkpoints and a resumed run continues
 exactly.

@@ -16,7 +16,8 @@ records the ids of every training forward, and a refresh
 The result is the exact (min, max) of each local shard, equal to a full :func:`torch.aminmax` pass, at a fraction of
 its cost (on the Kaggle tables at batch 128 and P = 200 about 3% of the blocks are dirty). The first refresh, and the
 first after :meth:`BlockExtrema.invalidate` (tables loaded or changed without a recorded lookup), scans every block.
-Memory: two float32 values per block, 1/(2 D) of an FP32 table's bytes at S = 16 rows.
+Memory: two values per block in the table's dtype and a dirty mark, about 1/(2 D) of the table's bytes at S = 16
+rows, and a transient gather of at most 4 MB.
 
 Example::
 
@@ -39,9 +40,9 @@ if TYPE_CHECKING:
 
 BLOCK_ROWS = 16  # S: rows per block (1 KB of an FP32 table at D = 16)
 _FULL_SCAN_FRACTION = 0.5  # rescan a whole shard when at least this fraction of its blocks is dirty
-_GATHER_BLOCKS = 1 << 16  # blocks gathered at a time (16 MB of FP32 at S = 16, D = 16)
+_GATHER_BLOCKS = 1 << 12  # blocks gathered at a time (4 MB of FP32 at S = 16, D = 16: a small transient peak)
 _SMALL_SHARD_BLOCKS = 4096  # shards of fewer blocks (64K rows) are passed over whole at each refresh
-_PENDING_LIMIT = 256  # recorded batches folded into the dirty marks at once
+_PENDING_LIMIT = 32  # recorded batches held before they are folded into the dirty marks
 
 
 class _ShardBlocks:
@@ -51,8 +52,11 @@ class _ShardBlocks:
     def __init__(self, tensor: torch.Tensor, first_row: int) -> None:
         self.tensor, self.first_row = tensor.detach(), first_row
         self.blocks = -(-tensor.shape[0] // BLOCK_ROWS)
-        self.low = torch.full((self.blocks,), float("inf"))
-        self.high = torch.full((self.blocks,), float("-inf"))
+        # in the table's own floating dtype: exact (an extremum is one of the table's values), and half the bytes of
+        # float32 for float16 master tables
+        dtype = tensor.dtype if tensor.dtype.is_floating_point else torch.float32
+        self.low = torch.full((self.blocks,), float("inf"), dtype=dtype)
+        self.high = torch.full((self.blocks,), float("-inf"), dtype=dtype)
 
     @property
     def _body(self) -> torch.Tensor:
@@ -63,8 +67,8 @@ class _ShardBlocks:
     def scan_all(self) -> None:
         body = self._body
         if body.shape[0]:
-            self.low[: body.shape[0]] = body.amin(dim=(1, 2)).float()
-            self.high[: body.shape[0]] = body.amax(dim=(1, 2)).float()
+            self.low[: body.shape[0]] = body.amin(dim=(1, 2))
+            self.high[: body.shape[0]] = body.amax(dim=(1, 2))
         self._scan_tail()
 
     def _scan_tail(self) -> None:
@@ -72,7 +76,7 @@ class _ShardBlocks:
         whole = self.tensor.shape[0] // BLOCK_ROWS
         if whole < self.blocks:
             low, high = torch.aminmax(self.tensor[whole * BLOCK_ROWS :])
-            self.low[whole], self.high[whole] = low.float(), high.float()
+            self.low[whole], self.high[whole] = low, high
 
     def scan(self, dirty: torch.Tensor) -> None:
         """Rescan the blocks marked in ``dirty`` (bool, one per block)."""
@@ -87,8 +91,8 @@ class _ShardBlocks:
         for start in range(0, ids.numel(), _GATHER_BLOCKS):
             chunk = ids[start : start + _GATHER_BLOCKS]
             values = body.index_select(0, chunk)  # (chunk, S, D)
-            self.low.index_copy_(0, chunk, values.amin(dim=(1, 2)).float())
-            self.high.index_copy_(0, chunk, values.amax(dim=(1, 2)).float())
+            self.low.index_copy_(0, chunk, values.amin(dim=(1, 2)).to(self.low.dtype))
+            self.high.index_copy_(0, chunk, values.amax(dim=(1, 2)).to(self.high.dtype))
 
     def dirty_blocks(self, table_dirty: torch.Tensor) -> torch.Tensor:
         """This shard's dirty blocks (bool, one per block) from its table's (bool, one per block of S table rows
@@ -113,7 +117,7 @@ class _ShardBlocks:
         """(min, max) of the shard from its per-block extrema."""
         if not self.blocks:
             return torch.tensor(float("inf")), torch.tensor(float("-inf"))
-        return self.low.min(), self.high.max()
+        return self.low.min().float(), self.high.max().float()
 
 
 class BlockExtrema:
