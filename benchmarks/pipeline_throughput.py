@@ -1,11 +1,12 @@
 """Training throughput on 2 processes (sharded tables, gloo) with and without the sparse-dist pipeline.
 
-    python benchmarks/pipeline_throughput.py --data /work/main/data/demo --steps 300 --repeats 2
+    python benchmarks/pipeline_throughput.py --data /work/main/data/demo --steps 300 --repeats 2 [--qat]
 
 ``--trainer.strategy.pipeline true`` starts each batch's embedding input all-to-all one step early
 (:mod:`dqrm_lightning.strategies.pipeline`). The demo config (batch ``data.batch_size`` per process, tables table-wise
 over the 2 processes); throughput = global samples per second of the training loop after warm-up, from each run's
-summary.json; runs alternate plain, pipeline, plain, ...
+summary.json; runs alternate plain, pipeline, plain, ... ``--qat`` trains whole-model INT4 QAT
+(``configs/qat/int4.yaml``) in both.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from _kaggle import run_summary
 MODES = {"plain": "false", "pipeline": "true"}
 
 
-def fit_command(data: Path, work: Path, steps: int, warmup: int, pipeline: str) -> list[str]:
-    """`dqrm fit` of the demo config on 2 processes, no validation or checkpoints."""
+def fit_command(data: Path, work: Path, steps: int, warmup: int, pipeline: str, qat: bool = False) -> list[str]:
+    """`dqrm fit` of the demo config (with ``qat``: whole-model INT4 QAT) on 2 processes, no validation or
+    checkpoints."""
     return [
         sys.executable,
         "-m",
@@ -31,6 +33,7 @@ def fit_command(data: Path, work: Path, steps: int, warmup: int, pipeline: str) 
         "fit",
         "-c",
         "configs/demo.yaml",
+        *(("-c", "configs/qat/int4.yaml") if qat else ()),
         *(x for s in ("train", "val", "test") for x in (f"--data.{s}_files", f"{data}/{s}*")),
         "--data.prepared_dir",
         str(work / "prepared"),
@@ -64,16 +67,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--qat", action="store_true", help="whole-model INT4 QAT in both modes")
     args = parser.parse_args()
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
     for i in range(args.repeats):
         for mode, flag in MODES.items():
-            command = fit_command(Path(args.data), Path(args.work), args.steps, args.warmup, flag)
+            command = fit_command(Path(args.data), Path(args.work), args.steps, args.warmup, flag, args.qat)
             summary = run_summary(command)
             rates[mode].append(summary["speed"]["loop_samples_per_s"])
             print(f"round {i}: {mode:8s} {rates[mode][-1]:10,.0f} samples/s", flush=True)
     plain, piped = (statistics.median(rates[m]) for m in MODES)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores (shared); demo config, 2 gloo processes")
+    model = "demo config, whole-model INT4 QAT" if args.qat else "demo config"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores (shared); {model}, 2 gloo processes")
     print(f"{'':10s}{'plain':>12s}{'pipeline':>12s}")
     for i in range(args.repeats):
         print(f"round {i:<4d}{rates['plain'][i]:12,.0f}{rates['pipeline'][i]:12,.0f}")
