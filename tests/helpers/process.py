@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -46,3 +47,10 @@ def run(command: list[str], timeout: float, **kwargs: Any) -> subprocess.Complet
                 f"{' '.join(command[:6])} ... did not finish within {timeout} s (killed with its children)"
             ) from err
         return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no process listens on now (for a run's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

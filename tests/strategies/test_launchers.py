@@ -4,7 +4,6 @@ started with the environment srun gives each task)."""
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,6 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return synth_demo(tmp_path_factory, "launch", 6000, 4)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(data: Path, root: Path) -> list[str]:
@@ -46,7 +39,15 @@ def _summary(output: str) -> dict:
 
 def test_torchrun(data, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "dqrm_lightning.cli"]
+    command = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(process.free_port()),
+        "-m",
+        "dqrm_lightning.cli",
+    ]
     done = process.run([*command, "fit", *_args(data, tmp_path)], 240)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _summary(done.stdout)
@@ -56,7 +57,7 @@ def test_torchrun(data, tmp_path):
 
 
 def test_slurm_environment(data, tmp_path):
-    port = str(_free_port())
+    port = str(process.free_port())
     with contextlib.ExitStack() as stack:
         processes = []
         for rank in range(2):

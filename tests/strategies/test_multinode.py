@@ -36,12 +36,6 @@ def data(tmp_path_factory) -> Path:
     return synth_demo(tmp_path_factory, "nodes", 6000, 5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node_command(node: int, port: int, *args: str) -> list[str]:
     """`torchrun` of node ``node`` of 2 (one process each), static rendezvous at 127.0.0.1:``port``."""
     return [
@@ -78,7 +72,7 @@ def _finish(nodes: list[subprocess.Popen], logs: Path, timeout: float = 300) -> 
 
 def _two_torchrun_nodes(tmp_path: Path, name: str, *args: str) -> dict:
     """`dqrm ARGS` on 2 torchrun nodes; the summary global rank 0 wrote (node 0 names it, node 1 prints none)."""
-    port = _free_port()
+    port = process.free_port()
     logs = tmp_path / f"{name}-logs"
     with _start_nodes([_node_command(node, port, *args, *TWO_NODES) for node in range(2)], logs) as nodes:
         out0, out1 = _finish(nodes, logs)
@@ -167,7 +161,7 @@ def test_checkpoints_move_between_two_nodes_and_one_process(data, tmp_path):
 )
 def test_a_lost_node_stops_the_other_with_one_line_naming_it(data, tmp_path, signum, extra, bound):
     args = _fit_args(data, tmp_path, "model_parallel", "--checkpoint_every_n_steps", "3", "--trainer.max_epochs", "200")
-    port = _free_port()
+    port = process.free_port()
     logs = tmp_path / "logs"
     commands = [_node_command(node, port, *args, *extra, *TWO_NODES) for node in range(2)]
     with _start_nodes(commands, logs) as (node0, node1):
@@ -228,7 +222,7 @@ def test_slurm_environment_two_nodes_one_task_each(monkeypatch):
 
 
 def test_slurm_two_nodes_train_and_share_the_machine_s_cores(data, tmp_path):
-    port = _free_port()
+    port = process.free_port()
     # the thread policy decides: it must see both ranks on this host
     args = _fit_args(data, tmp_path, "model_parallel", threads=False)
     command = [sys.executable, "-m", "dqrm_lightning.cli", *args, *TWO_NODES]

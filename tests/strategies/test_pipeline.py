@@ -71,49 +71,43 @@ def _fit(
     return {"losses": losses.losses, "rows": losses.rows, "state": _local_state(module), "pipelined": pipelined}
 
 
-def _rank(rank: int, out: str, port: int, qat: bool) -> None:
+def _join(rank: int, port: int) -> None:
+    """This spawned process is ``rank`` of a 2-process run on 127.0.0.1 (Lightning launches no processes then)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0")
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank))  # processes made here: Lightning launches none
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank))
+
+
+def _rank(rank: int, out: str, port: int, qat: bool) -> None:
+    _join(rank, port)
     results = {p: _fit(Path(out) / f"r{rank}_{p}", p, qat) for p in (False, True)}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
-def _assert_same_training(plain: dict, piped: dict) -> None:
-    assert piped["rows"] == plain["rows"]
-    assert piped["losses"] == plain["losses"]
-    assert plain["state"].keys() == piped["state"].keys()
-    for key, value in plain["state"].items():
-        torch.testing.assert_close(piped["state"][key], value, rtol=0, atol=0, msg=key)
+def _assert_same_state(want: dict, got: dict) -> None:
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.multiprocess
-@pytest.mark.slow  # ~45 s on shared cores: two 12-step fits on 2 processes
-def test_pipelined_training_equals_the_plain_loop_on_two_processes(tmp_path: Path):
-    mp.start_processes(_rank, args=(str(tmp_path), 29731, False), nprocs=2, start_method="spawn")
+@pytest.mark.slow  # ~45-50 s on shared cores: two 12-step fits on 2 processes
+@pytest.mark.parametrize("qat", [False, True], ids=["fp32", "qat"])
+def test_pipelined_training_equals_the_plain_loop_on_two_processes(tmp_path: Path, qat: bool):
+    mp.start_processes(_rank, args=(str(tmp_path), 29731 + qat, qat), nprocs=2, start_method="spawn")
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         plain, piped = results[False], results[True]
         assert len(plain["losses"]) == 12
-        assert (plain["pipelined"], piped["pipelined"]) == (0, 1)
-        _assert_same_training(plain, piped)
-
-
-@pytest.mark.multiprocess
-@pytest.mark.slow  # ~50 s: two 12-step QAT fits on 2 processes
-def test_pipelined_qat_equals_the_plain_loop_on_two_processes(tmp_path: Path):
-    mp.start_processes(_rank, args=(str(tmp_path), 29732, True), nprocs=2, start_method="spawn")
-    for rank in range(2):
-        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        plain, piped = results[False], results[True]
-        assert len(plain["losses"]) == 12
-        assert (plain["pipelined"], piped["pipelined"]) == (0, 1)  # the QAT sparse arch's tables are pipelined too
-        assert any("scale" in key for key in plain["state"])  # QAT state (the tables' scales) is compared too
-        _assert_same_training(plain, piped)
+        assert (plain["pipelined"], piped["pipelined"]) == (0, 1)  # with QAT, the QAT sparse arch's tables too
+        # with QAT, its state (the tables' scales) is compared too
+        assert any("scale" in key for key in plain["state"]) == qat
+        assert piped["rows"] == plain["rows"]
+        assert piped["losses"] == plain["losses"]
+        _assert_same_state(plain["state"], piped["state"])
 
 
 def _resume_rank(rank: int, out: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0")
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank))
+    _join(rank, port)
     root = Path(out)
     whole = _fit(root / f"r{rank}_whole", True, True)
     first = _fit(root / f"r{rank}_first", True, True, max_steps=7, save=root / "ckpt")  # both ranks write it
@@ -132,7 +126,7 @@ def test_pipelined_qat_resumes_mid_epoch_exactly(tmp_path: Path):
         assert len(second["losses"]) == 5  # steps 8..12 after the resume
         assert first["losses"] + second["losses"] == whole["losses"]
         assert first["rows"] + second["rows"] == whole["rows"]  # the resumed run reads on from batch 8
-        _assert_same_training(whole, {**second, "rows": whole["rows"], "losses": whole["losses"]})
+        _assert_same_state(whole["state"], second["state"])
 
 
 def test_pipeline_is_a_sharded_option():
