@@ -4,7 +4,7 @@
 
 Training (one process, one model, so the 2 GB of tables sit in the same memory for every variant): the Kaggle-config
 DLRM (33,762,577 rows x 16) prepared for whole-model INT4 QAT (INT4 tables, INT4 per-row MLP weights) trains segments
-of `--steps` steps through Lightning, alternating FP32 (quantization switched off), INT4 with the scale refreshed
+of `--warmup` + `--steps` steps (the latter timed) through Lightning, alternating FP32 (quantization switched off), INT4 with the scale refreshed
 every 200 steps (DQRM), INT4 refreshed every step (the paper's naive baseline), and INT4 with exact scale
 tracking. Step time = loop time per step, data loading and scale refreshes included. Ratios are taken pair by pair;
 medians are printed.
@@ -52,7 +52,9 @@ class _FP32(pl.Callback):
 
 
 def segment(module: DLRMModule, datamodule: CriteoDataModule, variant: str, steps: int, warmup: int) -> float:
-    """Milliseconds per step (loop) of one training segment."""
+    """Milliseconds per step (loop) of one training segment: ``warmup`` steps, then ``steps`` timed ones. The scale
+    refreshes fall on steps 0, P, 2P, ... of each segment, so a timed window of a multiple of P steps holds exactly
+    ``steps / P`` of them (a P=200 refresh is charged at its true rate)."""
     timer = StepTimer(warmup_steps=warmup)
     callbacks: list[pl.Callback] = [timer]
     if variant == "fp32":
@@ -64,7 +66,7 @@ def segment(module: DLRMModule, datamodule: CriteoDataModule, variant: str, step
         period = int(variant.removeprefix("full").removeprefix("p"))
         config = QATConfig(embedding_bits=4, mlp_bits=4, scale_period=period, scale_refresh=refresh)
         callbacks.append(QuantizationAwareTraining(config))
-    trainer = segment_trainer(steps, callbacks, False)
+    trainer = segment_trainer(warmup + steps, callbacks, False)
     trainer.fit(module, datamodule=datamodule)
     return 1000.0 * datamodule.hparams.batch_size / float(timer.summary()["loop_samples_per_s"])
 
@@ -177,7 +179,7 @@ def main() -> None:
     module.prepare_qat(QATConfig(embedding_bits=4, mlp_bits=4))  # FP32 segments switch quantization off
     for batch_size in args.batch_sizes if "training" in args.parts else []:
         datamodule = kaggle_datamodule(data, batch_size)
-        steps = args.steps if batch_size == 128 else max(args.steps // 6, args.warmup // 5 + 40)
+        steps = args.steps if batch_size == 128 else max(args.steps // 3, 200)  # at least one P=200 period
         warmup = args.warmup if batch_size == 128 else args.warmup // 5
         times: dict[str, list[float]] = {variant: [] for variant in args.variants}
         for i in range(args.repeats):

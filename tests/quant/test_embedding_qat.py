@@ -36,6 +36,30 @@ def test_one_hot_output_is_per_row_fake_quantization(bits):
         torch.testing.assert_close(pooled[:, f, :], expected, rtol=0, atol=1e-7)
 
 
+def test_one_hot_output_with_mixed_widths_and_a_changed_code_range():
+    """Tables of different widths (and an FP32 one) clamp to their own ranges; one width for all clamps to two
+    numbers, and a code range loaded into the buffers is followed (never a stale cached one)."""
+    config = QATConfig(embedding_bits_per_table={"C1": 2, "C2": 8, "C4": 4, "C5": 4})  # the other tables FP32
+    module = qat_module(config)
+    quantizer = module.embedding_quantizer
+    assert quantizer._uniform_code_range() is None
+    batch = random_batch(batch_size=16, rows=ROWS)
+    pooled = module.dlrm.sparse_arch(batch.sparse_features)
+    for f, feature in enumerate(DEFAULT_CAT_NAMES[:5]):
+        ids = batch.sparse_features[feature].values()
+        bits = {"C1": 2, "C2": 8}.get(feature, 4)
+        expected = full_table(module, feature)[ids] if feature == "C3" else None
+        if expected is None:
+            expected = brute_force_rows(full_table(module, feature), ids, bits)
+        torch.testing.assert_close(pooled[:, f, :], expected, rtol=0, atol=1e-7)
+    uniform = qat_module(QATConfig(embedding_bits=4)).embedding_quantizer
+    assert uniform._uniform_code_range() == (-8.0, 7.0)
+    state = uniform.state_dict()
+    state["qmin"], state["qmax"] = torch.full_like(state["qmin"], -2.0), torch.full_like(state["qmax"], 1.0)
+    uniform.load_state_dict(state)
+    assert uniform._uniform_code_range() == (-2.0, 1.0)
+
+
 def test_multi_hot_quantizes_rows_before_pooling():
     module = qat_module(QATConfig(embedding_bits=4))
     batch_size = 3

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from dqrm_lightning.quant.linear import FakeQuantizedLinear, swap_linears
+from dqrm_lightning.quant.linear import FakeQuantizedLinear, WeightStaging, stage_weights, swap_linears
 
 
 def brute_force(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -107,3 +107,53 @@ def test_integer_weight_is_the_fake_quantized_weight_exactly(granularity, bias_m
     torch.testing.assert_close(used_bias, bias.detach(), rtol=0, atol=0)
     saved = FakeQuantizedLinear.from_saved(fq.state_dict(), **settings)  # as export rebuilds it
     torch.testing.assert_close(saved.integer_weight()[0], codes, rtol=0, atol=0)
+
+
+def _staged_mlp(seed: int, **settings: object) -> nn.Sequential:
+    torch.manual_seed(seed)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
+    swap_linears(mlp, **settings)
+    return mlp
+
+
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+def test_staged_weights_train_exactly_as_per_layer_ones(granularity):
+    """All layers' weights fake-quantized at once before the forward (WeightStaging) give the same outputs,
+    gradients and SGD trajectory as each layer quantizing its own, bit for bit; mixed settings form separate groups."""
+    settings = {"bits": 4, "granularity": granularity}
+    staged, plain = _staged_mlp(0, **settings), _staged_mlp(0, **settings)
+    staged[4].bits = plain[4].bits = 8  # a second (bits, granularity) group
+    WeightStaging.register(staged)
+    WeightStaging.register(staged)  # once only
+    assert len(staged._forward_pre_hooks) == 1
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (staged, plain)]
+    x = torch.randn(32, 6)
+    for _ in range(4):
+        for model, optimizer in zip((staged, plain), optimizers, strict=True):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+        for a, b in zip(staged.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(layer._staged is None for layer in staged if isinstance(layer, FakeQuantizedLinear))  # used once
+
+
+def test_a_stale_staged_weight_is_never_used():
+    """A staged weight is dropped when its weight changed since (an optimizer step) or the grad mode differs."""
+    mlp = _staged_mlp(1, bits=4)
+    layers = [m for m in mlp if isinstance(m, FakeQuantizedLinear)]
+    x = torch.randn(5, 6)
+    stage_weights(layers)
+    with torch.no_grad():
+        layers[0].weight.mul_(3.0)  # changed after staging
+    expected = brute_force(layers[0].weight.detach(), 4)
+    torch.testing.assert_close(layers[0].quantized_weight()[0], expected, rtol=0, atol=1e-7)
+    with torch.no_grad():
+        stage_weights(layers)  # staged without gradients ...
+    mlp(x).sum().backward()  # ... is not used by a training forward
+    assert all(layer.weight.grad is not None and bool(layer.weight.grad.abs().sum() > 0) for layer in layers)
+    stage_weights(layers[:1])
+    layers[0].enable_fake_quant(False)
+    stage_weights(layers)  # an inactive layer stages nothing
+    assert layers[0]._staged is None

@@ -10,7 +10,7 @@ from torchrec.models.dlrm import DLRM
 
 from dqrm_lightning.quant.config import QATConfig
 from dqrm_lightning.quant.embedding import EmbeddingQuantizer
-from dqrm_lightning.quant.linear import FakeQuantizedLinear, linear_kwargs, swap_linears
+from dqrm_lightning.quant.linear import FakeQuantizedLinear, WeightStaging, linear_kwargs, swap_linears
 from dqrm_lightning.quant.sparse_arch import FakeQuantizedSparseArch
 
 _FAKE_QUANTIZERS = (EmbeddingQuantizer, FakeQuantizedLinear, FakeQuantizedSparseArch)
@@ -33,6 +33,7 @@ def prepare_qat(model: DLRM, config: QATConfig) -> EmbeddingQuantizer | None:
     if config.mlp_bits is not None:
         for arch in (model.dense_arch, model.over_arch):
             swap_linears(arch, **linear_kwargs(config))
+        WeightStaging.register(model)  # all MLP weights fake-quantized at once before each forward
     if not config.quantizes_embeddings:
         return None
     model.sparse_arch = FakeQuantizedSparseArch.from_sparse_arch(model.sparse_arch, config)

@@ -138,8 +138,8 @@ class _FakeQuantize(torch.autograd.Function):
         x: torch.Tensor,
         scale: torch.Tensor,
         offset: torch.Tensor | None,
-        qmin: torch.Tensor,
-        qmax: torch.Tensor,
+        qmin: torch.Tensor | float,
+        qmax: torch.Tensor | float,
         clipped_ste: bool,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -147,7 +147,7 @@ class _FakeQuantize(torch.autograd.Function):
         ctx.clipped_ste = clipped_ste
         if clipped_ste:
             ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
-        return _dequantize_(codes.clamp_(qmin, qmax), scale, offset)
+        return _dequantize_(codes.clamp_(qmin, qmax), scale, offset)  # type: ignore[arg-type]  # two numbers or two tensors
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None, None]:
@@ -160,20 +160,22 @@ class _FakeQuantize(torch.autograd.Function):
 def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
-    qmin: torch.Tensor,
-    qmax: torch.Tensor,
+    qmin: torch.Tensor | float,
+    qmax: torch.Tensor | float,
     offset: torch.Tensor | None = None,
     ste: Ste = "identity",
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Quantize-dequantize ``x`` on the grid ``(scale, offset, [qmin, qmax])``; all broadcast against ``x``.
+    """Quantize-dequantize ``x`` on the grid ``(scale, offset, [qmin, qmax])``; all broadcast against ``x`` (the code
+    range may also be two numbers).
 
     Returns ``clamp(round((x - offset) / scale), qmin, qmax) * scale + offset`` with a straight-through gradient;
     with ``noise`` (``U[0, 1)`` values shaped like ``x``) the rounding is stochastic, ``floor(v + noise)``.
     """
     dtype = x.dtype
     offset = None if offset is None else offset.to(dtype)
-    return _FakeQuantize.apply(x, scale.to(dtype), offset, qmin.to(dtype), qmax.to(dtype), ste == "clipped", noise)
+    qmin, qmax = (q.to(dtype) if isinstance(q, torch.Tensor) else q for q in (qmin, qmax))
+    return _FakeQuantize.apply(x, scale.to(dtype), offset, qmin, qmax, ste == "clipped", noise)
 
 
 class _LearnedFakeQuantize(torch.autograd.Function):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,31 +15,48 @@ from dqrm_lightning.quant.fake_quant import Ste, fake_quantize, qrange, quantize
 
 def weight_scale(weight: torch.Tensor, bits: int, granularity: MLPGranularity) -> torch.Tensor:
     """Symmetric scale ``max|W_r| / (2^(b-1) - 1)`` per output row (out, 1), or one for the tensor (1, 1)."""
+    return _weight_scales([weight.detach()], bits, granularity)[0]
+
+
+def _weight_scales(weights: Sequence[torch.Tensor], bits: int, granularity: MLPGranularity) -> list[torch.Tensor]:
     n = 2 ** (bits - 1) - 1
     with torch.no_grad():
-        absolute = weight.detach().abs()  # MLP-sized; abs + amax runs ~8x faster than aminmax(dim=1) on the CPU
-        absmax = absolute.amax(dim=1, keepdim=True) if granularity == "per_row" else absolute.amax().view(1, 1)
-        return (absmax / n).clamp_min(1e-8)
+        # max|W| = max(max W, -min W): two read-only passes (amax and amin each run ~8x faster than aminmax(dim=1) on
+        # the CPU, and ~30% faster than abs + amax, which writes a copy)
+        if granularity == "per_row":
+            absmax = [w.amax(dim=1, keepdim=True) for w in weights]
+            lows = [w.amin(dim=1, keepdim=True) for w in weights]
+        else:
+            absmax = [w.amax().view(1, 1) for w in weights]
+            lows = [w.amin().view(1, 1) for w in weights]
+        torch._foreach_neg_(lows)
+        torch._foreach_maximum_(absmax, lows)
+        scales = torch._foreach_div(absmax, n)
+        torch._foreach_clamp_min_(scales, 1e-8)
+        return list(scales)
 
 
 class _IdentityWeightFakeQuantize(torch.autograd.Function):
-    """Scale + quantize-dequantize of a weight in one node, identity gradient: the same values as
-    ``fake_quantize(weight, weight_scale(...))`` with fewer dispatches."""
+    """Scales + quantize-dequantize of several weights in one autograd node with identity gradients: the same values
+    as ``fake_quantize(weight, weight_scale(...))`` for each, in a handful of multi-tensor (``_foreach``) kernels.
+
+    ``apply(bits, granularity, *weights)`` returns the fake-quantized weights followed by their scales.
+    """
 
     @staticmethod
-    def forward(
-        ctx: Any, weight: torch.Tensor, bits: int, granularity: MLPGranularity
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = weight_scale(weight, bits, granularity)
+    def forward(ctx: Any, bits: int, granularity: MLPGranularity, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scales = _weight_scales(weights, bits, granularity)
         # |w| <= max|W_r| = n * scale, so round(w / scale) already lies in [-n, n] (the float32 quotient is within
         # n * 2^-23 of n): no clamp, one pass less than fake_quantize
-        out = (weight / scale).round_().mul_(scale)
-        ctx.mark_non_differentiable(scale)
-        return out, scale
+        out = torch._foreach_div(weights, scales)
+        torch._foreach_round_(out)
+        torch._foreach_mul_(out, scales)
+        ctx.mark_non_differentiable(*scales)
+        return (*out, *scales)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _grad_scale: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad, None, None
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return (None, None, *grads[: len(grads) // 2])
 
 
 class FakeQuantizedLinear(nn.Linear):
@@ -62,6 +79,8 @@ class FakeQuantizedLinear(nn.Linear):
     qmin: torch.Tensor  # () lowest weight code
     qmax: torch.Tensor  # () highest weight code
     act_absmax: torch.Tensor  # () running max|x| of the input (with ``activation_bits`` only)
+    # (fake-quantized weight, scale, weight version, grad mode) computed by stage_weights for the next forward
+    _staged: tuple[torch.Tensor, torch.Tensor, int, bool] | None = None
 
     def __init__(
         self,
@@ -84,6 +103,7 @@ class FakeQuantizedLinear(nn.Linear):
         self.bias_mode = bias_mode
         self.ste = ste
         self.active = True  # False: plain FP32 (e.g. during an FP32 warm-up); see enable_fake_quant
+        self._staged = None
         low, high = qrange(bits)
         self.register_buffer("qmin", torch.tensor(float(low)), persistent=False)
         self.register_buffer("qmax", torch.tensor(float(high)), persistent=False)
@@ -131,9 +151,13 @@ class FakeQuantizedLinear(nn.Linear):
         return linear
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(fake-quantized weight, bias as used, scale (out, 1) or (1, 1))."""
-        if self.ste == "identity":  # the common case in one autograd node (a training-step hot path)
-            weight, scale = _IdentityWeightFakeQuantize.apply(self.weight, self.bits, self.granularity)
+        """(fake-quantized weight, bias as used, scale (out, 1) or (1, 1)): the one :func:`stage_weights` computed for
+        this forward if it is still valid, else computed here."""
+        staged = self._take_staged()
+        if staged is not None:
+            weight, scale = staged
+        elif self.ste == "identity":  # the common case in one autograd node (a training-step hot path)
+            weight, scale = _IdentityWeightFakeQuantize.apply(self.bits, self.granularity, self.weight)
         else:
             scale = weight_scale(self.weight, self.bits, self.granularity)
             weight = fake_quantize(self.weight, scale, self.qmin, self.qmax, ste=self.ste)
@@ -141,6 +165,20 @@ class FakeQuantizedLinear(nn.Linear):
         if bias is not None and self.bias_mode == "reference":
             bias = fake_quantize(bias, scale.view(-1), self.qmin, self.qmax, ste=self.ste)
         return weight, bias, scale
+
+    def _stage(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        self._staged = (weight, scale, self.weight._version, torch.is_grad_enabled())
+
+    def _staged_valid(self) -> bool:
+        """Whether a staged weight exists and still holds: the weight has not changed since, same grad mode."""
+        staged = self._staged
+        return staged is not None and staged[2] == self.weight._version and staged[3] == torch.is_grad_enabled()
+
+    def _take_staged(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The staged (weight, scale), once, if it is still valid."""
+        staged = self._staged if self._staged_valid() else None
+        self._staged = None
+        return None if staged is None else (staged[0], staged[1])
 
     @torch.no_grad()
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -208,3 +246,44 @@ def swap_linears(module: nn.Module, **kwargs: object) -> int:
         else:
             count += swap_linears(child, **kwargs)
     return count
+
+
+def stage_weights(layers: Sequence[FakeQuantizedLinear]) -> None:
+    """Fake-quantize the weights of ``layers`` for their next forward, all at once: one autograd node and a few
+    multi-tensor kernels per (bits, granularity) instead of a node and ~8 kernels per layer (at batch 128 the
+    per-layer calls cost more than the arithmetic). Each layer uses its staged weight once, and only while its
+    weight is unchanged (same version counter) and the grad mode is the same; otherwise it computes its own."""
+    groups: dict[tuple[int, str], list[FakeQuantizedLinear]] = {}
+    for layer in layers:
+        if not (layer.active and layer.ste == "identity"):
+            layer._staged = None
+        elif not layer._staged_valid():  # a valid one (staged since the weight last changed) is kept
+            layer._staged = None
+            groups.setdefault((layer.bits, layer.granularity), []).append(layer)
+    for (bits, granularity), members in groups.items():
+        out = _IdentityWeightFakeQuantize.apply(bits, granularity, *(layer.weight for layer in members))
+        for layer, weight, scale in zip(members, out[: len(members)], out[len(members) :], strict=True):
+            layer._stage(weight, scale)
+
+
+class WeightStaging:
+    """A forward pre-hook that calls :func:`stage_weights` for the :class:`FakeQuantizedLinear` layers below the
+    module it is registered on (found once, at construction), before each forward of that module.
+
+    Example::
+
+        model.register_forward_pre_hook(WeightStaging(model))
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.layers = [m for m in module.modules() if isinstance(m, FakeQuantizedLinear)]
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not any(isinstance(a, torch.fx.Proxy) for a in args):  # a trace (TorchRec's pipeline) computes nothing
+            stage_weights(self.layers)
+
+    @staticmethod
+    def register(module: nn.Module) -> None:
+        """Register on ``module`` (once: a module that has one already keeps it)."""
+        if not any(isinstance(hook, WeightStaging) for hook in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(WeightStaging(module))
