@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -153,7 +155,8 @@ def test_a_stale_staged_weight_is_never_used():
         stage_weights(layers)  # staged without gradients ...
     mlp(x).sum().backward()  # ... is not used by a training forward
     assert all(layer.weight.grad is not None and bool(layer.weight.grad.abs().sum() > 0) for layer in layers)
-    stage_weights(layers[:1])
+    stage_weights(layers)
+    copy.deepcopy(mlp)  # a staged weight (part of an autograd graph) is not copied with the model
     layers[0].enable_fake_quant(False)
     stage_weights(layers)  # an inactive layer stages nothing
     assert layers[0]._staged is None

@@ -327,7 +327,8 @@ class EmbeddingQuantizer(nn.Module):
 
     def enable_fake_quant(self, enabled: bool = True) -> None:
         """Fake-quantize in the forward (``False``: FP32 rows, e.g. during an FP32 warm-up); scales are kept."""
-        self.active = enabled
+        if self.active != enabled:  # called every training step: nn.Module.__setattr__ only when it changes
+            self.active = enabled
 
     def disable_fake_quant(self) -> None:
         self.enable_fake_quant(False)

@@ -103,7 +103,6 @@ class FakeQuantizedLinear(nn.Linear):
         self.bias_mode = bias_mode
         self.ste = ste
         self.active = True  # False: plain FP32 (e.g. during an FP32 warm-up); see enable_fake_quant
-        self._staged = None
         low, high = qrange(bits)
         self.register_buffer("qmin", torch.tensor(float(low)), persistent=False)
         self.register_buffer("qmax", torch.tensor(float(high)), persistent=False)
@@ -166,8 +165,15 @@ class FakeQuantizedLinear(nn.Linear):
             bias = fake_quantize(bias, scale.view(-1), self.qmin, self.qmax, ste=self.ste)
         return weight, bias, scale
 
-    def _stage(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
-        self._staged = (weight, scale, self.weight._version, torch.is_grad_enabled())
+    def _set_staged(self, staged: tuple[torch.Tensor, torch.Tensor, int, bool] | None) -> None:
+        # a plain attribute, set past nn.Module.__setattr__ (its Parameter/buffer/module checks cost ~10 us a call,
+        # three calls per layer and step)
+        self.__dict__["_staged"] = staged
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_staged", None)  # per-forward scratch (part of an autograd graph): never copied or pickled
+        return state
 
     def _staged_valid(self) -> bool:
         """Whether a staged weight exists and still holds: the weight has not changed since, same grad mode."""
@@ -177,7 +183,7 @@ class FakeQuantizedLinear(nn.Linear):
     def _take_staged(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The staged (weight, scale), once, if it is still valid."""
         staged = self._staged if self._staged_valid() else None
-        self._staged = None
+        self._set_staged(None)
         return None if staged is None else (staged[0], staged[1])
 
     @torch.no_grad()
@@ -256,14 +262,16 @@ def stage_weights(layers: Sequence[FakeQuantizedLinear]) -> None:
     groups: dict[tuple[int, str], list[FakeQuantizedLinear]] = {}
     for layer in layers:
         if not (layer.active and layer.ste == "identity"):
-            layer._staged = None
+            layer._set_staged(None)
         elif not layer._staged_valid():  # a valid one (staged since the weight last changed) is kept
-            layer._staged = None
+            layer._set_staged(None)
             groups.setdefault((layer.bits, layer.granularity), []).append(layer)
+    grad = torch.is_grad_enabled()
     for (bits, granularity), members in groups.items():
+        versions = [layer.weight._version for layer in members]  # before: a weight changed meanwhile is not staged
         out = _IdentityWeightFakeQuantize.apply(bits, granularity, *(layer.weight for layer in members))
-        for layer, weight, scale in zip(members, out[: len(members)], out[len(members) :], strict=True):
-            layer._stage(weight, scale)
+        for i, layer in enumerate(members):
+            layer._set_staged((out[i], out[len(members) + i], versions[i], grad))
 
 
 class WeightStaging:
