@@ -539,7 +539,7 @@ class EmbeddingQuantizer(nn.Module):
         scale, grid_offset = self.grid_of(pooled)
         noise = self._rounding_noise(pooled)
         if not self._learned:
-            uniform = self._uniform_code_range()  # a clamp to two numbers is ~10x faster than to (1, F, 1) tensors
+            uniform = self._uniform_code_range()  # a clamp to two numbers: ~5x faster than to (1, F, 1) tensors
             qmin, qmax = uniform if uniform else (self.per_feature(r).view(shape) for r in (self.qmin, self.qmax))
             return fake_quantize(pooled, scale, qmin, qmax, grid_offset, self.config.ste, noise)
         qmin, qmax = self.per_feature(self.qmin).view(shape), self.per_feature(self.qmax).view(shape)
